@@ -1,0 +1,439 @@
+// Package mongostore implements the billing store interfaces on MongoDB,
+// over the collections the legacy proxy and the Node backend share:
+// usersNew, user_keys, openhands_keys, openhands_bindings and request_logs.
+//
+// Every operation is written to work on MongoDB 6+ and on FerretDB 1.24 (the
+// test database): conditional filters, $inc, $set and plain finds only; no
+// $expr, pipeline updates, transactions or positional operators.
+package mongostore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+)
+
+// Collection names shared with the backend.
+const (
+	CollUsers      = "usersNew"
+	CollUserKeys   = "user_keys"
+	CollKeys       = "openhands_keys"
+	CollBindings   = "openhands_bindings"
+	CollRequestLog = "request_logs"
+)
+
+// casAttempts bounds the read-then-compare-and-set loop of a partial charge.
+const casAttempts = 8
+
+// Store is the MongoDB implementation of billing.Authenticator,
+// billing.Ledger, billing.KeyLoader and billing.Recorder.
+type Store struct {
+	db  *mongo.Database
+	now func() time.Time
+}
+
+// New returns a store over db.
+func New(db *mongo.Database) *Store {
+	return &Store{db: db, now: time.Now}
+}
+
+// Database returns the underlying database.
+func (s *Store) Database() *mongo.Database { return s.db }
+
+type userKeyDoc struct {
+	Name      string     `bson:"name"`
+	IsActive  *bool      `bson:"isActive"`
+	ExpiresAt *time.Time `bson:"expiresAt"`
+}
+
+type userDoc struct {
+	ID        string     `bson:"_id"`
+	IsActive  *bool      `bson:"isActive"`
+	Role      string     `bson:"role"`
+	Migration bool       `bson:"migration"`
+	ExpiresAt *time.Time `bson:"expiresAt"`
+}
+
+var userAuthProjection = bson.D{{Key: "_id", Value: 1}, {Key: "isActive", Value: 1}, {Key: "role", Value: 1}, {Key: "migration", Value: 1}, {Key: "expiresAt", Value: 1}}
+
+// Authenticate resolves key as the legacy proxy did: user_keys by _id first,
+// then usersNew by apiKey. A missing isActive counts as active (the backend
+// schema defaults it to true); a missing migration counts as not migrated.
+func (s *Store) Authenticate(ctx context.Context, key string) (billing.Principal, error) {
+	now := s.now()
+	var uk userKeyDoc
+	err := s.db.Collection(CollUserKeys).FindOne(ctx, bson.D{{Key: "_id", Value: key}},
+		options.FindOne().SetProjection(bson.D{{Key: "name", Value: 1}, {Key: "isActive", Value: 1}, {Key: "expiresAt", Value: 1}})).Decode(&uk)
+	switch {
+	case err == nil:
+		if uk.IsActive != nil && !*uk.IsActive {
+			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthRevoked}
+		}
+		if uk.ExpiresAt != nil && uk.ExpiresAt.Before(now) {
+			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthExpired}
+		}
+		p := billing.Principal{User: uk.Name, InUserKeys: true}
+		var u userDoc
+		err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: uk.Name}},
+			options.FindOne().SetProjection(userAuthProjection)).Decode(&u)
+		switch {
+		case errors.Is(err, mongo.ErrNoDocuments):
+			// As the legacy proxy: the migration check is skipped; billing
+			// then fails with ErrUserNotFound before anything is served.
+			return p, nil
+		case err != nil:
+			return billing.Principal{}, fmt.Errorf("reading user of key: %w", err)
+		}
+		if u.IsActive != nil && !*u.IsActive {
+			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthRevoked}
+		}
+		p.Role = strings.ToLower(strings.TrimSpace(u.Role))
+		if p.Role != "admin" && !u.Migration {
+			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthMigrationRequired}
+		}
+		return p, nil
+	case !errors.Is(err, mongo.ErrNoDocuments):
+		return billing.Principal{}, fmt.Errorf("reading user_keys: %w", err)
+	}
+
+	var u userDoc
+	err = s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "apiKey", Value: key}},
+		options.FindOne().SetProjection(userAuthProjection)).Decode(&u)
+	switch {
+	case errors.Is(err, mongo.ErrNoDocuments):
+		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthInvalid}
+	case err != nil:
+		return billing.Principal{}, fmt.Errorf("reading usersNew: %w", err)
+	}
+	if u.IsActive != nil && !*u.IsActive {
+		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthRevoked}
+	}
+	if u.ExpiresAt != nil && u.ExpiresAt.Before(now) {
+		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthExpired}
+	}
+	role := strings.ToLower(strings.TrimSpace(u.Role))
+	if role != "admin" && !u.Migration {
+		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthMigrationRequired}
+	}
+	return billing.Principal{User: u.ID, Role: role}, nil
+}
+
+// fieldValue is a balance field as read: its value and whether it exists.
+type fieldValue struct {
+	v       float64
+	present bool
+}
+
+func (s *Store) readFields(ctx context.Context, user string, fields []string) ([]fieldValue, error) {
+	proj := bson.D{}
+	for _, f := range fields {
+		proj = append(proj, bson.E{Key: f, Value: 1})
+	}
+	var doc bson.M
+	err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: user}}, options.FindOne().SetProjection(proj)).Decode(&doc)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return nil, billing.ErrUserNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading balance: %w", err)
+	}
+	out := make([]fieldValue, len(fields))
+	for i, f := range fields {
+		raw, ok := doc[f]
+		if !ok || raw == nil {
+			continue
+		}
+		v, ok := toFloat(raw)
+		if !ok {
+			return nil, fmt.Errorf("balance field %s has type %T, want a number", f, raw)
+		}
+		out[i] = fieldValue{v: v, present: true}
+	}
+	return out, nil
+}
+
+func toFloat(v any) (float64, bool) {
+	switch n := v.(type) {
+	case float64:
+		return n, true
+	case int32:
+		return float64(n), true
+	case int64:
+		return float64(n), true
+	case int:
+		return float64(n), true
+	}
+	return 0, false
+}
+
+// Balance returns the spendable total of the plan's fields.
+func (s *Store) Balance(ctx context.Context, user string, plan billing.CreditPlan) (billing.Nano, error) {
+	vals, err := s.readFields(ctx, user, plan.Fields())
+	if err != nil {
+		return 0, err
+	}
+	var total billing.Nano
+	for _, fv := range vals {
+		if fv.v > 0 {
+			total += billing.NanoFromUSD(fv.v)
+		}
+	}
+	return total, nil
+}
+
+// Charge takes req.Cost from the plan's fields in order without ever driving
+// one below zero, and adds the pool's usage counters in the same update.
+//
+// The common case is one conditional update ({field: {$gte: cost}}). When
+// the first field cannot cover the cost, the fields are read and taken with a
+// compare-and-set on the values read (exact equality), retried when a
+// concurrent update changed them: a drained field is decremented by exactly
+// the value read, so it lands on zero; the uncovered rest is the shortfall.
+func (s *Store) Charge(ctx context.Context, req billing.ChargeRequest) (billing.ChargeResult, error) {
+	fields := req.Plan.Fields()
+	if len(fields) == 0 {
+		return billing.ChargeResult{}, errors.New("charge without a credit plan")
+	}
+	res := billing.ChargeResult{Taken: make([]billing.Nano, len(fields))}
+	if req.Cost <= 0 {
+		// Nothing to take, but the token counters still move.
+		_, err := s.db.Collection(CollUsers).UpdateOne(ctx, bson.D{{Key: "_id", Value: req.User}}, s.chargeUpdate(req, nil, fields, 0))
+		return res, err
+	}
+	users := s.db.Collection(CollUsers)
+
+	// Fast path: the first field covers everything.
+	cost := req.Cost.USD()
+	r, err := users.UpdateOne(ctx,
+		bson.D{{Key: "_id", Value: req.User}, {Key: fields[0], Value: bson.D{{Key: "$gte", Value: cost}}}},
+		s.chargeUpdate(req, []float64{cost}, fields, req.Cost))
+	if err != nil {
+		return res, fmt.Errorf("charging %s: %w", fields[0], err)
+	}
+	if r.MatchedCount == 1 {
+		res.Taken[0], res.Charged = req.Cost, req.Cost
+		return res, nil
+	}
+
+	for attempt := 0; attempt < casAttempts; attempt++ {
+		vals, err := s.readFields(ctx, req.User, fields)
+		if err != nil {
+			return res, err
+		}
+		filter := bson.D{{Key: "_id", Value: req.User}}
+		takes := make([]float64, len(fields))
+		taken := make([]billing.Nano, len(fields))
+		remaining := req.Cost
+		for i, fv := range vals {
+			if remaining <= 0 {
+				break
+			}
+			avail := billing.Nano(0)
+			if fv.v > 0 {
+				avail = billing.NanoFromUSD(fv.v)
+			}
+			switch {
+			case avail >= remaining && avail > 0:
+				// This field covers the rest: a conditional decrement.
+				takes[i], taken[i] = remaining.USD(), remaining
+				filter = append(filter, bson.E{Key: fields[i], Value: bson.D{{Key: "$gte", Value: remaining.USD()}}})
+				remaining = 0
+			case avail > 0:
+				// Drain the field to exactly zero.
+				takes[i], taken[i] = fv.v, avail
+				filter = append(filter, bson.E{Key: fields[i], Value: fv.v})
+				remaining -= avail
+			case fv.present:
+				// Nothing to take, but it must still be empty when we write
+				// so that the order "first field first" holds.
+				filter = append(filter, bson.E{Key: fields[i], Value: fv.v})
+			default:
+				filter = append(filter, bson.E{Key: fields[i], Value: bson.D{{Key: "$exists", Value: false}}})
+			}
+		}
+		var charged billing.Nano
+		for _, t := range taken {
+			charged += t
+		}
+		r, err := users.UpdateOne(ctx, filter, s.chargeUpdate(req, takes, fields, charged))
+		if err != nil {
+			return res, fmt.Errorf("charging %s: %w", req.Plan, err)
+		}
+		if r.MatchedCount == 1 {
+			res.Taken, res.Charged, res.Shortfall = taken, charged, req.Cost-charged
+			return res, nil
+		}
+	}
+	return res, fmt.Errorf("charging %s: balance kept changing after %d attempts", req.Plan, casAttempts)
+}
+
+// chargeUpdate builds the $inc of a charge: each field taken, the pool's
+// used and token counters, and the token totals.
+func (s *Store) chargeUpdate(req billing.ChargeRequest, takes []float64, fields []string, charged billing.Nano) bson.D {
+	inc := bson.D{}
+	for i, t := range takes {
+		if t != 0 {
+			inc = append(inc, bson.E{Key: fields[i], Value: -t})
+		}
+	}
+	if charged > 0 {
+		inc = append(inc, bson.E{Key: req.Plan.UsedField(), Value: charged.USD()})
+	}
+	if tf := req.Plan.TokensField(); tf != "" && req.WeightedTokens > 0 {
+		inc = append(inc, bson.E{Key: tf, Value: req.WeightedTokens})
+	}
+	if req.Usage.Input > 0 {
+		inc = append(inc, bson.E{Key: "totalInputTokens", Value: req.Usage.Input})
+	}
+	if req.Usage.Output > 0 {
+		inc = append(inc, bson.E{Key: "totalOutputTokens", Value: req.Usage.Output})
+	}
+	if len(inc) == 0 {
+		// An update needs an operator; this one changes nothing visible.
+		return bson.D{{Key: "$inc", Value: bson.D{{Key: "totalOutputTokens", Value: int64(0)}}}}
+	}
+	return bson.D{{Key: "$inc", Value: inc}}
+}
+
+type keyDoc struct {
+	ID            string     `bson:"_id"`
+	APIKey        string     `bson:"apiKey"`
+	Status        string     `bson:"status"`
+	CooldownUntil *time.Time `bson:"cooldownUntil"`
+}
+
+// LoadUpstreamKeys loads the upstream key pool as the legacy proxy did: the
+// keys named by active openhands_bindings whose status is not need_refresh,
+// exhausted or error; every key when no binding is active.
+func (s *Store) LoadUpstreamKeys(ctx context.Context) ([]billing.UpstreamKey, error) {
+	cur, err := s.db.Collection(CollBindings).Find(ctx, bson.D{{Key: "isActive", Value: true}},
+		options.Find().SetProjection(bson.D{{Key: "openhandsKeyId", Value: 1}}))
+	if err != nil {
+		return nil, fmt.Errorf("reading bindings: %w", err)
+	}
+	var bindings []struct {
+		KeyID string `bson:"openhandsKeyId"`
+	}
+	if err := cur.All(ctx, &bindings); err != nil {
+		return nil, fmt.Errorf("reading bindings: %w", err)
+	}
+	filter := bson.D{}
+	if len(bindings) > 0 {
+		ids := make([]string, 0, len(bindings))
+		for _, b := range bindings {
+			ids = append(ids, b.KeyID)
+		}
+		filter = bson.D{
+			{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}},
+			{Key: "status", Value: bson.D{{Key: "$nin", Value: bson.A{"need_refresh", "exhausted", "error"}}}},
+		}
+	}
+	cur, err = s.db.Collection(CollKeys).Find(ctx, filter,
+		options.Find().SetSort(bson.D{{Key: "_id", Value: 1}}).
+			SetProjection(bson.D{{Key: "apiKey", Value: 1}, {Key: "status", Value: 1}, {Key: "cooldownUntil", Value: 1}}))
+	if err != nil {
+		return nil, fmt.Errorf("reading upstream keys: %w", err)
+	}
+	var docs []keyDoc
+	if err := cur.All(ctx, &docs); err != nil {
+		return nil, fmt.Errorf("reading upstream keys: %w", err)
+	}
+	keys := make([]billing.UpstreamKey, 0, len(docs))
+	for _, d := range docs {
+		if d.APIKey == "" {
+			continue
+		}
+		k := billing.UpstreamKey{ID: d.ID, APIKey: d.APIKey, Status: d.Status}
+		if d.CooldownUntil != nil {
+			k.CooldownUntil = *d.CooldownUntil
+		}
+		keys = append(keys, k)
+	}
+	return keys, nil
+}
+
+// InsertRequestLogs inserts the logs unordered, so that one bad document
+// does not drop the rest.
+func (s *Store) InsertRequestLogs(ctx context.Context, logs []billing.RequestLog) error {
+	if len(logs) == 0 {
+		return nil
+	}
+	docs := make([]any, len(logs))
+	for i := range logs {
+		docs[i] = &logs[i]
+	}
+	_, err := s.db.Collection(CollRequestLog).InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
+	if err != nil {
+		return fmt.Errorf("inserting request logs: %w", err)
+	}
+	return nil
+}
+
+// AddUsage adds the usage counters the legacy proxy kept: user_keys
+// tokensUsed (weighted), requestsCount and lastUsedAt; openhands_keys
+// tokensUsed (input+output), requestsCount and lastUsedAt. Counters of the
+// same key are summed into one update.
+func (s *Store) AddUsage(ctx context.Context, counters []billing.UsageCounters) error {
+	type agg struct {
+		tokens, requests int64
+		last             time.Time
+	}
+	userKeys := map[string]*agg{}
+	upKeys := map[string]*agg{}
+	add := func(m map[string]*agg, id string, tokens int64, at time.Time) {
+		a := m[id]
+		if a == nil {
+			a = &agg{}
+			m[id] = a
+		}
+		a.tokens += tokens
+		a.requests++
+		if at.After(a.last) {
+			a.last = at
+		}
+	}
+	for _, c := range counters {
+		if c.UserKey != "" {
+			add(userKeys, c.UserKey, c.WeightedTokens, c.At)
+		}
+		if c.UpstreamKeyID != "" {
+			add(upKeys, c.UpstreamKeyID, c.RawTokens, c.At)
+		}
+	}
+	write := func(coll string, m map[string]*agg) error {
+		if len(m) == 0 {
+			return nil
+		}
+		models := make([]mongo.WriteModel, 0, len(m))
+		for id, a := range m {
+			models = append(models, mongo.NewUpdateOneModel().
+				SetFilter(bson.D{{Key: "_id", Value: id}}).
+				SetUpdate(bson.D{
+					{Key: "$inc", Value: bson.D{{Key: "tokensUsed", Value: a.tokens}, {Key: "requestsCount", Value: a.requests}}},
+					{Key: "$set", Value: bson.D{{Key: "lastUsedAt", Value: a.last}}},
+				}))
+		}
+		_, err := s.db.Collection(coll).BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
+		if err != nil {
+			return fmt.Errorf("updating %s usage: %w", coll, err)
+		}
+		return nil
+	}
+	return errors.Join(write(CollUserKeys, userKeys), write(CollKeys, upKeys))
+}
+
+// Interface guards.
+var (
+	_ billing.Authenticator = (*Store)(nil)
+	_ billing.Ledger        = (*Store)(nil)
+	_ billing.KeyLoader     = (*Store)(nil)
+	_ billing.Recorder      = (*Store)(nil)
+)

@@ -1,0 +1,226 @@
+package billing
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Credit field names of a usersNew document, as the legacy system and the
+// backend use them.
+const (
+	FieldCreditsNew = "creditsNew"
+	FieldCredits    = "credits"
+	FieldRefCredits = "refCredits"
+)
+
+// CreditPlan is the ordered list of balance fields a site bills: the cost is
+// taken from the first field, then from the next one when the first runs out.
+// Only the plans the legacy deployments used are valid: creditsNew alone, and
+// credits optionally followed by refCredits.
+type CreditPlan struct {
+	fields []string
+}
+
+// ParseCreditPlan validates the credit fields named by a site.
+func ParseCreditPlan(fields []string) (CreditPlan, error) {
+	switch {
+	case len(fields) == 0:
+		return CreditPlan{}, errors.New("no credit field given (want creditsNew, or credits [refCredits])")
+	case len(fields) == 1 && (fields[0] == FieldCreditsNew || fields[0] == FieldCredits):
+	case len(fields) == 2 && fields[0] == FieldCredits && fields[1] == FieldRefCredits:
+	default:
+		for _, f := range fields {
+			if f != FieldCreditsNew && f != FieldCredits && f != FieldRefCredits {
+				return CreditPlan{}, fmt.Errorf("unknown credit field %q (want creditsNew, or credits [refCredits])", f)
+			}
+		}
+		return CreditPlan{}, fmt.Errorf("unsupported credit field combination %q (want creditsNew, or credits [refCredits])", strings.Join(fields, " "))
+	}
+	return CreditPlan{fields: append([]string(nil), fields...)}, nil
+}
+
+// Fields returns the balance fields in the order they are spent.
+func (p CreditPlan) Fields() []string { return p.fields }
+
+// IsZero reports whether the plan is unset.
+func (p CreditPlan) IsZero() bool { return len(p.fields) == 0 }
+
+// UsedField is the lifetime counter incremented by the amount charged:
+// creditsNewUsed for the creditsNew pool, creditsUsed for the credits pool.
+func (p CreditPlan) UsedField() string {
+	if p.isNew() {
+		return "creditsNewUsed"
+	}
+	return "creditsUsed"
+}
+
+// TokensField is the weighted-token counter of the pool ("tokensUserNew"
+// for creditsNew), or "" when the pool keeps none.
+func (p CreditPlan) TokensField() string {
+	if p.isNew() {
+		return "tokensUserNew"
+	}
+	return ""
+}
+
+// CreditType is the request_logs.creditType the dashboard expects:
+// "openhands" for creditsNew, "ohmygpt" for credits.
+func (p CreditPlan) CreditType() string {
+	if p.isNew() {
+		return "openhands"
+	}
+	return "ohmygpt"
+}
+
+// String returns the fields joined by "+", e.g. "credits+refCredits".
+func (p CreditPlan) String() string { return strings.Join(p.fields, "+") }
+
+func (p CreditPlan) isNew() bool { return len(p.fields) > 0 && p.fields[0] == FieldCreditsNew }
+
+// Principal is the identity an API key resolved to.
+type Principal struct {
+	// User is the billing username (usersNew._id).
+	User string
+	// Role is usersNew.role, lower-cased ("admin", "user", "priority", ...).
+	Role string
+	// InUserKeys is true when the key is a user_keys document, whose usage
+	// counters are kept; false when it is usersNew.apiKey.
+	InUserKeys bool
+}
+
+// AuthFailure says why an API key was refused.
+type AuthFailure uint8
+
+// The reasons an API key can be refused, mirroring the legacy catalogue.
+const (
+	AuthInvalid           AuthFailure = iota + 1 // unknown key: 401
+	AuthRevoked                                  // isActive false: 401
+	AuthExpired                                  // expiresAt in the past: 402 credits_expired
+	AuthMigrationRequired                        // migration not done and not admin: 403
+)
+
+// AuthError is returned by Authenticate for a key that is refused. Any other
+// error is an infrastructure failure and must not be read as a refusal.
+type AuthError struct{ Reason AuthFailure }
+
+func (e *AuthError) Error() string {
+	switch e.Reason {
+	case AuthRevoked:
+		return "api key revoked"
+	case AuthExpired:
+		return "credits expired"
+	case AuthMigrationRequired:
+		return "migration required"
+	}
+	return "invalid api key"
+}
+
+// ErrUserNotFound is returned when the billed user document does not exist.
+var ErrUserNotFound = errors.New("user not found")
+
+// Authenticator resolves a client API key to a principal.
+type Authenticator interface {
+	Authenticate(ctx context.Context, key string) (Principal, error)
+}
+
+// ChargeRequest is one request's exact cost, to be taken from a user's pool.
+type ChargeRequest struct {
+	RequestID      string
+	User           string
+	Plan           CreditPlan
+	Cost           Nano
+	Usage          Usage
+	WeightedTokens int64
+}
+
+// ChargeResult says what was taken from each field of the plan. Taken[i]
+// belongs to Plan.Fields()[i]; Charged + Shortfall == Cost.
+type ChargeResult struct {
+	Taken     []Nano
+	Charged   Nano
+	Shortfall Nano
+}
+
+// Ledger moves money. It is the seam the hold-and-settle implementation
+// replaces; the handler only depends on this interface.
+type Ledger interface {
+	// Balance returns the spendable total of the plan's fields (negative
+	// fields count as zero).
+	Balance(ctx context.Context, user string, plan CreditPlan) (Nano, error)
+	// Charge takes the cost from the plan's fields in order, never driving a
+	// field below zero; what cannot be covered is returned as Shortfall.
+	Charge(ctx context.Context, req ChargeRequest) (ChargeResult, error)
+}
+
+// UpstreamKey is one key of the upstream (OpenHands) key pool.
+type UpstreamKey struct {
+	ID            string
+	APIKey        string
+	Status        string
+	CooldownUntil time.Time
+}
+
+// KeyLoader loads the upstream key pool.
+type KeyLoader interface {
+	LoadUpstreamKeys(ctx context.Context) ([]UpstreamKey, error)
+}
+
+// RequestLog is one request_logs document: the legacy fields the dashboard
+// reads, then the gateway's own.
+type RequestLog struct {
+	UserID           string    `bson:"userId,omitempty"`
+	UserKeyID        string    `bson:"userKeyId"`
+	TrollKeyID       string    `bson:"trollKeyId,omitempty"`
+	Model            string    `bson:"model"`
+	InputTokens      int64     `bson:"inputTokens"`
+	OutputTokens     int64     `bson:"outputTokens"`
+	CacheWriteTokens int64     `bson:"cacheWriteTokens"`
+	CacheHitTokens   int64     `bson:"cacheHitTokens"`
+	CreditsCost      float64   `bson:"creditsCost"`
+	CreditType       string    `bson:"creditType"`
+	TokensUsed       int64     `bson:"tokensUsed"`
+	StatusCode       int       `bson:"statusCode"`
+	LatencyMs        int64     `bson:"latencyMs"`
+	IsSuccess        bool      `bson:"isSuccess"`
+	CreatedAt        time.Time `bson:"createdAt"`
+
+	RequestID     string  `bson:"requestId"`
+	CreditField   string  `bson:"creditField"`
+	Endpoint      string  `bson:"endpoint"`
+	Stream        bool    `bson:"stream"`
+	UpstreamModel string  `bson:"upstreamModel"`
+	UsageSource   string  `bson:"usageSource"`
+	EndReason     string  `bson:"endReason"`
+	CostNano      int64   `bson:"costNano"`
+	ChargedNano   int64   `bson:"chargedNano"`
+	Shortfall     float64 `bson:"shortfall"`
+	ShortfallNano int64   `bson:"shortfallNano"`
+	ChargeError   string  `bson:"chargeError,omitempty"`
+}
+
+// UsageCounters are the per-key counters kept beside a billed request.
+type UsageCounters struct {
+	UserKey        string // user_keys._id, empty when the key is not in user_keys
+	UpstreamKeyID  string // openhands_keys._id, empty for static keys
+	WeightedTokens int64  // added to user_keys.tokensUsed
+	RawTokens      int64  // input+output, added to openhands_keys.tokensUsed
+	At             time.Time
+}
+
+// Recorder writes request logs and usage counters.
+type Recorder interface {
+	InsertRequestLogs(ctx context.Context, logs []RequestLog) error
+	AddUsage(ctx context.Context, counters []UsageCounters) error
+}
+
+// MaskKey returns a key shortened for logs: its first 8 and last 4
+// characters. Keys of 16 characters or fewer are fully masked.
+func MaskKey(key string) string {
+	if len(key) <= 16 {
+		return "***"
+	}
+	return key[:8] + "..." + key[len(key)-4:]
+}
