@@ -1,0 +1,166 @@
+// Package caddymodule plugs the billing gateway into Caddy: the llm_billing
+// app (global options: the database and what all sites share) and the
+// http.handlers.llm_billing handler (per site: which credit pool is billed,
+// which price list applies).
+package caddymodule
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+	caddy.RegisterModule(Handler{})
+}
+
+// engines holds one engine per database, shared by all configs and sites.
+var engines = caddy.NewUsagePool()
+
+// DefaultDatabase is the database used when none is configured, as the
+// legacy proxy's MONGODB_DB_NAME default.
+const DefaultDatabase = "fproxy"
+
+// App is the llm_billing app: the MongoDB connection and the state every
+// site shares (key cache, upstream key pool, settlement workers). It is
+// configured by the global `llm_billing` option and kept across config
+// reloads.
+type App struct {
+	// MongoDBURI is the MongoDB connection string. Required. Use an
+	// {env.*} or {file.*} placeholder: it is resolved at provision time and
+	// so never stored in the config or logged.
+	MongoDBURI string `json:"mongodb_uri,omitempty"`
+
+	// Database is the database name. Placeholders are resolved. Default: fproxy.
+	Database string `json:"database,omitempty"`
+
+	// KeyCacheTTL is how long a successful API key lookup is cached.
+	// Revoking a key takes effect within this delay. 0 means the default
+	// (30s); a negative value disables the cache.
+	KeyCacheTTL caddy.Duration `json:"key_cache_ttl,omitempty"`
+
+	// KeyRefreshInterval is how often the upstream key pool is reloaded from
+	// openhands_keys and openhands_bindings. Default: 5s.
+	KeyRefreshInterval caddy.Duration `json:"key_refresh_interval,omitempty"`
+
+	// UpstreamKeys is a static list of upstream API keys, for deployments
+	// without the openhands_keys collection. When set, the collection is not
+	// read. Placeholders are resolved.
+	UpstreamKeys []string `json:"upstream_keys,omitempty"`
+
+	eng     *engine
+	poolKey string
+	logger  *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "llm_billing",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// Provision resolves the secrets and acquires the shared engine. It does no
+// network I/O.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	repl := caddy.NewReplacer()
+	if strings.TrimSpace(a.MongoDBURI) == "" {
+		return errors.New("mongodb_uri is required (global option: llm_billing { mongodb_uri {env.MONGODB_URI} })")
+	}
+	uri, err := repl.ReplaceOrErr(a.MongoDBURI, true, true)
+	if err != nil {
+		return fmt.Errorf("mongodb_uri: %v", err)
+	}
+	db := DefaultDatabase
+	if a.Database != "" {
+		db, err = repl.ReplaceOrErr(a.Database, true, true)
+		if err != nil {
+			return fmt.Errorf("database: %v", err)
+		}
+	}
+	if a.KeyRefreshInterval < 0 {
+		return errors.New("key_refresh_interval must not be negative")
+	}
+	static := make([]billing.UpstreamKey, 0, len(a.UpstreamKeys))
+	for i, k := range a.UpstreamKeys {
+		v, err := repl.ReplaceOrErr(k, true, true)
+		if err != nil {
+			return fmt.Errorf("upstream_keys: key %d: %v", i, err)
+		}
+		static = append(static, billing.UpstreamKey{ID: fmt.Sprintf("static-%d", i), APIKey: v, Status: "healthy"})
+	}
+
+	sum := sha256.Sum256([]byte(uri + "\x00" + db))
+	key := "llm_billing:" + hex.EncodeToString(sum[:])
+	v, _, err := engines.LoadOrNew(key, func() (caddy.Destructor, error) {
+		e, err := newEngine(uri, db)
+		if err != nil {
+			return nil, describeConnectErr(err, uri)
+		}
+		return e, nil
+	})
+	if err != nil {
+		return err
+	}
+	a.eng, a.poolKey = v.(*engine), key
+
+	ttl := time.Duration(a.KeyCacheTTL)
+	if ttl == 0 {
+		ttl = defaultAuthTTL
+	}
+	a.eng.authTTL.Store(int64(ttl))
+	refresh := time.Duration(a.KeyRefreshInterval)
+	if refresh == 0 {
+		refresh = defaultRefresh
+	}
+	a.eng.keyRefresh.Store(int64(refresh))
+	a.eng.static.Store(len(static) > 0)
+	if len(static) > 0 {
+		a.eng.keys.Set(static)
+	}
+	a.eng.logger.Store(a.logger)
+	return nil
+}
+
+// Start starts the shared background work (once per engine).
+func (a *App) Start() error {
+	a.eng.start()
+	return nil
+}
+
+// Stop does nothing: the engine outlives config reloads; Cleanup releases it.
+func (a *App) Stop() error { return nil }
+
+// Cleanup releases the engine; the last release drains pending settlements
+// and disconnects.
+func (a *App) Cleanup() error {
+	if a.poolKey == "" {
+		return nil
+	}
+	_, err := engines.Delete(a.poolKey)
+	a.poolKey, a.eng = "", nil
+	return err
+}
+
+func containsFold(s, sub string) bool {
+	return strings.Contains(strings.ToLower(s), strings.ToLower(sub))
+}
+
+// Interface guards.
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+	_ caddy.Destructor   = (*engine)(nil)
+)

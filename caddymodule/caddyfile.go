@@ -1,0 +1,169 @@
+package caddymodule
+
+import (
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("llm_billing", parseGlobalOption)
+	httpcaddyfile.RegisterHandlerDirective("llm_billing", parseHandlerDirective)
+	httpcaddyfile.RegisterDirectiveOrder("llm_billing", httpcaddyfile.Before, "reverse_proxy")
+}
+
+// UnmarshalCaddyfile sets up the app from the global option block.
+//
+// Syntax:
+//
+//	llm_billing {
+//		mongodb_uri          <uri>        # required; use {env.MONGODB_URI}
+//		database             <name>       # default: fproxy
+//		key_cache_ttl        <duration>   # default: 30s; off disables
+//		key_refresh_interval <duration>   # default: 5s
+//		upstream_keys        <key...>     # static keys instead of openhands_keys
+//	}
+func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the option name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		name := d.Val()
+		switch name {
+		case "mongodb_uri":
+			if a.MongoDBURI != "" {
+				return d.Errf("mongodb_uri already specified")
+			}
+			if !d.AllArgs(&a.MongoDBURI) {
+				return d.ArgErr()
+			}
+		case "database":
+			if a.Database != "" {
+				return d.Errf("database already specified")
+			}
+			if !d.AllArgs(&a.Database) {
+				return d.ArgErr()
+			}
+		case "key_cache_ttl":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			if v == "off" {
+				a.KeyCacheTTL = caddy.Duration(-1)
+				continue
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil {
+				return d.Errf("key_cache_ttl: %v", err)
+			}
+			if dur <= 0 {
+				return d.Errf("key_cache_ttl must be positive (or off)")
+			}
+			a.KeyCacheTTL = caddy.Duration(dur)
+		case "key_refresh_interval":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil {
+				return d.Errf("key_refresh_interval: %v", err)
+			}
+			if dur < time.Second {
+				return d.Errf("key_refresh_interval must be at least 1s")
+			}
+			a.KeyRefreshInterval = caddy.Duration(dur)
+		case "upstream_keys":
+			keys := d.RemainingArgs()
+			if len(keys) == 0 {
+				return d.ArgErr()
+			}
+			a.UpstreamKeys = append(a.UpstreamKeys, keys...)
+		default:
+			return d.Errf("unrecognized llm_billing option '%s'", name)
+		}
+	}
+	return nil
+}
+
+func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
+	if existing != nil {
+		return nil, d.Err("llm_billing global option specified more than once")
+	}
+	var a App
+	if err := a.UnmarshalCaddyfile(d); err != nil {
+		return nil, err
+	}
+	return httpcaddyfile.App{Name: "llm_billing", Value: caddyconfig.JSON(a, nil)}, nil
+}
+
+// UnmarshalCaddyfile sets up the handler from a site block.
+//
+// Syntax:
+//
+//	llm_billing {
+//		credit_field  creditsNew | credits [refCredits]
+//		models        <path to legacy config JSON>
+//		max_body_size <size>   # default: 50MB
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		name := d.Val()
+		switch name {
+		case "credit_field":
+			if len(h.CreditFields) > 0 {
+				return d.Errf("credit_field already specified")
+			}
+			h.CreditFields = d.RemainingArgs()
+			if len(h.CreditFields) == 0 {
+				return d.ArgErr()
+			}
+		case "models":
+			if h.Models != "" {
+				return d.Errf("models already specified")
+			}
+			if !d.AllArgs(&h.Models) {
+				return d.ArgErr()
+			}
+		case "max_body_size":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(v)
+			if err != nil {
+				return d.Errf("max_body_size: %v", err)
+			}
+			if n == 0 || n > 1<<40 {
+				return d.Errf("max_body_size: %s is out of range", v)
+			}
+			h.MaxBodySize = int64(n)
+		default:
+			return d.Errf("unrecognized llm_billing subdirective '%s'", name)
+		}
+	}
+	return nil
+}
+
+func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Handler)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+// Interface guards.
+var (
+	_ caddyfile.Unmarshaler = (*App)(nil)
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)

@@ -1,0 +1,95 @@
+package caddymodule
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+func TestHandlerUnmarshalCaddyfile(t *testing.T) {
+	tests := []struct {
+		name    string
+		input   string
+		want    Handler
+		wantErr string
+	}{
+		{
+			name:  "creditsNew",
+			input: "llm_billing {\n credit_field creditsNew\n models /etc/m.json\n}",
+			want:  Handler{CreditFields: []string{"creditsNew"}, Models: "/etc/m.json"},
+		},
+		{
+			name:  "credits then refCredits, body limit",
+			input: "llm_billing {\n credit_field credits refCredits\n models {env.M}\n max_body_size 10MB\n}",
+			want:  Handler{CreditFields: []string{"credits", "refCredits"}, Models: "{env.M}", MaxBodySize: 10_000_000},
+		},
+		{name: "inline argument", input: "llm_billing creditsNew", wantErr: "wrong argument count"},
+		{name: "unknown subdirective", input: "llm_billing {\n credit creditsNew\n}", wantErr: "unrecognized llm_billing subdirective 'credit'"},
+		{name: "duplicate credit_field", input: "llm_billing {\n credit_field creditsNew\n credit_field credits\n}", wantErr: "credit_field already specified"},
+		{name: "credit_field without value", input: "llm_billing {\n credit_field\n}", wantErr: "wrong argument count"},
+		{name: "models with two paths", input: "llm_billing {\n models a b\n}", wantErr: "wrong argument count"},
+		{name: "bad size", input: "llm_billing {\n max_body_size lots\n}", wantErr: "max_body_size"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tt.input))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error = %v, want it to contain %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(h, tt.want) {
+				t.Fatalf("got %+v, want %+v", h, tt.want)
+			}
+		})
+	}
+}
+
+func TestAppUnmarshalCaddyfile(t *testing.T) {
+	tests := []struct {
+		name    string
+		input   string
+		want    App
+		wantErr string
+	}{
+		{
+			name:  "full",
+			input: "llm_billing {\n mongodb_uri {env.MONGODB_URI}\n database {env.DB}\n key_cache_ttl 10s\n key_refresh_interval 3s\n upstream_keys {env.K1} {env.K2}\n}",
+			want: App{MongoDBURI: "{env.MONGODB_URI}", Database: "{env.DB}", KeyCacheTTL: caddy.Duration(10 * time.Second),
+				KeyRefreshInterval: caddy.Duration(3 * time.Second), UpstreamKeys: []string{"{env.K1}", "{env.K2}"}},
+		},
+		{name: "cache off", input: "llm_billing {\n key_cache_ttl off\n}", want: App{KeyCacheTTL: -1}},
+		{name: "unknown option", input: "llm_billing {\n mongo_uri x\n}", wantErr: "unrecognized llm_billing option 'mongo_uri'"},
+		{name: "duplicate uri", input: "llm_billing {\n mongodb_uri a\n mongodb_uri b\n}", wantErr: "mongodb_uri already specified"},
+		{name: "bad ttl", input: "llm_billing {\n key_cache_ttl soon\n}", wantErr: "key_cache_ttl"},
+		{name: "refresh too fast", input: "llm_billing {\n key_refresh_interval 10ms\n}", wantErr: "at least 1s"},
+		{name: "no keys", input: "llm_billing {\n upstream_keys\n}", wantErr: "wrong argument count"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var a App
+			err := a.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tt.input))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error = %v, want it to contain %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(a, tt.want) {
+				t.Fatalf("got %+v, want %+v", a, tt.want)
+			}
+		})
+	}
+}
