@@ -148,8 +148,11 @@ func (a *App) Cleanup() error {
 	if a.poolKey == "" {
 		return nil
 	}
+	// a.eng stays set: requests of this config generation may still be
+	// streaming, and they settle through it (the pool keeps it alive while
+	// another generation uses it; Destruct drains it otherwise).
 	_, err := engines.Delete(a.poolKey)
-	a.poolKey, a.eng = "", nil
+	a.poolKey = ""
 	return err
 }
 

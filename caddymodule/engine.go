@@ -26,8 +26,9 @@ type engine struct {
 	client *mongo.Client
 	store  *mongostore.Store
 
-	auth *authCache
-	keys billing.KeyPool
+	auth  *authCache
+	keys  billing.KeyPool
+	locks *stripes // per-document write serialisation (see stripes)
 
 	// settings, replaced by each config that provisions the app
 	authTTL    atomic.Int64 // nanoseconds
@@ -68,6 +69,7 @@ func newEngine(uri, database string) (*engine, error) {
 		client: client,
 		store:  mongostore.New(client.Database(database)),
 		auth:   newAuthCache(),
+		locks:  newStripes(),
 		jobs:   make(chan *settlement, settleQueue),
 		stop:   make(chan struct{}),
 	}
@@ -238,7 +240,9 @@ type settlement struct {
 func (e *engine) settle(s *settlement) {
 	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
 	defer cancel()
+	unlock := e.locks.lock("usersNew/" + s.charge.User)
 	res, err := e.store.Charge(ctx, s.charge)
+	unlock()
 	if err != nil {
 		// The charge could not be written. The request log still records
 		// the full cost and the error, so the charge is traceable and can
@@ -249,8 +253,10 @@ func (e *engine) settle(s *settlement) {
 	s.log.ChargedNano = int64(res.Charged)
 	s.log.ShortfallNano = int64(res.Shortfall)
 	s.log.Shortfall = res.Shortfall.USD()
+	// The request log is written last: once it exists, the charge and the
+	// counters it describes are in place.
+	usageErr := e.addUsage(ctx, s.counters)
 	logErr := e.store.InsertRequestLogs(ctx, []billing.RequestLog{s.log})
-	usageErr := e.store.AddUsage(ctx, []billing.UsageCounters{s.counters})
 
 	l := s.logger
 	fields := []zap.Field{
@@ -302,4 +308,21 @@ func describeConnectErr(err error, uri string) error {
 // contextWithTimeout derives a bounded context from the request's.
 func contextWithTimeout(r *http.Request, d time.Duration) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(r.Context(), d)
+}
+
+// addUsage writes the key counters of one request, one document at a time
+// under its stripe lock.
+func (e *engine) addUsage(ctx context.Context, c billing.UsageCounters) error {
+	var errs []error
+	if c.UserKey != "" {
+		unlock := e.locks.lock("user_keys/" + c.UserKey)
+		errs = append(errs, e.store.AddUsage(ctx, []billing.UsageCounters{{UserKey: c.UserKey, WeightedTokens: c.WeightedTokens, At: c.At}}))
+		unlock()
+	}
+	if c.UpstreamKeyID != "" {
+		unlock := e.locks.lock("openhands_keys/" + c.UpstreamKeyID)
+		errs = append(errs, e.store.AddUsage(ctx, []billing.UsageCounters{{UpstreamKeyID: c.UpstreamKeyID, RawTokens: c.RawTokens, At: c.At}}))
+		unlock()
+	}
+	return errors.Join(errs...)
 }

@@ -48,7 +48,7 @@ type Handler struct {
 	// MaxBodySize is the request body limit in bytes. Default: 50 MB.
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
-	app    *App
+	eng    *engine
 	plan   billing.CreditPlan
 	cat    *billing.Catalogue
 	logger *zap.Logger
@@ -91,7 +91,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("llm_billing app: %v", err)
 	}
-	h.app = app.(*App)
+	// Keep the engine itself: it outlives this config generation's app.
+	h.eng = app.(*App).eng
 	return nil
 }
 
@@ -124,9 +125,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	start := time.Now()
-	eng := h.app.eng
+	eng := h.eng
 
 	key, aerr := clientKey(r)
+	// The client's key never goes further than this handler. (Caddy's access
+	// log records the request as it arrived: drop X-Api-Key there with a log
+	// filter, as Caddyfile.example does; Authorization is redacted by Caddy.)
+	r.Header.Del("X-Api-Key")
 	if aerr != nil {
 		aerr.write(w, api)
 		return nil
@@ -196,7 +201,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	setBody(r, fwd)
 	r.Header.Set("Authorization", "Bearer "+upKey.APIKey)
-	r.Header.Del("X-Api-Key")
 	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
 	r.Header.Set("Accept-Encoding", "identity")
 
@@ -307,7 +311,7 @@ func (h *Handler) settle(r *http.Request, m *meter, p billing.Principal, key str
 	if p.InUserKeys {
 		s.counters.UserKey = key
 	}
-	h.app.eng.submit(s)
+	h.eng.submit(s)
 }
 
 func upKeyID(k billing.UpstreamKey) string {
