@@ -1,0 +1,196 @@
+// Package e2e runs the gateway end to end: a real Caddy (in-process) with the
+// llm_billing modules, a real MongoDB wire-protocol database (embedded
+// FerretDB), the stand-in OpenHands upstream, and the official SDK clients.
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+
+	_ "github.com/trollllm/caddy-llm-billing/caddymodule"
+	"github.com/trollllm/caddy-llm-billing/tests/stack"
+)
+
+var (
+	env      *stack.Stack
+	chatURL  string // bills creditsNew
+	chat2URL string // bills credits then refCredits; 1 MiB body limit
+	deadURL  string // bills creditsNew; its upstream refuses connections
+	db       *mongo.Database
+	logFile  string // every Caddy log line of the run
+	ports    [3]int
+	deadPort int // nothing listens there
+)
+
+const chat2BodyLimit = 1 << 20
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	ctx := context.Background()
+	dir, err := os.MkdirTemp("", "llm-billing-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	env, err = stack.Start(ctx, stack.StackOptions{Dir: dir})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "starting the test stack:", err)
+		return 1
+	}
+	defer env.Close()
+	db = env.DB
+	logFile = filepath.Join(dir, "caddy.log")
+
+	ports = [3]int{freePort(), freePort(), freePort()}
+	deadPort = freePort()
+	chatURL = fmt.Sprintf("http://127.0.0.1:%d", ports[0])
+	chat2URL = fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+	deadURL = fmt.Sprintf("http://127.0.0.1:%d", ports[2])
+	if err := loadCaddy(caddyfile(configOpts{})); err != nil {
+		fmt.Fprintln(os.Stderr, "starting caddy:", err)
+		return 1
+	}
+	code := m.Run()
+	if err := caddy.Stop(); err != nil {
+		fmt.Fprintln(os.Stderr, "stopping caddy:", err)
+		code = 1
+	}
+	if code == 0 {
+		if err := checkNoSecretsLogged(); err != nil {
+			fmt.Fprintln(os.Stderr, "log check:", err)
+			code = 1
+		}
+	}
+	return code
+}
+
+func examples(name string) string {
+	p, err := filepath.Abs(filepath.Join("..", "..", "examples", name))
+	if err != nil {
+		panic(err)
+	}
+	return p
+}
+
+// configOpts are the knobs the reload test turns.
+type configOpts struct {
+	staticKeys bool   // upstream_keys instead of openhands_keys
+	cacheTTL   string // key_cache_ttl
+}
+
+func caddyfile(o configOpts) string {
+	ttl := o.cacheTTL
+	if ttl == "" {
+		ttl = "2s"
+	}
+	keys := ""
+	if o.staticKeys {
+		keys = "\n\t\tupstream_keys " + env.UpstreamKey
+	}
+	return fmt.Sprintf(`{
+	admin off
+	persist_config off
+	grace_period 10s
+	log {
+		output file %[1]s
+		level DEBUG
+	}
+	llm_billing {
+		mongodb_uri %[2]s
+		database %[3]s
+		key_cache_ttl %[4]s%[5]s
+	}
+}
+
+http://127.0.0.1:%[6]d {
+	log {
+		output file %[1]s
+		format filter {
+			request>headers>X-Api-Key delete
+		}
+	}
+	llm_billing {
+		credit_field creditsNew
+		models %[7]s
+	}
+	reverse_proxy %[8]s
+}
+
+http://127.0.0.1:%[9]d {
+	log {
+		output file %[1]s
+		format filter {
+			request>headers>X-Api-Key delete
+		}
+	}
+	llm_billing {
+		credit_field credits refCredits
+		models %[10]s
+		max_body_size 1MiB
+	}
+	reverse_proxy %[8]s
+}
+
+http://127.0.0.1:%[11]d {
+	llm_billing {
+		credit_field creditsNew
+		models %[7]s
+	}
+	reverse_proxy 127.0.0.1:%[12]d
+}
+`, logFile, env.MongoURI, env.Database, ttl, keys,
+		ports[0], examples("models-chat.json"), env.UpstreamURL,
+		ports[1], examples("models-chat2.json"),
+		ports[2], deadPort)
+}
+
+// loadCaddy adapts a Caddyfile and runs it in this process, as `caddy run`
+// would.
+func loadCaddy(cf string) error {
+	raw, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
+	if err != nil {
+		return err
+	}
+	for _, w := range warnings {
+		fmt.Fprintln(os.Stderr, "caddyfile warning:", w)
+	}
+	return caddy.Load(raw, true)
+}
+
+func freePort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// uniq returns a name unique to this test run, so tests never share users.
+func uniq(t *testing.T, prefix string) string {
+	return fmt.Sprintf("%s-%s-%d", prefix, strings.ReplaceAll(t.Name(), "/", "-"), time.Now().UnixNano())
+}
+
+func mustJSON(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return string(b)
+}
