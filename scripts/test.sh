@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs every check CI runs, in order: formatting, go vet, the plugin's unit
+# tests, the end-to-end suite (real Caddy in-process, embedded FerretDB, the
+# stand-in upstream, the official SDK clients), then the xcaddy build and a
+# `caddy validate` of Caddyfile.example with that binary.
+#
+#   ./scripts/test.sh                 # everything
+#   SKIP_XCADDY=1 ./scripts/test.sh   # without the xcaddy build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "gofmt"
+unformatted="$(gofmt -l $(find . -name '*.go' -not -path './.git/*'))"
+if [ -n "$unformatted" ]; then
+	echo "gofmt would change:"; echo "$unformatted"; exit 1
+fi
+
+step "go vet"
+go vet ./...
+(cd tests && go vet ./...)
+
+step "unit tests (plugin module)"
+go test -race -count=1 ./...
+
+step "end-to-end tests (tests module)"
+(cd tests && go test -race -count=1 -p 1 -timeout 20m ./...)
+
+if [ "${SKIP_XCADDY:-0}" != 1 ]; then
+	step "xcaddy build"
+	./xcaddy.sh
+	step "caddy validate Caddyfile.example"
+	models="$(mktemp -d)"
+	trap 'rm -rf "$models"' EXIT
+	cp examples/models-chat.json "$models/config-openhands-prod.json"
+	cp examples/models-chat2.json "$models/config-ohmygpt-prod.json"
+	cp examples/models-priority.json "$models/config-openhands-prod-uutien.json"
+	# An unreachable database on purpose: validation must not need it.
+	MONGODB_URI="mongodb://127.0.0.1:1" MONGODB_DB_NAME=fproxy LLM_MODELS_DIR="$models" \
+		timeout 60 "$root/caddy" validate --config Caddyfile.example --adapter caddyfile
+fi
+step "all checks passed"
