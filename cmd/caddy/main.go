@@ -8,7 +8,7 @@ import (
 
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
-	_ "github.com/trollllm/caddy-llm-billing/caddymodule"
+	_ "github.com/trollllm/caddy-llm-billing"
 )
 
 func main() {
