@@ -192,3 +192,48 @@ func TestSDKsSeeRefusals(t *testing.T) {
 		t.Errorf("openai SDK error = %v, want a 401 authentication_error", err)
 	}
 }
+
+// Paths and methods the gateway does not serve get JSON errors and never
+// reach the upstream; /health and / answer as the legacy proxy did.
+func TestOtherPathsAndMethods(t *testing.T) {
+	for _, tc := range []struct {
+		method, path string
+		status       int
+		api          string // error shape: OpenAI unless /v1/messages
+	}{
+		{http.MethodGet, "/v1/chat/completions", 405, "/v1/chat/completions"},
+		{http.MethodGet, "/v1/messages", 405, "/v1/messages"},
+		{http.MethodPost, "/v1/completions", 404, "/v1/chat/completions"},
+		{http.MethodPost, "/v1/messages/count_tokens", 404, "/v1/chat/completions"},
+		{http.MethodGet, "/admin", 404, "/v1/chat/completions"},
+	} {
+		testID := uniq(t, "req")
+		req, _ := http.NewRequest(tc.method, chatURL+tc.path, strings.NewReader(`{}`))
+		req.Header.Set("X-Test-Id", testID)
+		req.Header.Set("Authorization", "Bearer sk-trollllm-"+randHex(64))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.status || resp.Header.Get("Content-Type") != "application/json" || !json.Valid(raw) {
+			t.Errorf("%s %s: %d %q %s", tc.method, tc.path, resp.StatusCode, resp.Header.Get("Content-Type"), raw)
+		}
+		if n := len(upstreamRequests(testID)); n != 0 {
+			t.Errorf("%s %s reached the upstream", tc.method, tc.path)
+		}
+	}
+	for _, path := range []string{"/health", "/"} {
+		resp, err := http.Get(chatURL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v map[string]any
+		err = json.NewDecoder(resp.Body).Decode(&v)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != 200 || (path == "/health" && v["status"] != "healthy") || (path == "/" && v["service"] == nil) {
+			t.Errorf("%s: %d %v %v", path, resp.StatusCode, v, err)
+		}
+	}
+}
