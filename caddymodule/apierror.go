@@ -76,7 +76,6 @@ var (
 	errNoKey        = &apiError{status: http.StatusServiceUnavailable, message: "Service temporarily unavailable. Please try again later.", oaiType: "server_error", antType: "api_error"}
 	errUnavailable  = &apiError{status: http.StatusServiceUnavailable, message: "Billing is temporarily unavailable. Please try again later.", oaiType: "server_error", antType: "api_error"}
 	errUpstream     = &apiError{status: http.StatusBadGateway, message: "Request to upstream service failed", oaiType: "upstream_error", antType: "api_error"}
-	errInternal     = &apiError{status: http.StatusInternalServerError, message: "Internal server error", oaiType: "server_error", antType: "api_error"}
 )
 
 func errBodyTooLarge(limit int64) *apiError {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -294,8 +293,6 @@ func (e *engine) settle(s *settlement) {
 	}
 }
 
-var errEngineClosed = errors.New("billing engine is shutting down")
-
 // describeConnectErr keeps a driver error from echoing the URI.
 func describeConnectErr(err error, uri string) error {
 	msg := err.Error()
@@ -303,11 +300,6 @@ func describeConnectErr(err error, uri string) error {
 		return errors.New("invalid mongodb_uri")
 	}
 	return fmt.Errorf("invalid mongodb_uri: %w", err)
-}
-
-// contextWithTimeout derives a bounded context from the request's.
-func contextWithTimeout(r *http.Request, d time.Duration) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(r.Context(), d)
 }
 
 // addUsage writes the key counters of one request, one document at a time

@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -171,7 +172,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 
-	bctx, cancel := contextWithTimeout(r, dbTimeout)
+	bctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 	balance, err := eng.store.Balance(bctx, p.User, h.plan)
 	cancel()
 	switch {
@@ -210,10 +211,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	m := newMeter(w, api)
+	pr := &proxied{start: start, principal: p, key: key, upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body)}
 	// Deferred: runs on a normal return and when reverse_proxy aborts the
 	// handler with panic(http.ErrAbortHandler) after a client disconnect.
 	defer func() {
-		h.settle(r, m, p, key, upKey, model, upstreamModel, info, len(body), start)
+		h.settle(r, m, pr)
 		m.release()
 		done()
 	}()
@@ -228,10 +230,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	return err
 }
 
+// proxied is what a forwarded request needs for its settlement.
+type proxied struct {
+	start         time.Time
+	principal     billing.Principal
+	key           string // the client's key: only ever masked, or a user_keys _id for its counters
+	upKey         billing.UpstreamKey
+	model         *billing.Model
+	upstreamModel string
+	bodyLen       int
+}
+
 // settle prices what the response used and hands the charge to the engine.
 // Nothing is charged unless the upstream answered 2xx.
-func (h *Handler) settle(r *http.Request, m *meter, p billing.Principal, key string, upKey billing.UpstreamKey,
-	model *billing.Model, upstreamModel string, info billing.RequestInfo, bodyLen int, start time.Time) {
+func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
+	p, key, upKey, model, bodyLen := pr.principal, pr.key, pr.upKey, pr.model, pr.bodyLen
 	if m.status < 200 || m.status >= 300 {
 		return
 	}
@@ -297,9 +310,9 @@ func (h *Handler) settle(r *http.Request, m *meter, p billing.Principal, key str
 			UserID: p.User, UserKeyID: billing.MaskKey(key), TrollKeyID: trollKey, Model: model.ID,
 			InputTokens: u.Input, OutputTokens: u.Output, CacheWriteTokens: u.CacheWrite, CacheHitTokens: u.CacheRead,
 			CreditsCost: cost.USD(), CreditType: h.plan.CreditType(), TokensUsed: weighted,
-			StatusCode: m.status, LatencyMs: now.Sub(start).Milliseconds(), IsSuccess: true, CreatedAt: now,
+			StatusCode: m.status, LatencyMs: now.Sub(pr.start).Milliseconds(), IsSuccess: true, CreatedAt: now,
 			RequestID: requestID(r), CreditField: h.plan.String(), Endpoint: r.URL.Path, Stream: m.sse,
-			UpstreamModel: upstreamModel, UsageSource: source, EndReason: end, CostNano: int64(cost),
+			UpstreamModel: pr.upstreamModel, UsageSource: source, EndReason: end, CostNano: int64(cost),
 		},
 		counters: billing.UsageCounters{
 			UpstreamKeyID: upKeyID(upKey), WeightedTokens: weighted, RawTokens: u.Input + u.Output, At: now,

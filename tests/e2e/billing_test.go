@@ -170,6 +170,8 @@ func TestChatBillsCreditsNewOnly(t *testing.T) {
 			}
 
 			b := balances(t, u.ID)
+			t.Logf("chat %s: usage %+v cost $%.9f; creditsNew 10 -> %v, credits 5 -> %v, refCredits 2 -> %v",
+				c.name, usage, cost, b["creditsNew"], b["credits"], b["refCredits"])
 			if !near(b["creditsNew"], 10-cost) || !near(b["creditsNewUsed"], cost) {
 				t.Errorf("creditsNew=%v creditsNewUsed=%v, want %v and %v", b["creditsNew"], b["creditsNewUsed"], 10-cost, cost)
 			}
@@ -244,6 +246,8 @@ func TestChat2BillsCreditsThenRefCredits(t *testing.T) {
 				t.Errorf("shortfall = %v, want %v", got, tt.wantShortfall)
 			}
 			b := balances(t, u.ID)
+			t.Logf("chat2 %s: cost $%.9f; credits %v -> %v, refCredits %v -> %v, creditsNew %v -> %v, shortfall %v",
+				tt.name, cost, tt.user.Credits, b["credits"], tt.user.RefCredits, b["refCredits"], tt.user.CreditsNew, b["creditsNew"], l["shortfall"])
 			if !near(b["credits"], tt.wantCredits) {
 				t.Errorf("credits = %v, want %v", b["credits"], tt.wantCredits)
 			}
