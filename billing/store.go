@@ -216,6 +216,14 @@ type Recorder interface {
 	AddUsage(ctx context.Context, counters []UsageCounters) error
 }
 
+// Store is everything the gateway needs from its database.
+type Store interface {
+	Authenticator
+	Ledger
+	KeyLoader
+	Recorder
+}
+
 // MaskKey returns a key shortened for logs: its first 8 and last 4
 // characters. Keys of 16 characters or fewer are fully masked.
 func MaskKey(key string) string {

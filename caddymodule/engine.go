@@ -22,8 +22,8 @@ import (
 // keeps it (and its in-flight settlements) and only the last user's
 // Cleanup destroys it.
 type engine struct {
-	client *mongo.Client
-	store  *mongostore.Store
+	client *mongo.Client // nil when the store is not MongoDB (tests)
+	store  billing.Store
 
 	auth  *authCache
 	keys  billing.KeyPool
@@ -64,18 +64,24 @@ func newEngine(uri, database string) (*engine, error) {
 	if err != nil {
 		return nil, err
 	}
+	e := newEngineWithStore(mongostore.New(client.Database(database)))
+	e.client = client
+	return e, nil
+}
+
+// newEngineWithStore returns an engine over any store.
+func newEngineWithStore(store billing.Store) *engine {
 	e := &engine{
-		client: client,
-		store:  mongostore.New(client.Database(database)),
-		auth:   newAuthCache(),
-		locks:  newStripes(),
-		jobs:   make(chan *settlement, settleQueue),
-		stop:   make(chan struct{}),
+		store: store,
+		auth:  newAuthCache(),
+		locks: newStripes(),
+		jobs:  make(chan *settlement, settleQueue),
+		stop:  make(chan struct{}),
 	}
 	e.authTTL.Store(int64(defaultAuthTTL))
 	e.keyRefresh.Store(int64(defaultRefresh))
 	e.logger.Store(zap.NewNop())
-	return e, nil
+	return e
 }
 
 func (e *engine) log() *zap.Logger { return e.logger.Load() }
@@ -209,6 +215,9 @@ func (e *engine) Destruct() error {
 		e.settle(s)
 	}
 	e.workers.Wait()
+	if e.client == nil {
+		return nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
 	defer cancel()
 	return e.client.Disconnect(ctx)

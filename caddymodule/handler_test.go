@@ -1,0 +1,241 @@
+package caddymodule
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+)
+
+// fakeStore is an in-process billing.Store: one user, one upstream key, and
+// counts of what was charged and logged. It lets the handler be tested and
+// measured without a database.
+type fakeStore struct {
+	key      string
+	charges  atomic.Int64
+	charged  atomic.Int64 // nano-USD
+	mu       sync.Mutex
+	logs     []billing.RequestLog
+	authRead atomic.Int64
+}
+
+func (f *fakeStore) Authenticate(_ context.Context, key string) (billing.Principal, error) {
+	f.authRead.Add(1)
+	if key != f.key {
+		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthInvalid}
+	}
+	return billing.Principal{User: "u1", Role: "user"}, nil
+}
+
+func (f *fakeStore) Balance(context.Context, string, billing.CreditPlan) (billing.Nano, error) {
+	return billing.NanoFromUSD(1000), nil
+}
+
+func (f *fakeStore) Charge(_ context.Context, r billing.ChargeRequest) (billing.ChargeResult, error) {
+	f.charges.Add(1)
+	f.charged.Add(int64(r.Cost))
+	return billing.ChargeResult{Taken: []billing.Nano{r.Cost}, Charged: r.Cost}, nil
+}
+
+func (f *fakeStore) LoadUpstreamKeys(context.Context) ([]billing.UpstreamKey, error) {
+	return []billing.UpstreamKey{{ID: "k1", APIKey: "upstream-secret", Status: "healthy"}}, nil
+}
+
+func (f *fakeStore) InsertRequestLogs(_ context.Context, logs []billing.RequestLog) error {
+	f.mu.Lock()
+	f.logs = append(f.logs, logs...)
+	f.mu.Unlock()
+	return nil
+}
+
+func (f *fakeStore) AddUsage(context.Context, []billing.UsageCounters) error { return nil }
+
+// newTestHandler returns a provisioned handler over a fake store, with its
+// engine started; the engine is drained when the test ends.
+func newTestHandler(tb testing.TB) (*Handler, *fakeStore) {
+	tb.Helper()
+	cat, err := billing.LoadCatalogue("testdata/models.json")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	plan, _ := billing.ParseCreditPlan([]string{"creditsNew"})
+	fs := &fakeStore{key: "sk-trollllm-" + strings.Repeat("ab", 32)}
+	eng := newEngineWithStore(fs)
+	eng.start()
+	tb.Cleanup(func() { _ = eng.Destruct() })
+	return &Handler{MaxBodySize: DefaultMaxBodySize, eng: eng, plan: plan, cat: cat, logger: zap.NewNop()}, fs
+}
+
+// upstream is a stand-in for reverse_proxy: it answers like the provider,
+// JSON or an SSE stream of n content events, flushing each event.
+func upstream(sse bool, events int) caddyhttp.Handler {
+	start := []byte(`event: message_start` + "\n" + `data: {"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"glm-4.6","content":[],"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1}}}` + "\n\n")
+	delta := []byte(`event: content_block_delta` + "\n" + `data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello there, this is a token."}}` + "\n\n")
+	end := []byte(`event: message_delta` + "\n" + `data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":30}}` + "\n\n" +
+		`event: message_stop` + "\n" + `data: {"type":"message_stop"}` + "\n\n")
+	body := []byte(`{"id":"msg_1","type":"message","role":"assistant","model":"glm-4.6","content":[{"type":"text","text":"Hello!"}],"stop_reason":"end_turn","usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":29}}`)
+	return caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		_, _ = io.Copy(io.Discard, r.Body)
+		if !sse {
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+			w.WriteHeader(200)
+			_, _ = w.Write(body)
+			return nil
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(200)
+		rc := http.NewResponseController(w)
+		_, _ = w.Write(start)
+		_ = rc.Flush()
+		for i := 0; i < events; i++ {
+			_, _ = w.Write(delta)
+			_ = rc.Flush()
+		}
+		_, _ = w.Write(end)
+		_ = rc.Flush()
+		return nil
+	})
+}
+
+// discardWriter is a ResponseWriter that keeps nothing, so a benchmark
+// measures the handler, not a recorder.
+type discardWriter struct {
+	h http.Header
+	n int
+}
+
+func (d *discardWriter) Header() http.Header         { return d.h }
+func (d *discardWriter) WriteHeader(int)             {}
+func (d *discardWriter) Write(p []byte) (int, error) { d.n += len(p); return len(p), nil }
+func (d *discardWriter) Flush()                      {}
+
+func newRequest(tb testing.TB, w http.ResponseWriter, key string, body []byte) *http.Request {
+	r := httptest.NewRequest(http.MethodPost, "/v1/messages", bytes.NewReader(body))
+	r.Header.Set("X-Api-Key", key)
+	r.Header.Set("Content-Type", "application/json")
+	return caddyhttp.PrepareRequest(r, caddy.NewReplacer(), w, &caddyhttp.Server{})
+}
+
+var benchBody = []byte(`{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Hello, how are you today? Tell me something nice."}]}`)
+
+// waitCharges waits for the settlement workers to process n charges.
+func waitCharges(tb testing.TB, fs *fakeStore, n int64) {
+	tb.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for fs.charges.Load() < n {
+		if time.Now().After(deadline) {
+			tb.Fatalf("%d charges after 10s, want %d", fs.charges.Load(), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestHandlerBillsThroughTheStore(t *testing.T) {
+	h, fs := newTestHandler(t)
+	for _, sse := range []bool{false, true} {
+		rec := httptest.NewRecorder()
+		if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), upstream(sse, 50)); err != nil {
+			t.Fatal(err)
+		}
+		if rec.Code != 200 {
+			t.Fatalf("status %d: %s", rec.Code, rec.Body)
+		}
+	}
+	waitCharges(t, fs, 2)
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	if len(fs.logs) != 2 {
+		t.Fatalf("%d request logs, want 2", len(fs.logs))
+	}
+	for _, l := range fs.logs {
+		want := int64(29) // the JSON answer
+		if l.Stream {
+			want = 30 // the stream's last message_delta
+		}
+		if l.OutputTokens != want || l.InputTokens != 12 || l.UsageSource != "upstream" || l.EndReason != "complete" || l.CostNano <= 0 {
+			t.Errorf("log %+v", l)
+		}
+	}
+	// A cache hit costs no store round trip.
+	if fs.authRead.Load() != 1 {
+		t.Errorf("%d key lookups for 2 requests with one key, want 1", fs.authRead.Load())
+	}
+}
+
+// BenchmarkHandler measures the module's own cost per request against a
+// bare upstream handler (the "direct" rows): key lookup on a cache hit, body
+// read and rewrite, metering, settlement through a fake store.
+func BenchmarkHandler(b *testing.B) {
+	for _, tc := range []struct {
+		name   string
+		sse    bool
+		events int
+	}{{"json", false, 0}, {"sse-50-events", true, 50}} {
+		next := upstream(tc.sse, tc.events)
+		b.Run(tc.name+"/direct", func(b *testing.B) {
+			w := &discardWriter{h: http.Header{}}
+			b.ReportAllocs()
+			for i := 0; i < b.N; i++ {
+				clear(w.h)
+				r := newRequest(b, w, "k", benchBody)
+				if err := next.ServeHTTP(w, r); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(tc.name+"/llm_billing", func(b *testing.B) {
+			h, fs := newTestHandler(b)
+			w := &discardWriter{h: http.Header{}}
+			b.ReportAllocs()
+			for i := 0; i < b.N; i++ {
+				clear(w.h)
+				r := newRequest(b, w, fs.key, benchBody)
+				if err := h.ServeHTTP(w, r, next); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			waitCharges(b, fs, int64(b.N))
+		})
+	}
+}
+
+func BenchmarkAuthCacheHit(b *testing.B) {
+	c := newAuthCache()
+	now := time.Now()
+	key := "sk-trollllm-" + strings.Repeat("cd", 32)
+	c.put(key, billing.Principal{User: "u"}, now.Add(time.Hour))
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		if _, ok := c.get(key, now); !ok {
+			b.Fatal("miss")
+		}
+	}
+}
+
+func TestAuthCacheHitDoesNotAllocate(t *testing.T) {
+	c := newAuthCache()
+	now := time.Now()
+	key := "sk-trollllm-" + strings.Repeat("cd", 32)
+	c.put(key, billing.Principal{User: "u"}, now.Add(time.Hour))
+	if n := testing.AllocsPerRun(1000, func() { c.get(key, now) }); n != 0 {
+		t.Errorf("a cache hit allocates %v times", n)
+	}
+	if _, ok := c.get(key, now.Add(2*time.Hour)); ok {
+		t.Error("an expired entry was returned")
+	}
+}
