@@ -51,6 +51,7 @@ func TestAuthenticate(t *testing.T) {
 		seed.UserKey{Key: "sk-troll-expired", User: "alice", Active: true, ExpiresAt: &past},
 		seed.UserKey{Key: "sk-troll-of-old", User: "old", Active: true},
 		seed.UserKey{Key: "sk-troll-orphan", User: "nobody", Active: true},
+		seed.UserKey{Key: "sk-troll-of-gone", User: "gone", Active: true},
 	))
 	// A user_keys document without isActive (the backend schema defaults it to true).
 	_, err := db.Collection("user_keys").InsertOne(ctx, bson.D{{Key: "_id", Value: "sk-troll-noflag"}, {Key: "name", Value: "alice"}})
@@ -73,6 +74,7 @@ func TestAuthenticate(t *testing.T) {
 		{key: "sk-troll-of-old", reason: billing.AuthMigrationRequired},
 		{key: "sk-trollllm-gone", reason: billing.AuthRevoked},
 		{key: "sk-troll-revoked", reason: billing.AuthRevoked},
+		{key: "sk-troll-of-gone", reason: billing.AuthRevoked}, // an active key of a deactivated user
 		{key: "sk-trollllm-late", reason: billing.AuthExpired},
 		{key: "sk-troll-expired", reason: billing.AuthExpired},
 	}
