@@ -13,19 +13,38 @@ var ErrNoUpstreamKey = errors.New("no upstream key available")
 // KeyPool hands out upstream keys round-robin. Keys whose status is
 // exhausted or need_refresh are skipped, and so are keys in any other
 // non-healthy status while their cooldown has not passed (or has no end), as
-// the legacy pool did. It is safe for concurrent use; Pick does not allocate.
+// the legacy pool did; a key in "error" cooldown is used only when no other
+// key can serve. It is safe for concurrent use; Pick does not allocate.
 type KeyPool struct {
 	mu   sync.RWMutex
 	keys []UpstreamKey
 	next atomic.Uint64
 }
 
-// Set replaces the pool's keys.
+// Set replaces the pool's keys. A cooldown this process applied (Mark) that
+// is still running and that the new list does not extend is kept: the
+// database may not have been told yet, and short error cooldowns are never
+// written there.
 func (p *KeyPool) Set(keys []UpstreamKey) {
+	p.SetAt(keys, time.Now())
+}
+
+// SetAt is Set with the current time given.
+func (p *KeyPool) SetAt(keys []UpstreamKey, now time.Time) {
 	cp := append([]UpstreamKey(nil), keys...)
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, old := range p.keys {
+		if !old.CooldownUntil.After(now) {
+			continue
+		}
+		for i := range cp {
+			if cp[i].ID == old.ID && !cp[i].CooldownUntil.After(old.CooldownUntil) && usable(cp[i], now) {
+				cp[i].Status, cp[i].CooldownUntil = old.Status, old.CooldownUntil
+			}
+		}
+	}
 	p.keys = cp
-	p.mu.Unlock()
 }
 
 // Len returns the number of keys in the pool, usable or not.
@@ -44,13 +63,41 @@ func (p *KeyPool) Pick(now time.Time) (UpstreamKey, error) {
 		return UpstreamKey{}, ErrNoUpstreamKey
 	}
 	start := p.next.Add(1) - 1
+	fallback := -1
 	for i := uint64(0); i < n; i++ {
-		k := p.keys[(start+i)%n]
+		j := int((start + i) % n)
+		k := p.keys[j]
 		if usable(k, now) {
 			return k, nil
 		}
+		if fallback < 0 && k.Status == KeyError {
+			fallback = j
+		}
+	}
+	// A key cooling down after a server or transport error is still better
+	// than no key: such errors are seldom the key's fault. Rate-limited,
+	// exhausted and revoked keys are never used before their time.
+	if fallback >= 0 {
+		return p.keys[fallback], nil
 	}
 	return UpstreamKey{}, ErrNoUpstreamKey
+}
+
+// Mark records a key's new status in memory at once, so the next Pick skips
+// it; the database is told separately. until is the end of the cooldown
+// (zero: none).
+func (p *KeyPool) Mark(id, status string, until time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i := range p.keys {
+		if p.keys[i].ID == id {
+			// Copy on write: Pick may hold the old slice's elements.
+			keys := append([]UpstreamKey(nil), p.keys...)
+			keys[i].Status, keys[i].CooldownUntil = status, until
+			p.keys = keys
+			return
+		}
+	}
 }
 
 func usable(k UpstreamKey, now time.Time) bool {

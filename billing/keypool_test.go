@@ -19,7 +19,7 @@ func TestKeyPoolRoundRobinSkipsUnusableKeys(t *testing.T) {
 		{ID: "d", Status: "need_refresh"},
 		{ID: "e", Status: "rate_limited", CooldownUntil: now.Add(time.Minute)},  // still cooling down
 		{ID: "f", Status: "rate_limited", CooldownUntil: now.Add(-time.Second)}, // cooldown over
-		{ID: "g", Status: "error"}, // no cooldown end: never
+		{ID: "g", Status: "error"}, // server/transport error: only when nothing else serves
 	})
 	counts := map[string]int{}
 	for i := 0; i < 300; i++ {
@@ -39,9 +39,13 @@ func TestKeyPoolRoundRobinSkipsUnusableKeys(t *testing.T) {
 		t.Errorf("picks %v", counts)
 	}
 
-	p.Set([]UpstreamKey{{ID: "x", Status: "exhausted"}})
+	p.Set([]UpstreamKey{{ID: "x", Status: "exhausted"}, {ID: "y", Status: "rate_limited", CooldownUntil: now.Add(time.Minute)}})
 	if _, err := p.Pick(now); !errors.Is(err, ErrNoUpstreamKey) {
-		t.Errorf("only exhausted keys: err = %v", err)
+		t.Errorf("only exhausted and rate-limited keys: err = %v", err)
+	}
+	p.Set([]UpstreamKey{{ID: "x", Status: "exhausted"}, {ID: "z", Status: "error", CooldownUntil: now.Add(time.Minute)}})
+	if k, err := p.Pick(now); err != nil || k.ID != "z" {
+		t.Errorf("a key in error cooldown is the last resort: %v %v", k, err)
 	}
 }
 
@@ -51,5 +55,29 @@ func TestKeyPoolPickDoesNotAllocate(t *testing.T) {
 	now := time.Now()
 	if n := testing.AllocsPerRun(1000, func() { _, _ = p.Pick(now) }); n != 0 {
 		t.Errorf("Pick allocates %v times", n)
+	}
+}
+
+func TestKeyPoolRefreshKeepsRunningCooldowns(t *testing.T) {
+	now := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+	var p KeyPool
+	p.SetAt([]UpstreamKey{{ID: "a"}, {ID: "b"}}, now)
+	p.Mark("a", "error", now.Add(10*time.Second))
+	// The database still says healthy: the cooldown survives the refresh.
+	p.SetAt([]UpstreamKey{{ID: "a", Status: "healthy"}, {ID: "b", Status: "healthy"}}, now.Add(time.Second))
+	for i := 0; i < 4; i++ {
+		if k, _ := p.Pick(now.Add(2 * time.Second)); k.ID != "b" {
+			t.Fatalf("picked %s during a's cooldown", k.ID)
+		}
+	}
+	// Once it is over, a refresh no longer carries it.
+	p.SetAt([]UpstreamKey{{ID: "a"}, {ID: "b"}}, now.Add(11*time.Second))
+	seen := map[string]bool{}
+	for i := 0; i < 4; i++ {
+		k, _ := p.Pick(now.Add(11 * time.Second))
+		seen[k.ID] = true
+	}
+	if !seen["a"] || !seen["b"] {
+		t.Errorf("after the cooldown: %v", seen)
 	}
 }

@@ -163,9 +163,12 @@ type UpstreamKey struct {
 	CooldownUntil time.Time
 }
 
-// KeyLoader loads the upstream key pool.
+// KeyLoader loads the upstream key pool and records what happened to a key.
 type KeyLoader interface {
 	LoadUpstreamKeys(ctx context.Context) ([]UpstreamKey, error)
+	// MarkUpstreamKey sets a key's status, cooldown end (zero: none) and
+	// last error, as the backend admin UI shows them.
+	MarkUpstreamKey(ctx context.Context, id, status string, cooldownUntil time.Time, lastError string) error
 }
 
 // RequestLog is one request_logs document: the legacy fields the dashboard
@@ -199,6 +202,16 @@ type RequestLog struct {
 	Shortfall     float64 `bson:"shortfall"`
 	ShortfallNano int64   `bson:"shortfallNano"`
 	ChargeError   string  `bson:"chargeError,omitempty"`
+	// Attempts lists every upstream attempt, the billed one last.
+	Attempts []Attempt `bson:"attempts,omitempty"`
+}
+
+// Attempt is one try of a request on one upstream key.
+type Attempt struct {
+	KeyID     string `bson:"keyId"`
+	Status    int    `bson:"status"` // 0 for a transport error
+	Reason    string `bson:"reason"` // "ok", or why the key failed
+	LatencyMs int64  `bson:"latencyMs"`
 }
 
 // UsageCounters are the per-key counters kept beside a billed request.

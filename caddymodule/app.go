@@ -57,6 +57,24 @@ type App struct {
 	// read. Placeholders are resolved.
 	UpstreamKeys []string `json:"upstream_keys,omitempty"`
 
+	// KeyAttempts is how many upstream keys a request may try before its
+	// answer reaches the client: a key that fails (401, 402, 403, 429, 529,
+	// 5xx, a budget-exceeded 400, a transport error) is retried on another
+	// key before any byte is sent. Default: 3.
+	KeyAttempts int `json:"key_attempts,omitempty"`
+
+	// KeyRetryBudget bounds the time a request may spend on failed attempts
+	// before it stops retrying. Default: 30s.
+	KeyRetryBudget caddy.Duration `json:"key_retry_budget,omitempty"`
+
+	// KeyCooldown is how long a key answering 429 or 529 without a
+	// Retry-After header is left out. Default: 60s.
+	KeyCooldown caddy.Duration `json:"key_cooldown,omitempty"`
+
+	// KeyErrorCooldown is how long a key is left out after a 5xx answer or a
+	// transport error. Default: 10s.
+	KeyErrorCooldown caddy.Duration `json:"key_error_cooldown,omitempty"`
+
 	eng     *engine
 	poolKey string
 	logger  *zap.Logger
@@ -125,6 +143,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 		refresh = defaultRefresh
 	}
 	a.eng.keyRefresh.Store(int64(refresh))
+	if a.KeyAttempts < 0 || a.KeyRetryBudget < 0 || a.KeyCooldown < 0 || a.KeyErrorCooldown < 0 {
+		return errors.New("key_attempts, key_retry_budget, key_cooldown and key_error_cooldown must not be negative")
+	}
+	a.eng.attempts.Store(int64(orDefault(a.KeyAttempts, defaultAttempts)))
+	a.eng.budget.Store(int64(orDefault(time.Duration(a.KeyRetryBudget), defaultRetryBudget)))
+	a.eng.rlCooldown.Store(int64(orDefault(time.Duration(a.KeyCooldown), defaultRateLimitCooldown)))
+	a.eng.errCooldown.Store(int64(orDefault(time.Duration(a.KeyErrorCooldown), defaultErrorCooldown)))
 	a.eng.static.Store(len(static) > 0)
 	if len(static) > 0 {
 		a.eng.keys.Set(static)
@@ -154,6 +179,13 @@ func (a *App) Cleanup() error {
 	_, err := engines.Delete(a.poolKey)
 	a.poolKey = ""
 	return err
+}
+
+func orDefault[T int | time.Duration](v, def T) T {
+	if v == 0 {
+		return def
+	}
+	return v
 }
 
 func containsFold(s, sub string) bool {

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"strconv"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -27,6 +28,10 @@ func init() {
 //		key_cache_ttl        <duration>   # default: 30s; off disables
 //		key_refresh_interval <duration>   # default: 5s
 //		upstream_keys        <key...>     # static keys instead of openhands_keys
+//		key_attempts         <n>          # keys tried per request; default 3
+//		key_retry_budget     <duration>   # time allowed for failed attempts; default 30s
+//		key_cooldown         <duration>   # 429/529 without Retry-After; default 60s
+//		key_error_cooldown   <duration>   # 5xx and transport errors; default 10s
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the option name
@@ -80,6 +85,33 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("key_refresh_interval must be at least 1s")
 			}
 			a.KeyRefreshInterval = caddy.Duration(dur)
+		case "key_attempts":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 20 {
+				return d.Errf("key_attempts must be a number from 1 to 20, got %q", v)
+			}
+			a.KeyAttempts = n
+		case "key_retry_budget", "key_cooldown", "key_error_cooldown":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur <= 0 {
+				return d.Errf("%s must be a positive duration, got %q", name, v)
+			}
+			switch name {
+			case "key_retry_budget":
+				a.KeyRetryBudget = caddy.Duration(dur)
+			case "key_cooldown":
+				a.KeyCooldown = caddy.Duration(dur)
+			default:
+				a.KeyErrorCooldown = caddy.Duration(dur)
+			}
 		case "upstream_keys":
 			keys := d.RemainingArgs()
 			if len(keys) == 0 {

@@ -30,12 +30,17 @@ type engine struct {
 	locks *stripes // per-document write serialisation (see stripes)
 
 	// settings, replaced by each config that provisions the app
-	authTTL    atomic.Int64 // nanoseconds
-	keyRefresh atomic.Int64 // nanoseconds
-	static     atomic.Bool  // static keys in use: do not load from the database
-	logger     atomic.Pointer[zap.Logger]
+	authTTL     atomic.Int64 // nanoseconds
+	keyRefresh  atomic.Int64 // nanoseconds
+	static      atomic.Bool  // static keys in use: do not load from the database
+	attempts    atomic.Int64 // upstream attempts per request
+	budget      atomic.Int64 // nanoseconds a request may spend on failed attempts
+	rlCooldown  atomic.Int64 // nanoseconds, 429/529 without Retry-After
+	errCooldown atomic.Int64 // nanoseconds, 5xx and transport errors
+	logger      atomic.Pointer[zap.Logger]
 
 	jobs      chan *settlement
+	marks     chan keyMark
 	mu        sync.RWMutex // guards closed against sends
 	closed    bool
 	inflight  sync.WaitGroup
@@ -53,7 +58,20 @@ const (
 	dbTimeout      = 5 * time.Second
 	defaultAuthTTL = 30 * time.Second
 	defaultRefresh = 5 * time.Second
+
+	defaultAttempts          = 3
+	defaultRetryBudget       = 30 * time.Second
+	defaultRateLimitCooldown = 60 * time.Second
+	defaultErrorCooldown     = 10 * time.Second
 )
+
+// retryPolicy returns the current attempt limit, time budget and cooldowns.
+func (e *engine) retryPolicy() (int, time.Duration, billing.KeyPolicy) {
+	return int(e.attempts.Load()), time.Duration(e.budget.Load()), billing.KeyPolicy{
+		RateLimitCooldown: time.Duration(e.rlCooldown.Load()),
+		ErrorCooldown:     time.Duration(e.errCooldown.Load()),
+	}
+}
 
 func newEngine(uri, database string) (*engine, error) {
 	opts := options.Client().ApplyURI(uri).SetAppName("caddy-llm-billing").
@@ -76,10 +94,15 @@ func newEngineWithStore(store billing.Store) *engine {
 		auth:  newAuthCache(),
 		locks: newStripes(),
 		jobs:  make(chan *settlement, settleQueue),
+		marks: make(chan keyMark, 256),
 		stop:  make(chan struct{}),
 	}
 	e.authTTL.Store(int64(defaultAuthTTL))
 	e.keyRefresh.Store(int64(defaultRefresh))
+	e.attempts.Store(defaultAttempts)
+	e.budget.Store(int64(defaultRetryBudget))
+	e.rlCooldown.Store(int64(defaultRateLimitCooldown))
+	e.errCooldown.Store(int64(defaultErrorCooldown))
 	e.logger.Store(zap.NewNop())
 	return e
 }
@@ -95,8 +118,9 @@ func (e *engine) start() {
 			e.workers.Add(1)
 			go e.settleLoop()
 		}
-		e.workers.Add(1)
+		e.workers.Add(2)
 		go e.refreshLoop()
+		go e.markLoop()
 	})
 }
 

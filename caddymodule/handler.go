@@ -200,8 +200,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		errInvalidJSON.write(w, api)
 		return nil
 	}
-	setBody(r, fwd)
-	r.Header.Set("Authorization", "Bearer "+upKey.APIKey)
 	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
 	r.Header.Set("Accept-Encoding", "identity")
 
@@ -219,15 +217,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		m.release()
 		done()
 	}()
-	err = next.ServeHTTP(m, r)
-	if err != nil && m.status == 0 {
-		if r.Context().Err() == nil {
-			h.logger.Warn("upstream request failed", zap.String("upstream_key", upKey.ID), zap.Error(err))
-		}
-		errUpstream.write(w, api)
-		return nil
-	}
-	return err
+	return h.forward(w, r, next, m, pr, fwd, api)
 }
 
 // proxied is what a forwarded request needs for its settlement.
@@ -239,6 +229,7 @@ type proxied struct {
 	model         *billing.Model
 	upstreamModel string
 	bodyLen       int
+	attempts      []billing.Attempt // every upstream attempt, the answered one last
 }
 
 // settle prices what the response used and hands the charge to the engine.
@@ -312,7 +303,7 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 			CreditsCost: cost.USD(), CreditType: h.plan.CreditType(), TokensUsed: weighted,
 			StatusCode: m.status, LatencyMs: now.Sub(pr.start).Milliseconds(), IsSuccess: true, CreatedAt: now,
 			RequestID: requestID(r), CreditField: h.plan.String(), Endpoint: r.URL.Path, Stream: m.sse,
-			UpstreamModel: pr.upstreamModel, UsageSource: source, EndReason: end, CostNano: int64(cost),
+			Attempts: pr.attempts, UpstreamModel: pr.upstreamModel, UsageSource: source, EndReason: end, CostNano: int64(cost),
 		},
 		counters: billing.UsageCounters{
 			UpstreamKeyID: upKeyID(upKey), WeightedTokens: weighted, RawTokens: u.Input + u.Output, At: now,

@@ -61,6 +61,10 @@ func (f *fakeStore) InsertRequestLogs(_ context.Context, logs []billing.RequestL
 	return nil
 }
 
+func (f *fakeStore) MarkUpstreamKey(context.Context, string, string, time.Time, string) error {
+	return nil
+}
+
 func (f *fakeStore) AddUsage(context.Context, []billing.UsageCounters) error { return nil }
 
 // newTestHandler returns a provisioned handler over a fake store, with its

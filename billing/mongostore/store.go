@@ -360,6 +360,23 @@ func (s *Store) LoadUpstreamKeys(ctx context.Context) ([]billing.UpstreamKey, er
 	return keys, nil
 }
 
+// MarkUpstreamKey sets a key's status, cooldownUntil and lastError.
+func (s *Store) MarkUpstreamKey(ctx context.Context, id, status string, cooldownUntil time.Time, lastError string) error {
+	var until any
+	if !cooldownUntil.IsZero() {
+		until = cooldownUntil
+	}
+	set := bson.D{{Key: "status", Value: status}, {Key: "cooldownUntil", Value: until}}
+	if lastError != "" {
+		set = append(set, bson.E{Key: "lastError", Value: lastError})
+	}
+	_, err := s.db.Collection(CollKeys).UpdateOne(ctx, bson.D{{Key: "_id", Value: id}}, bson.D{{Key: "$set", Value: set}})
+	if err != nil {
+		return fmt.Errorf("marking upstream key: %w", err)
+	}
+	return nil
+}
+
 // InsertRequestLogs inserts the logs unordered, so that one bad document
 // does not drop the rest.
 func (s *Store) InsertRequestLogs(ctx context.Context, logs []billing.RequestLog) error {

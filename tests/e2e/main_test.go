@@ -92,6 +92,8 @@ func examples(name string) string {
 type configOpts struct {
 	staticKeys bool   // upstream_keys instead of openhands_keys
 	cacheTTL   string // key_cache_ttl
+	database   string // instead of the stack's
+	appExtra   string // more lines for the llm_billing global option
 }
 
 func caddyfile(o configOpts) string {
@@ -99,9 +101,13 @@ func caddyfile(o configOpts) string {
 	if ttl == "" {
 		ttl = "2s"
 	}
-	keys := ""
+	database := env.Database
+	if o.database != "" {
+		database = o.database
+	}
+	keys := o.appExtra
 	if o.staticKeys {
-		keys = "\n\t\tupstream_keys " + env.UpstreamKey
+		keys += "\n\t\tupstream_keys " + env.UpstreamKey
 	}
 	return fmt.Sprintf(`{
 	admin off
@@ -154,7 +160,7 @@ http://127.0.0.1:%[11]d {
 	}
 	reverse_proxy 127.0.0.1:%[12]d
 }
-`, logFile, env.MongoURI, env.Database, ttl, keys,
+`, logFile, env.MongoURI, database, ttl, keys,
 		ports[0], examples("models-chat.json"), env.UpstreamURL,
 		ports[1], examples("models-chat2.json"),
 		ports[2], deadPort)

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -122,14 +123,21 @@ func TestUpstreamCutMidStream(t *testing.T) {
 	}
 }
 
-// An upstream error is passed to the client and charges nothing.
+// An upstream error is passed to the client and charges nothing: a client
+// error at once, a server error after the retries on the pool's only key.
+// (Errors that take a key out are in TestFailoverToAGoodKey, on a pool of
+// their own.)
 func TestUpstreamErrorIsNotBilled(t *testing.T) {
-	for _, path := range []string{"/v1/messages", "/v1/chat/completions"} {
+	for _, tc := range []struct {
+		path   string
+		status int
+	}{{"/v1/messages", 400}, {"/v1/chat/completions", 400}, {"/v1/messages", 500}, {"/v1/chat/completions", 503}} {
+		path := tc.path
 		u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 10})
-		resp := post(t, chatURL+path, key, validBody("claude-sonnet-4-5")(), map[string]string{"X-Standin-Status": "529"})
+		resp := post(t, chatURL+path, key, validBody("claude-sonnet-4-5")(), map[string]string{"X-Standin-Status": fmt.Sprint(tc.status)})
 		raw, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if resp.StatusCode != 529 || !json.Valid(raw) {
+		if resp.StatusCode != tc.status || !json.Valid(raw) {
 			t.Errorf("%s: status %d body %s", path, resp.StatusCode, raw)
 		}
 		noLogsFor(t, u.ID)

@@ -1,0 +1,239 @@
+package caddymodule
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+)
+
+// maxHeldError bounds an error answer held back while deciding whether to
+// retry it on another key. A larger error body is passed through as it is.
+const maxHeldError = 256 << 10
+
+// holdWriter stands between reverse_proxy and the meter for one attempt on
+// one upstream key. A success is committed at once and streams through
+// untouched. An error answer (status >= 400) is held, headers and body, in a
+// private header map (reverse_proxy writes upstream headers before
+// WriteHeader), so that the handler can retry on another key before any
+// byte reaches the client; replay sends it on when it is not retried.
+type holdWriter struct {
+	m         *meter
+	header    http.Header
+	status    int
+	held      bool
+	committed bool
+	body      []byte
+}
+
+func newHoldWriter(m *meter) *holdWriter {
+	return &holdWriter{m: m, header: make(http.Header)}
+}
+
+// Header returns the attempt's private headers until the answer is committed.
+func (hw *holdWriter) Header() http.Header {
+	if hw.committed {
+		return hw.m.Header()
+	}
+	return hw.header
+}
+
+// WriteHeader commits a success and holds an error. Informational answers
+// are not passed on: the final answer may come from another attempt.
+func (hw *holdWriter) WriteHeader(code int) {
+	if hw.committed || hw.held || code < 200 {
+		return
+	}
+	hw.status = code
+	if code >= 400 {
+		hw.held = true
+		return
+	}
+	hw.commit()
+}
+
+func (hw *holdWriter) commit() {
+	h := hw.m.Header()
+	for k, v := range hw.header {
+		h[k] = v
+	}
+	hw.committed = true
+	hw.m.WriteHeader(hw.status)
+}
+
+// Write streams a committed answer and keeps a held one.
+func (hw *holdWriter) Write(p []byte) (int, error) {
+	if hw.status == 0 {
+		hw.WriteHeader(http.StatusOK)
+	}
+	if hw.committed {
+		return hw.m.Write(p)
+	}
+	if len(hw.body)+len(p) > maxHeldError {
+		// Too big to hold: it goes to the client as it is.
+		hw.held = false
+		hw.commit()
+		if _, err := hw.m.Write(hw.body); err != nil {
+			return 0, err
+		}
+		hw.body = nil
+		return hw.m.Write(p)
+	}
+	hw.body = append(hw.body, p...)
+	return len(p), nil
+}
+
+// replay sends a held answer to the client.
+func (hw *holdWriter) replay() {
+	if !hw.held {
+		return
+	}
+	hw.held = false
+	hw.header.Del("Content-Length")
+	hw.commit()
+	_, _ = hw.m.Write(hw.body)
+}
+
+// FlushError flushes a committed answer (reverse_proxy flushes SSE events
+// through http.ResponseController).
+func (hw *holdWriter) FlushError() error {
+	if !hw.committed {
+		return nil
+	}
+	return http.NewResponseController(hw.m).Flush()
+}
+
+// Flush implements http.Flusher.
+func (hw *holdWriter) Flush() { _ = hw.FlushError() }
+
+// Unwrap exposes the meter once the answer is committed, for the
+// ResponseController features the hold writer does not implement itself.
+func (hw *holdWriter) Unwrap() http.ResponseWriter {
+	if hw.committed {
+		return hw.m
+	}
+	return nil
+}
+
+// ReadFrom keeps io.Copy from bypassing Write.
+func (hw *holdWriter) ReadFrom(r io.Reader) (int64, error) {
+	return io.Copy(writerOnly{hw}, r)
+}
+
+// forward sends the request upstream, on another key when a key fails
+// before any byte has reached the client, within the engine's attempt and
+// time budget. It returns false when it answered the client itself and
+// nothing was forwarded successfully (no usable key left).
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface {
+	ServeHTTP(http.ResponseWriter, *http.Request) error
+}, m *meter, pr *proxied, fwd []byte, api billing.API) error {
+	eng := h.eng
+	maxAttempts, budget, policy := eng.retryPolicy()
+	for attempt := 1; ; attempt++ {
+		setBody(r, fwd)
+		r.Header.Set("Authorization", "Bearer "+pr.upKey.APIKey)
+		hw := newHoldWriter(m)
+		t0 := time.Now()
+		err := next.ServeHTTP(hw, r)
+		at := billing.Attempt{KeyID: pr.upKey.ID, Status: hw.status, LatencyMs: time.Since(t0).Milliseconds()}
+
+		var v billing.KeyVerdict
+		switch {
+		case hw.committed:
+			at.Reason = "ok"
+			if hw.status >= 400 {
+				at.Reason = "error_passed_through"
+			}
+			pr.attempts = append(pr.attempts, at)
+			return err
+		case hw.held:
+			v = policy.JudgeResponse(hw.status, hw.body, hw.header.Get("Retry-After"), time.Now())
+		case err != nil && r.Context().Err() == nil:
+			v = policy.JudgeTransportError()
+		case err != nil:
+			return nil // the client is gone; nothing to answer
+		default:
+			// An empty answer without a status: nothing reached the client.
+			at.Reason = "empty"
+			pr.attempts = append(pr.attempts, at)
+			return nil
+		}
+		at.Reason = v.Reason
+		if at.Reason == "" {
+			at.Reason = "not_retried"
+		}
+		pr.attempts = append(pr.attempts, at)
+		if v.Status != "" {
+			eng.markKey(pr.upKey, v, hw.status)
+		}
+		if !v.Retry || attempt >= maxAttempts || time.Since(pr.start) > budget || r.Context().Err() != nil {
+			if hw.held {
+				hw.replay()
+			} else {
+				if r.Context().Err() == nil {
+					h.logger.Warn("upstream request failed", zap.String("upstream_key", pr.upKey.ID), zap.Error(err))
+				}
+				errUpstream.write(w, api)
+			}
+			return nil
+		}
+		k, kerr := eng.pickKey()
+		if kerr != nil {
+			h.logger.Warn("no upstream key left to retry on", zap.Int("attempts", attempt))
+			if hw.held {
+				errNoKey.write(w, api) // no key can serve: the legacy 503
+			} else {
+				errUpstream.write(w, api)
+			}
+			return nil
+		}
+		h.logger.Info("retrying on another upstream key",
+			zap.String("failed_key", pr.upKey.ID), zap.String("reason", v.Reason), zap.String("next_key", k.ID))
+		pr.upKey = k
+	}
+}
+
+// markKey takes a failing key out of the in-memory pool at once and records
+// its status in openhands_keys off the request path.
+func (e *engine) markKey(k billing.UpstreamKey, v billing.KeyVerdict, status int) {
+	var until time.Time
+	if v.Cooldown > 0 {
+		until = time.Now().Add(v.Cooldown)
+	}
+	e.keys.Mark(k.ID, v.Status, until)
+	if !v.Persist || upKeyID(k) == "" { // static keys live in the config only
+		return
+	}
+	select {
+	case e.marks <- keyMark{id: k.ID, status: v.Status, until: until, lastError: v.Reason}:
+	default:
+		// The in-memory mark already applies; the next refresh would only
+		// restore the key early. Never block a request for this.
+		e.log().Warn("key status write queue full; dropping a status write", zap.String("upstream_key", k.ID))
+	}
+}
+
+type keyMark struct {
+	id, status, lastError string
+	until                 time.Time
+}
+
+func (e *engine) markLoop() {
+	defer e.workers.Done()
+	for {
+		select {
+		case <-e.stop:
+			return
+		case km := <-e.marks:
+			ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+			if err := e.store.MarkUpstreamKey(ctx, km.id, km.status, km.until, km.lastError); err != nil {
+				e.log().Warn("writing upstream key status failed", zap.String("upstream_key", km.id), zap.Error(err))
+			}
+			cancel()
+		}
+	}
+}

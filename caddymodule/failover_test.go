@@ -1,0 +1,166 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+)
+
+// failingUpstream answers like the provider, but fails for the keys in bad
+// with the given status and a real-shaped error body.
+func failingUpstream(bad map[string]int, good caddyhttp.Handler) caddyhttp.Handler {
+	return caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		key := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+		status, ok := bad[key]
+		if !ok {
+			return good.ServeHTTP(w, r)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Upstream-Secret-Header", "from-the-failed-attempt")
+		if status == http.StatusTooManyRequests {
+			w.Header().Set("Retry-After", "7")
+		}
+		w.WriteHeader(status)
+		_, _ = w.Write([]byte(`{"type":"error","error":{"type":"rate_limit_error","message":"key ` + key + ` failed"}}`))
+		return nil
+	})
+}
+
+func withKeys(h *Handler, keys ...string) {
+	var ks []billing.UpstreamKey
+	for _, k := range keys {
+		ks = append(ks, billing.UpstreamKey{ID: "id-" + k, APIKey: k, Status: "healthy"})
+	}
+	h.eng.static.Store(true) // no database refresh in these tests
+	h.eng.keys.Set(ks)
+}
+
+func TestFailoverRetriesOnAnotherKeyBeforeAnyByte(t *testing.T) {
+	for _, sse := range []bool{false, true} {
+		h, fs := newTestHandler(t)
+		withKeys(h, "bad-401", "busy-429", "good")
+		next := failingUpstream(map[string]int{"bad-401": 401, "busy-429": 429}, upstream(sse, 5))
+		// Every rotation start: whichever key comes first, the client gets
+		// the good key's answer and nothing of the failed attempts.
+		for i := 0; i < 3; i++ {
+			rec := httptest.NewRecorder()
+			if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next); err != nil {
+				t.Fatal(err)
+			}
+			if rec.Code != 200 || rec.Header().Get("X-Upstream-Secret-Header") != "" || strings.Contains(rec.Body.String(), "failed") {
+				t.Fatalf("client saw status %d headers %v body %q", rec.Code, rec.Header(), rec.Body)
+			}
+		}
+		waitCharges(t, fs, 3)
+		fs.mu.Lock()
+		for _, l := range fs.logs {
+			last := l.Attempts[len(l.Attempts)-1]
+			if l.TrollKeyID != "openhands:id-good" || last.KeyID != "id-good" || last.Reason != "ok" || len(l.Attempts) > 3 {
+				t.Errorf("log %s attempts %+v", l.TrollKeyID, l.Attempts)
+			}
+		}
+		fs.mu.Unlock()
+		if fs.charges.Load() != 3 {
+			t.Errorf("%d charges for 3 requests", fs.charges.Load())
+		}
+		// The failed keys are out of the pool: 401 for good, 429 for its Retry-After.
+		now := time.Now()
+		for i := 0; i < 10; i++ {
+			if k, err := h.eng.keys.Pick(now); err != nil || k.APIKey != "good" {
+				t.Fatalf("pick after failures: %+v %v", k, err)
+			}
+		}
+		if k, _ := h.eng.keys.Pick(now.Add(8 * time.Second)); k.APIKey == "bad-401" {
+			t.Error("a 401 key came back by itself")
+		}
+	}
+}
+
+func TestFailoverLimits(t *testing.T) {
+	t.Run("no key left: legacy 503", func(t *testing.T) {
+		h, fs := newTestHandler(t)
+		withKeys(h, "a", "b")
+		next := failingUpstream(map[string]int{"a": 429, "b": 429}, upstream(false, 0))
+		rec := httptest.NewRecorder()
+		_ = h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next)
+		var body struct {
+			Type  string `json:"type"`
+			Error struct{ Type, Message string }
+		}
+		if rec.Code != 503 || json.Unmarshal(rec.Body.Bytes(), &body) != nil || body.Error.Type != "api_error" ||
+			body.Error.Message != "Service temporarily unavailable. Please try again later." {
+			t.Fatalf("status %d body %s", rec.Code, rec.Body)
+		}
+	})
+	t.Run("attempts exhausted: the last answer is passed on, unbilled", func(t *testing.T) {
+		h, fs := newTestHandler(t)
+		withKeys(h, "a", "b", "c", "d")
+		next := failingUpstream(map[string]int{"a": 500, "b": 500, "c": 500, "d": 500}, upstream(false, 0))
+		rec := httptest.NewRecorder()
+		_ = h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next)
+		if rec.Code != 500 || !json.Valid(rec.Body.Bytes()) {
+			t.Fatalf("status %d body %s", rec.Code, rec.Body)
+		}
+		time.Sleep(50 * time.Millisecond)
+		if fs.charges.Load() != 0 {
+			t.Error("a failed request was charged")
+		}
+		// Three attempts (the default), so one key was never tried.
+		now := time.Now()
+		if k, err := h.eng.keys.Pick(now); err != nil {
+			t.Errorf("the untried key is not usable: %v %v", k, err)
+		}
+	})
+	t.Run("a client error is not retried", func(t *testing.T) {
+		h, fs := newTestHandler(t)
+		withKeys(h, "a", "b")
+		calls := 0
+		next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			calls++
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(400)
+			_, _ = w.Write([]byte(`{"type":"error","error":{"type":"invalid_request_error","message":"messages: field required"}}`))
+			return nil
+		})
+		rec := httptest.NewRecorder()
+		_ = h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next)
+		if rec.Code != 400 || calls != 1 || !strings.Contains(rec.Body.String(), "field required") {
+			t.Fatalf("status %d calls %d body %s", rec.Code, calls, rec.Body)
+		}
+	})
+}
+
+func TestJudgeResponse(t *testing.T) {
+	p := billing.KeyPolicy{RateLimitCooldown: time.Minute, ErrorCooldown: 10 * time.Second}
+	now := time.Now()
+	for _, tc := range []struct {
+		status     int
+		body       string
+		retryAfter string
+		want       billing.KeyVerdict
+	}{
+		{401, "", "", billing.KeyVerdict{Retry: true, Status: "need_refresh", Reason: "unauthorized", Persist: true}},
+		{402, "", "", billing.KeyVerdict{Retry: true, Status: "exhausted", Cooldown: 24 * time.Hour, Reason: "payment_required", Persist: true}},
+		{403, "", "", billing.KeyVerdict{Retry: true, Status: "need_refresh", Reason: "forbidden", Persist: true}},
+		{400, `{"error":{"message":"Budget has been exceeded! Current cost: 10.01","type":"budget_exceeded"}}`, "", billing.KeyVerdict{Retry: true, Status: "exhausted", Cooldown: 24 * time.Hour, Reason: "budget_exceeded", Persist: true}},
+		{400, `{"error":{"message":"prompt is too long"}}`, "", billing.KeyVerdict{}},
+		{429, "", "", billing.KeyVerdict{Retry: true, Status: "rate_limited", Cooldown: time.Minute, Reason: "rate_limited", Persist: true}},
+		{429, "", "12", billing.KeyVerdict{Retry: true, Status: "rate_limited", Cooldown: 12 * time.Second, Reason: "rate_limited", Persist: true}},
+		{429, "", "999999", billing.KeyVerdict{Retry: true, Status: "rate_limited", Cooldown: time.Hour, Reason: "rate_limited", Persist: true}},
+		{529, "", "", billing.KeyVerdict{Retry: true, Status: "rate_limited", Cooldown: time.Minute, Reason: "overloaded", Persist: true}},
+		{503, "", "", billing.KeyVerdict{Retry: true, Status: "error", Cooldown: 10 * time.Second, Reason: "upstream_503"}},
+		{404, "", "", billing.KeyVerdict{}},
+		{499, "", "", billing.KeyVerdict{}},
+	} {
+		if got := p.JudgeResponse(tc.status, []byte(tc.body), tc.retryAfter, now); got != tc.want {
+			t.Errorf("%d %q: got %+v, want %+v", tc.status, tc.body, got, tc.want)
+		}
+	}
+}

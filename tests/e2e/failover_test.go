@@ -1,0 +1,210 @@
+package e2e
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
+
+	"github.com/trollllm/caddy-llm-billing/tests/seed"
+	"github.com/trollllm/caddy-llm-billing/tests/standin"
+)
+
+// A pool where most keys fail, each in its own way: every request still
+// succeeds on the good key before any byte reaches the client, streaming or
+// not, is billed once, and records its attempts; the failed keys get the
+// statuses the admin UI knows, and a rate-limited key comes back after its
+// Retry-After.
+func TestFailoverToAGoodKey(t *testing.T) {
+	ctx := context.Background()
+	fdb := env.DB.Client().Database("fproxy_failover")
+	failing := map[string]string{ // key id → how the stand-in fails it
+		"f-401": "401", "f-402": "402", "f-403": "403", "f-429": "429",
+		"f-529": "529", "f-budget": standin.StatusBudget, "f-500": "500",
+	}
+	var accepted []string
+	for id := range failing {
+		accepted = append(accepted, "sk-"+id)
+	}
+	accepted = append(accepted, "sk-good", env.UpstreamKey)
+	env.Standin.SetKeys(accepted...)
+	for id, st := range failing {
+		env.Standin.SetKeyStatus("sk-"+id, st)
+	}
+	defer func() {
+		for id := range failing {
+			env.Standin.SetKeyStatus("sk-"+id, "")
+		}
+		env.Standin.SetKeys(env.UpstreamKey)
+	}()
+	for id := range failing {
+		if err := seed.Insert(ctx, fdb, seed.UpstreamKey{ID: id, APIKey: "sk-" + id, Status: "healthy"}); err != nil {
+			t.Fatal(err)
+		}
+		if err := seed.Bind(ctx, fdb, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := seed.Insert(ctx, fdb, seed.UpstreamKey{ID: "good", APIKey: "sk-good", Status: "healthy"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := seed.Bind(ctx, fdb, "good"); err != nil {
+		t.Fatal(err)
+	}
+	user := uniq(t, "u")
+	key := "sk-trollllm-" + randHex(64)
+	rememberKey(key)
+	if err := seed.Insert(ctx, fdb, seed.User{ID: user, APIKey: key, Role: "user", Active: true, Migration: true, CreditsNew: 10}); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := loadCaddy(caddyfile(configOpts{database: "fproxy_failover", appExtra: "\n\t\tkey_attempts 10\n\t\tkey_error_cooldown 1s"})); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := loadCaddy(caddyfile(configOpts{})); err != nil {
+			t.Fatalf("restoring the config: %v", err)
+		}
+	}()
+
+	calls := []call{
+		{"anthropic json", "anthropic", false, "ant-text"},
+		{"anthropic stream", "anthropic", true, "ant-cache"},
+		{"openai json", "openai", false, "oai-cached"},
+		{"openai stream", "openai", true, "oai-text"},
+	}
+	const rounds = 3
+	for r := 0; r < rounds; r++ {
+		for _, c := range calls {
+			c.do(t, chatURL, key, "claude-sonnet-4-5", uniq(t, "req")) // fails the test on any error the client sees
+		}
+	}
+	n := rounds * len(calls)
+	logs := waitLogsIn(t, fdb, user, n)
+	var sum float64
+	failedAttempts := 0
+	for _, l := range logs {
+		sum += num(t, l, "creditsCost")
+		if l["trollKeyId"] != "openhands:good" {
+			t.Errorf("billed on %v", l["trollKeyId"])
+		}
+		attempts, _ := l["attempts"].(bson.A)
+		last := asMap(attempts[len(attempts)-1])
+		if last["keyId"] != "good" || last["reason"] != "ok" {
+			t.Errorf("last attempt %v", last)
+		}
+		failedAttempts += len(attempts) - 1
+	}
+	// Every failing key failed at least once, and was then left alone.
+	if failedAttempts < len(failing) {
+		t.Errorf("%d failed attempts for %d failing keys", failedAttempts, len(failing))
+	}
+	var b bson.M
+	if err := fdb.Collection("usersNew").FindOne(ctx, bson.D{{Key: "_id", Value: user}}).Decode(&b); err != nil {
+		t.Fatal(err)
+	}
+	if !near(num(t, b, "creditsNewUsed"), sum) || !near(10-num(t, b, "creditsNew"), sum) {
+		t.Errorf("charged %v in %d logs, creditsNewUsed %v, balance drop %v", sum, n, b["creditsNewUsed"], 10-num(t, b, "creditsNew"))
+	}
+	t.Logf("%d requests billed once each on the good key after %d failed attempts; example attempts: %v", n, failedAttempts, logs[0]["attempts"])
+
+	// The statuses the backend admin UI shows.
+	want := map[string]string{"f-401": "need_refresh", "f-403": "need_refresh", "f-402": "exhausted", "f-budget": "exhausted",
+		"f-429": "rate_limited", "f-529": "rate_limited", "f-500": "healthy" /* a short cooldown stays in memory */}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := keyStatuses(t, fdb)
+		ok := true
+		for id, st := range want {
+			if got[id] != st {
+				ok = false
+			}
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("key statuses %v, want %v", got, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// The 429 key's Retry-After (1s from the stand-in) passes and the key
+	// is healthy again upstream: it serves again.
+	env.Standin.SetKeyStatus("sk-f-429", "")
+	time.Sleep(1500 * time.Millisecond)
+	served := false
+	for i := 0; i < 12 && !served; i++ {
+		c := calls[0]
+		c.do(t, chatURL, key, "claude-sonnet-4-5", uniq(t, "req"))
+		logs = waitLogsIn(t, fdb, user, n+i+1)
+		if logs[len(logs)-1]["trollKeyId"] == "openhands:f-429" {
+			served = true
+		}
+	}
+	if !served {
+		t.Error("the rate-limited key never served again after its cooldown")
+	}
+}
+
+func keyStatuses(t *testing.T, d *mongo.Database) map[string]string {
+	t.Helper()
+	cur, err := d.Collection("openhands_keys").Find(context.Background(), bson.D{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var docs []struct {
+		ID     string `bson:"_id"`
+		Status string `bson:"status"`
+	}
+	if err := cur.All(context.Background(), &docs); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, d := range docs {
+		out[d.ID] = d.Status
+	}
+	return out
+}
+
+// waitLogsIn waits for user's n request logs in database d.
+func waitLogsIn(t *testing.T, d *mongo.Database, user string, n int) []bson.M {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		cur, err := d.Collection("request_logs").Find(context.Background(), bson.D{{Key: "userId", Value: user}},
+			options.Find().SetSort(bson.D{{Key: "createdAt", Value: 1}}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var logs []bson.M
+		if err := cur.All(context.Background(), &logs); err != nil {
+			t.Fatal(err)
+		}
+		if len(logs) >= n {
+			return logs
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d request logs after 20s, want %d", len(logs), n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// asMap reads a nested document the driver decoded as bson.D or bson.M.
+func asMap(v any) bson.M {
+	switch d := v.(type) {
+	case bson.M:
+		return d
+	case bson.D:
+		m := bson.M{}
+		for _, e := range d {
+			m[e.Key] = e.Value
+		}
+		return m
+	}
+	return nil
+}
