@@ -87,15 +87,24 @@ func (hw *holdWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// replay sends a held answer to the client.
-func (hw *holdWriter) replay() {
+// replay sends a held error answer to the client, sanitised: the legacy
+// status and message in the API's shape, none of the upstream's headers.
+func (hw *holdWriter) replay(api billing.API) {
 	if !hw.held {
 		return
 	}
 	hw.held = false
-	hw.header.Del("Content-Length")
-	hw.commit()
-	_, _ = hw.m.Write(hw.body)
+	hw.committed = true
+	e, raw := sanitizeUpstreamError(api, hw.status, hw.body)
+	h := hw.m.Header()
+	if ra := hw.header.Get("Retry-After"); ra != "" && (hw.status == http.StatusTooManyRequests || hw.status == 529) {
+		h.Set("Retry-After", ra)
+	}
+	if raw != nil {
+		writeJSON(hw.m, hw.status, raw)
+		return
+	}
+	e.write(hw.m, api)
 }
 
 // FlushError flushes a committed answer (reverse_proxy flushes SSE events
@@ -172,7 +181,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface
 		}
 		if !v.Retry || attempt >= maxAttempts || time.Since(pr.start) > budget || r.Context().Err() != nil {
 			if hw.held {
-				hw.replay()
+				hw.replay(api)
 			} else {
 				if r.Context().Err() == nil {
 					h.logger.Warn("upstream request failed", zap.String("upstream_key", pr.upKey.ID), zap.Error(err))

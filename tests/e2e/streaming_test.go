@@ -137,8 +137,12 @@ func TestUpstreamErrorIsNotBilled(t *testing.T) {
 		resp := post(t, chatURL+path, key, validBody("claude-sonnet-4-5")(), map[string]string{"X-Standin-Status": fmt.Sprint(tc.status)})
 		raw, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if resp.StatusCode != tc.status || !json.Valid(raw) {
+		if resp.StatusCode != tc.status || !json.Valid(raw) || resp.Header.Get("Content-Type") != "application/json" {
 			t.Errorf("%s: status %d body %s", path, resp.StatusCode, raw)
+		}
+		// Sanitised: the client's API shape, no upstream internals.
+		if strings.Contains(strings.ToLower(string(raw)), "litellm") || resp.Header.Get("X-Litellm-Version") != "" {
+			t.Errorf("%s: upstream internals reach the client: %v %s", path, resp.Header, raw)
 		}
 		noLogsFor(t, u.ID)
 		if b := balances(t, u.ID); b["creditsNew"] != 10 {
