@@ -100,6 +100,16 @@ func (p *KeyPool) Mark(id, status string, until time.Time) {
 	}
 }
 
+// Snapshot returns a copy of the pool's keys.
+func (p *KeyPool) Snapshot() []UpstreamKey {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return append([]UpstreamKey(nil), p.keys...)
+}
+
+// Usable reports whether Pick may return k at now on its first pass.
+func Usable(k UpstreamKey, now time.Time) bool { return usable(k, now) }
+
 func usable(k UpstreamKey, now time.Time) bool {
 	switch k.Status {
 	case "", "healthy":

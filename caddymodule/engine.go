@@ -142,19 +142,26 @@ func (e *engine) refreshLoop() {
 // loadKeys refreshes the upstream key pool from the database (unless static
 // keys are configured). A failure keeps the previous pool.
 func (e *engine) loadKeys() {
+	if err := e.reloadKeys(context.Background()); err != nil {
+		e.log().Warn("loading upstream keys failed; keeping the previous pool", zap.Error(err))
+	}
+}
+
+// reloadKeys loads the pool from the database now.
+func (e *engine) reloadKeys(ctx context.Context) error {
 	if e.static.Load() {
-		return
+		return nil
 	}
 	e.loadMu.Lock()
 	defer e.loadMu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
 	keys, err := e.store.LoadUpstreamKeys(ctx)
 	if err != nil {
-		e.log().Warn("loading upstream keys failed; keeping the previous pool", zap.Error(err))
-		return
+		return err
 	}
 	e.keys.Set(keys)
+	return nil
 }
 
 // pickKey returns an upstream key; an empty pool is reloaded once on the

@@ -31,7 +31,8 @@ var (
 	db       *mongo.Database
 	logFile  string // every Caddy log line of the run
 	ports    [3]int
-	deadPort int // nothing listens there
+	deadPort int    // nothing listens there
+	adminURL string // Caddy's admin API
 )
 
 const chat2BodyLimit = 1 << 20
@@ -59,6 +60,8 @@ func run(m *testing.M) int {
 
 	ports = [3]int{freePort(), freePort(), freePort()}
 	deadPort = freePort()
+	adminPort := freePort()
+	adminURL = fmt.Sprintf("http://127.0.0.1:%d", adminPort)
 	chatURL = fmt.Sprintf("http://127.0.0.1:%d", ports[0])
 	chat2URL = fmt.Sprintf("http://127.0.0.1:%d", ports[1])
 	deadURL = fmt.Sprintf("http://127.0.0.1:%d", ports[2])
@@ -110,7 +113,7 @@ func caddyfile(o configOpts) string {
 		keys += "\n\t\tupstream_keys " + env.UpstreamKey
 	}
 	return fmt.Sprintf(`{
-	admin off
+	admin %[13]s
 	persist_config off
 	grace_period 10s
 	log {
@@ -163,7 +166,7 @@ http://127.0.0.1:%[11]d {
 `, logFile, env.MongoURI, database, ttl, keys,
 		ports[0], examples("models-chat.json"), env.UpstreamURL,
 		ports[1], examples("models-chat2.json"),
-		ports[2], deadPort)
+		ports[2], deadPort, strings.TrimPrefix(adminURL, "http://"))
 }
 
 // loadCaddy adapts a Caddyfile and runs it in this process, as `caddy run`
