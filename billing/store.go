@@ -169,7 +169,22 @@ type KeyLoader interface {
 	// MarkUpstreamKey sets a key's status, cooldown end (zero: none) and
 	// last error, as the backend admin UI shows them.
 	MarkUpstreamKey(ctx context.Context, id, status string, cooldownUntil time.Time, lastError string) error
+	// RotateUpstreamKey replaces a key that failed for good by a spare from
+	// openhands_backup_keys: exactly one caller wins for a given key, and
+	// each spare is claimed once, even across instances. It returns the new
+	// key's id, "" when the key was already rotated, ErrNoSpareKey when there
+	// is no spare, or ErrRotationInProgress when another caller holds it.
+	RotateUpstreamKey(ctx context.Context, id, reason string) (string, error)
+	// CleanUsedSpares archives and deletes the spares used before cutoff,
+	// each exactly once across instances; it returns how many it removed.
+	CleanUsedSpares(ctx context.Context, cutoff time.Time) (int, error)
 }
+
+// Errors of KeyLoader.RotateUpstreamKey.
+var (
+	ErrNoSpareKey         = errors.New("no spare upstream key")
+	ErrRotationInProgress = errors.New("upstream key rotation in progress elsewhere")
+)
 
 // RequestLog is one request_logs document: the legacy fields the dashboard
 // reads, then the gateway's own.

@@ -124,9 +124,14 @@ func (e *engine) start() {
 	})
 }
 
+// usedSpareAge is how long a used spare stays in openhands_backup_keys
+// before the cleanup archives and deletes it (the legacy 6 h).
+const usedSpareAge = 6 * time.Hour
+
 func (e *engine) refreshLoop() {
 	defer e.workers.Done()
 	e.loadKeys()
+	lastCleanup := time.Time{}
 	for {
 		d := time.Duration(e.keyRefresh.Load())
 		select {
@@ -134,7 +139,12 @@ func (e *engine) refreshLoop() {
 			return
 		case <-time.After(d):
 			e.loadKeys()
-			e.auth.sweep(time.Now())
+			now := time.Now()
+			e.auth.sweep(now)
+			if !e.static.Load() && now.Sub(lastCleanup) >= time.Minute {
+				lastCleanup = now
+				e.cleanSpares(now)
+			}
 		}
 	}
 }
@@ -357,4 +367,16 @@ func (e *engine) addUsage(ctx context.Context, c billing.UsageCounters) error {
 		unlock()
 	}
 	return errors.Join(errs...)
+}
+
+func (e *engine) cleanSpares(now time.Time) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
+	defer cancel()
+	n, err := e.store.CleanUsedSpares(ctx, now.Add(-usedSpareAge))
+	if err != nil {
+		e.log().Warn("cleaning used spare keys failed", zap.Error(err))
+	}
+	if n > 0 {
+		e.log().Info("archived and deleted used spare keys", zap.Int("count", n))
+	}
 }

@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net/http"
 	"time"
@@ -217,8 +218,10 @@ func (e *engine) markKey(k billing.UpstreamKey, v billing.KeyVerdict, status int
 	if !v.Persist || upKeyID(k) == "" { // static keys live in the config only
 		return
 	}
+	// A key that failed for good is replaced by a spare when there is one.
+	rotate := v.Status == billing.KeyNeedRefresh || v.Status == billing.KeyExhausted
 	select {
-	case e.marks <- keyMark{id: k.ID, status: v.Status, until: until, lastError: v.Reason}:
+	case e.marks <- keyMark{id: k.ID, status: v.Status, until: until, lastError: v.Reason, rotate: rotate}:
 	default:
 		// The in-memory mark already applies; the next refresh would only
 		// restore the key early. Never block a request for this.
@@ -229,6 +232,7 @@ func (e *engine) markKey(k billing.UpstreamKey, v billing.KeyVerdict, status int
 type keyMark struct {
 	id, status, lastError string
 	until                 time.Time
+	rotate                bool
 }
 
 func (e *engine) markLoop() {
@@ -238,11 +242,36 @@ func (e *engine) markLoop() {
 		case <-e.stop:
 			return
 		case km := <-e.marks:
-			ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
-			if err := e.store.MarkUpstreamKey(ctx, km.id, km.status, km.until, km.lastError); err != nil {
-				e.log().Warn("writing upstream key status failed", zap.String("upstream_key", km.id), zap.Error(err))
-			}
-			cancel()
+			e.applyMark(km)
 		}
+	}
+}
+
+// applyMark rotates a key that failed for good (or leaves it to the
+// instance already rotating it), and otherwise records its status as the
+// legacy proxy did.
+func (e *engine) applyMark(km keyMark) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
+	defer cancel()
+	if km.rotate {
+		newID, err := e.store.RotateUpstreamKey(ctx, km.id, km.lastError)
+		switch {
+		case err == nil:
+			if newID != "" {
+				e.log().Info("upstream key replaced by a spare", zap.String("failed_key", km.id),
+					zap.String("new_key", newID), zap.String("reason", km.lastError))
+			}
+			if err := e.reloadKeys(ctx); err != nil {
+				e.log().Warn("reloading upstream keys after a rotation failed", zap.Error(err))
+			}
+			return
+		case errors.Is(err, billing.ErrRotationInProgress):
+			return
+		case !errors.Is(err, billing.ErrNoSpareKey):
+			e.log().Error("rotating upstream key failed", zap.String("failed_key", km.id), zap.Error(err))
+		}
+	}
+	if err := e.store.MarkUpstreamKey(ctx, km.id, km.status, km.until, km.lastError); err != nil {
+		e.log().Warn("writing upstream key status failed", zap.String("upstream_key", km.id), zap.Error(err))
 	}
 }

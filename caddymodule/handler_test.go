@@ -65,6 +65,12 @@ func (f *fakeStore) MarkUpstreamKey(context.Context, string, string, time.Time, 
 	return nil
 }
 
+func (f *fakeStore) RotateUpstreamKey(context.Context, string, string) (string, error) {
+	return "", billing.ErrNoSpareKey
+}
+
+func (f *fakeStore) CleanUsedSpares(context.Context, time.Time) (int, error) { return 0, nil }
+
 func (f *fakeStore) AddUsage(context.Context, []billing.UsageCounters) error { return nil }
 
 // newTestHandler returns a provisioned handler over a fake store, with its

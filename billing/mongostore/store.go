@@ -28,7 +28,18 @@ const (
 	CollKeys       = "openhands_keys"
 	CollBindings   = "openhands_bindings"
 	CollRequestLog = "request_logs"
+	CollBackupKeys = "openhands_backup_keys"
+	CollArchive    = "deleted_keys_archive"
+	// CollClaims is the gateway's own: one document per rotation and per
+	// claimed spare, whose unique _id makes each claim win exactly once
+	// (a unique insert is atomic on MongoDB and on FerretDB alike, where
+	// findOneAndUpdate is not).
+	CollClaims = "llm_billing_claims"
 )
+
+// staleRotation is how old a rotation claim must be before another instance
+// may take it over (its holder crashed half-way).
+const staleRotation = 5 * time.Minute
 
 // casAttempts bounds the read-then-compare-and-set loop of a partial charge.
 const casAttempts = 8
@@ -375,6 +386,164 @@ func (s *Store) MarkUpstreamKey(ctx context.Context, id, status string, cooldown
 		return fmt.Errorf("marking upstream key: %w", err)
 	}
 	return nil
+}
+
+// RotateUpstreamKey replaces a failed key by a spare, as the legacy proxy
+// did (claim a spare, insert it as a healthy key with replacedKey, repoint
+// the bindings, archive and delete the old key), but race-free across
+// instances: the rotation and the spare are claimed with unique inserts.
+// The new key is inserted before the old one is removed, so the pool never
+// shrinks half-way.
+func (s *Store) RotateUpstreamKey(ctx context.Context, id, reason string) (string, error) {
+	now := s.now()
+	claims := s.db.Collection(CollClaims)
+	lockID := "rotate:" + id
+	claim := func() error {
+		_, err := claims.InsertOne(ctx, bson.D{{Key: "_id", Value: lockID}, {Key: "reason", Value: reason}, {Key: "createdAt", Value: now}})
+		return err
+	}
+	if err := claim(); err != nil {
+		if !mongo.IsDuplicateKeyError(err) {
+			return "", fmt.Errorf("claiming rotation: %w", err)
+		}
+		if n, err := s.db.Collection(CollKeys).CountDocuments(ctx, bson.D{{Key: "_id", Value: id}}); err == nil && n == 0 {
+			return "", nil // rotated already
+		}
+		// Take over a claim whose holder died, once.
+		r, derr := claims.DeleteOne(ctx, bson.D{{Key: "_id", Value: lockID}, {Key: "createdAt", Value: bson.D{{Key: "$lt", Value: now.Add(-staleRotation)}}}})
+		if derr != nil || r.DeletedCount != 1 {
+			return "", billing.ErrRotationInProgress
+		}
+		if err := claim(); err != nil {
+			return "", billing.ErrRotationInProgress
+		}
+	}
+	release := func() { _, _ = claims.DeleteOne(context.WithoutCancel(ctx), bson.D{{Key: "_id", Value: lockID}}) }
+
+	var old bson.M
+	err := s.db.Collection(CollKeys).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&old)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return "", nil // rotated already
+	}
+	if err != nil {
+		release()
+		return "", fmt.Errorf("reading the failed key: %w", err)
+	}
+
+	// Claim a spare: the oldest unused one nobody else claimed.
+	cur, err := s.db.Collection(CollBackupKeys).Find(ctx, bson.D{{Key: "isUsed", Value: false}},
+		options.Find().SetSort(bson.D{{Key: "createdAt", Value: 1}, {Key: "_id", Value: 1}}).SetLimit(50))
+	if err != nil {
+		release()
+		return "", fmt.Errorf("reading spare keys: %w", err)
+	}
+	var spares []struct {
+		ID     string `bson:"_id"`
+		APIKey string `bson:"apiKey"`
+	}
+	if err := cur.All(ctx, &spares); err != nil {
+		release()
+		return "", fmt.Errorf("reading spare keys: %w", err)
+	}
+	newID, apiKey := "", ""
+	for _, sp := range spares {
+		if sp.APIKey == "" {
+			continue
+		}
+		_, err := claims.InsertOne(ctx, bson.D{{Key: "_id", Value: "spare:" + sp.ID}, {Key: "usedFor", Value: id}, {Key: "createdAt", Value: now}})
+		if err == nil {
+			newID, apiKey = sp.ID, sp.APIKey
+			break
+		}
+		if !mongo.IsDuplicateKeyError(err) {
+			release()
+			return "", fmt.Errorf("claiming a spare key: %w", err)
+		}
+	}
+	if newID == "" {
+		release() // a spare added later may serve the next rotation
+		return "", billing.ErrNoSpareKey
+	}
+	steps := []func() error{
+		func() error {
+			_, err := s.db.Collection(CollBackupKeys).UpdateOne(ctx, bson.D{{Key: "_id", Value: newID}},
+				bson.D{{Key: "$set", Value: bson.D{{Key: "isUsed", Value: true}, {Key: "usedAt", Value: now}, {Key: "usedFor", Value: id}}}})
+			return err
+		},
+		func() error {
+			_, err := s.db.Collection(CollKeys).InsertOne(ctx, bson.D{
+				{Key: "_id", Value: newID}, {Key: "apiKey", Value: apiKey}, {Key: "status", Value: billing.KeyHealthy},
+				{Key: "tokensUsed", Value: int64(0)}, {Key: "requestsCount", Value: int64(0)},
+				{Key: "createdAt", Value: now}, {Key: "replacedKey", Value: id},
+			})
+			return err
+		},
+		func() error {
+			_, err := s.db.Collection(CollBindings).UpdateMany(ctx, bson.D{{Key: "openhandsKeyId", Value: id}},
+				bson.D{{Key: "$set", Value: bson.D{{Key: "openhandsKeyId", Value: newID}, {Key: "updatedAt", Value: now}}}})
+			return err
+		},
+		func() error {
+			_, err := s.db.Collection(CollArchive).InsertOne(ctx, bson.D{
+				{Key: "sourceCollection", Value: CollKeys}, {Key: "sourceId", Value: id}, {Key: "reason", Value: reason},
+				{Key: "deletedBy", Value: "caddy-llm-billing"}, {Key: "deletedAt", Value: now}, {Key: "document", Value: old},
+				{Key: "metadata", Value: bson.D{{Key: "replacedBy", Value: newID}}},
+			})
+			return err
+		},
+		func() error {
+			_, err := s.db.Collection(CollKeys).DeleteOne(ctx, bson.D{{Key: "_id", Value: id}})
+			return err
+		},
+	}
+	for i, step := range steps {
+		if err := step(); err != nil {
+			// The claims stay: a half-done rotation is finished by hand or
+			// taken over once stale, never run twice at once.
+			return "", fmt.Errorf("rotating upstream key, step %d: %w", i+1, err)
+		}
+	}
+	return newID, nil
+}
+
+// CleanUsedSpares is the legacy 6-hour cleanup of openhands_backup_keys,
+// safe to run in every instance: each spare is claimed with a unique insert
+// before it is archived and deleted, so it is archived once.
+func (s *Store) CleanUsedSpares(ctx context.Context, cutoff time.Time) (int, error) {
+	cur, err := s.db.Collection(CollBackupKeys).Find(ctx, bson.D{{Key: "isUsed", Value: true}, {Key: "usedAt", Value: bson.D{{Key: "$lt", Value: cutoff}}}},
+		options.Find().SetLimit(100))
+	if err != nil {
+		return 0, fmt.Errorf("reading used spares: %w", err)
+	}
+	var docs []bson.M
+	if err := cur.All(ctx, &docs); err != nil {
+		return 0, fmt.Errorf("reading used spares: %w", err)
+	}
+	removed := 0
+	for _, d := range docs {
+		id, _ := d["_id"].(string)
+		if id == "" {
+			continue
+		}
+		_, err := s.db.Collection(CollClaims).InsertOne(ctx, bson.D{{Key: "_id", Value: "cleanup:" + id}, {Key: "createdAt", Value: s.now()}})
+		if mongo.IsDuplicateKeyError(err) {
+			continue // another instance has it
+		}
+		if err != nil {
+			return removed, fmt.Errorf("claiming a used spare: %w", err)
+		}
+		if _, err := s.db.Collection(CollArchive).InsertOne(ctx, bson.D{
+			{Key: "sourceCollection", Value: CollBackupKeys}, {Key: "sourceId", Value: id}, {Key: "reason", Value: "used_backup_cleanup"},
+			{Key: "deletedBy", Value: "caddy-llm-billing"}, {Key: "deletedAt", Value: s.now()}, {Key: "document", Value: d},
+		}); err != nil {
+			return removed, fmt.Errorf("archiving a used spare: %w", err)
+		}
+		if _, err := s.db.Collection(CollBackupKeys).DeleteOne(ctx, bson.D{{Key: "_id", Value: id}}); err != nil {
+			return removed, fmt.Errorf("deleting a used spare: %w", err)
+		}
+		removed++
+	}
+	return removed, nil
 }
 
 // InsertRequestLogs inserts the logs unordered, so that one bad document

@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"testing"
 	"time"
 
@@ -24,12 +26,13 @@ func TestFailoverToAGoodKey(t *testing.T) {
 	failing := map[string]string{ // key id → how the stand-in fails it
 		"f-401": "401", "f-402": "402", "f-403": "403", "f-429": "429",
 		"f-529": "529", "f-budget": standin.StatusBudget, "f-500": "500",
+		"f-hang": standin.StatusHang, "f-drop": standin.StatusDrop,
 	}
 	var accepted []string
 	for id := range failing {
 		accepted = append(accepted, "sk-"+id)
 	}
-	accepted = append(accepted, "sk-good", env.UpstreamKey)
+	accepted = append(accepted, "sk-good", "sk-spare-1", env.UpstreamKey)
 	env.Standin.SetKeys(accepted...)
 	for id, st := range failing {
 		env.Standin.SetKeyStatus("sk-"+id, st)
@@ -54,6 +57,12 @@ func TestFailoverToAGoodKey(t *testing.T) {
 	if err := seed.Bind(ctx, fdb, "good"); err != nil {
 		t.Fatal(err)
 	}
+	// One spare in openhands_backup_keys: the first key that fails for good
+	// is replaced by it; the others are marked as the legacy proxy did.
+	if _, err := fdb.Collection("openhands_backup_keys").InsertOne(ctx, bson.D{{Key: "_id", Value: "spare-1"},
+		{Key: "apiKey", Value: "sk-spare-1"}, {Key: "isUsed", Value: false}, {Key: "createdAt", Value: time.Now()}}); err != nil {
+		t.Fatal(err)
+	}
 	user := uniq(t, "u")
 	key := "sk-trollllm-" + randHex(64)
 	rememberKey(key)
@@ -61,7 +70,8 @@ func TestFailoverToAGoodKey(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := loadCaddy(caddyfile(configOpts{database: "fproxy_failover", appExtra: "\n\t\tkey_attempts 10\n\t\tkey_error_cooldown 1s"})); err != nil {
+	if err := loadCaddy(caddyfile(configOpts{database: "fproxy_failover", headerTimeout: "2s",
+		appExtra: "\n\t\tkey_attempts 12\n\t\tkey_error_cooldown 60s"})); err != nil {
 		t.Fatal(err)
 	}
 	defer func() {
@@ -88,13 +98,10 @@ func TestFailoverToAGoodKey(t *testing.T) {
 	failedAttempts := 0
 	for _, l := range logs {
 		sum += num(t, l, "creditsCost")
-		if l["trollKeyId"] != "openhands:good" {
-			t.Errorf("billed on %v", l["trollKeyId"])
-		}
 		attempts, _ := l["attempts"].(bson.A)
 		last := asMap(attempts[len(attempts)-1])
-		if last["keyId"] != "good" || last["reason"] != "ok" {
-			t.Errorf("last attempt %v", last)
+		if (last["keyId"] != "good" && last["keyId"] != "spare-1") || last["reason"] != "ok" || l["trollKeyId"] != "openhands:"+last["keyId"].(string) {
+			t.Errorf("billed on %v, last attempt %v", l["trollKeyId"], last)
 		}
 		failedAttempts += len(attempts) - 1
 	}
@@ -109,25 +116,41 @@ func TestFailoverToAGoodKey(t *testing.T) {
 	if !near(num(t, b, "creditsNewUsed"), sum) || !near(10-num(t, b, "creditsNew"), sum) {
 		t.Errorf("charged %v in %d logs, creditsNewUsed %v, balance drop %v", sum, n, b["creditsNewUsed"], 10-num(t, b, "creditsNew"))
 	}
-	t.Logf("%d requests billed once each on the good key after %d failed attempts; example attempts: %v", n, failedAttempts, logs[0]["attempts"])
+	t.Logf("%d requests billed once each on a working key after %d failed attempts; example attempts: %v", n, failedAttempts, logs[0]["attempts"])
 
-	// The statuses the backend admin UI shows.
+	// The statuses the backend admin UI shows; exactly one of the keys that
+	// failed for good was rotated out (archived, replaced by the spare).
 	want := map[string]string{"f-401": "need_refresh", "f-403": "need_refresh", "f-402": "exhausted", "f-budget": "exhausted",
-		"f-429": "rate_limited", "f-529": "rate_limited", "f-500": "healthy" /* a short cooldown stays in memory */}
+		"f-429": "rate_limited", "f-529": "rate_limited",
+		// 5xx, hangs past the timeout and dropped connections: a cooldown in memory only.
+		"f-500": "healthy", "f-hang": "healthy", "f-drop": "healthy"}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		got := keyStatuses(t, fdb)
-		ok := true
+		rotated := ""
+		ok := got["spare-1"] == "healthy"
 		for id, st := range want {
-			if got[id] != st {
+			switch {
+			case got[id] == st:
+			case got[id] == "" && rotated == "" && (st == "need_refresh" || st == "exhausted"):
+				rotated = id
+			default:
 				ok = false
 			}
 		}
-		if ok {
+		if ok && rotated != "" {
+			var archived, spare bson.M
+			if err := fdb.Collection("deleted_keys_archive").FindOne(ctx, bson.D{{Key: "sourceId", Value: rotated}}).Decode(&archived); err != nil {
+				t.Fatalf("rotated %s but no archive: %v", rotated, err)
+			}
+			if err := fdb.Collection("openhands_keys").FindOne(ctx, bson.D{{Key: "_id", Value: "spare-1"}}).Decode(&spare); err != nil || spare["replacedKey"] != rotated {
+				t.Fatalf("spare key %v, want it to replace %s (%v)", spare, rotated, err)
+			}
+			t.Logf("key statuses %v; %s was replaced by spare-1", got, rotated)
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("key statuses %v, want %v", got, want)
+			t.Fatalf("key statuses %v, want %v with one need_refresh/exhausted key rotated to spare-1", got, want)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -207,4 +230,45 @@ func asMap(v any) bson.M {
 		return m
 	}
 	return nil
+}
+
+// A gateway that starts with an empty key pool (the legacy proxy never
+// recovered from that) serves as soon as a key appears in MongoDB.
+func TestEmptyPoolRecovers(t *testing.T) {
+	ctx := context.Background()
+	edb := env.DB.Client().Database("fproxy_empty")
+	user := uniq(t, "u")
+	key := "sk-trollllm-" + randHex(64)
+	rememberKey(key)
+	if err := seed.Insert(ctx, edb, seed.User{ID: user, APIKey: key, Role: "user", Active: true, Migration: true, CreditsNew: 10}); err != nil {
+		t.Fatal(err)
+	}
+	if err := loadCaddy(caddyfile(configOpts{database: "fproxy_empty"})); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := loadCaddy(caddyfile(configOpts{})); err != nil {
+			t.Fatalf("restoring the config: %v", err)
+		}
+	}()
+	resp := post(t, chatURL+"/v1/messages", key, validBody("claude-sonnet-4-5")(), nil)
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("empty pool: status %d %s, want the legacy 503", resp.StatusCode, raw)
+	}
+	checkErrorShape(t, "/v1/messages", raw, "", "", "api_error", "Service temporarily unavailable")
+
+	if err := seed.Insert(ctx, edb, seed.UpstreamKey{ID: "late-key", APIKey: env.UpstreamKey, Status: "healthy"}); err != nil {
+		t.Fatal(err)
+	}
+	resp = post(t, chatURL+"/v1/messages", key, validBody("claude-sonnet-4-5")(), nil)
+	raw, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("after a key appeared: status %d %s", resp.StatusCode, raw)
+	}
+	if l := waitLogsIn(t, edb, user, 1); l[0]["trollKeyId"] != "openhands:late-key" {
+		t.Errorf("billed on %v", l[0]["trollKeyId"])
+	}
 }

@@ -93,10 +93,11 @@ func examples(name string) string {
 
 // configOpts are the knobs the reload test turns.
 type configOpts struct {
-	staticKeys bool   // upstream_keys instead of openhands_keys
-	cacheTTL   string // key_cache_ttl
-	database   string // instead of the stack's
-	appExtra   string // more lines for the llm_billing global option
+	staticKeys    bool   // upstream_keys instead of openhands_keys
+	cacheTTL      string // key_cache_ttl
+	database      string // instead of the stack's
+	appExtra      string // more lines for the llm_billing global option
+	headerTimeout string // reverse_proxy response_header_timeout on chat
 }
 
 func caddyfile(o configOpts) string {
@@ -111,6 +112,10 @@ func caddyfile(o configOpts) string {
 	keys := o.appExtra
 	if o.staticKeys {
 		keys += "\n\t\tupstream_keys " + env.UpstreamKey
+	}
+	proxyOpts := ""
+	if o.headerTimeout != "" {
+		proxyOpts = " {\n\t\ttransport http {\n\t\t\tresponse_header_timeout " + o.headerTimeout + "\n\t\t}\n\t}"
 	}
 	return fmt.Sprintf(`{
 	admin %[13]s
@@ -138,7 +143,7 @@ http://127.0.0.1:%[6]d {
 		credit_field creditsNew
 		models %[7]s
 	}
-	reverse_proxy %[8]s
+	reverse_proxy %[8]s%[14]s
 }
 
 http://127.0.0.1:%[9]d {
@@ -166,7 +171,7 @@ http://127.0.0.1:%[11]d {
 `, logFile, env.MongoURI, database, ttl, keys,
 		ports[0], examples("models-chat.json"), env.UpstreamURL,
 		ports[1], examples("models-chat2.json"),
-		ports[2], deadPort, strings.TrimPrefix(adminURL, "http://"))
+		ports[2], deadPort, strings.TrimPrefix(adminURL, "http://"), proxyOpts)
 }
 
 // loadCaddy adapts a Caddyfile and runs it in this process, as `caddy run`

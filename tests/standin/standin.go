@@ -63,6 +63,15 @@ const (
 // answers LiteLLM's 400 budget_exceeded error.
 const StatusBudget = "budget"
 
+// StatusHang (X-Standin-Status or SetKeyStatus) makes the stand-in accept
+// the request and never answer, until the caller gives up: a key whose
+// requests hang past the gateway's timeout.
+const StatusHang = "hang"
+
+// StatusDrop makes the stand-in close the connection without answering:
+// a transport error, as a refused or reset connection gives.
+const StatusDrop = "drop"
+
 // maxBody bounds the request bodies the stand-in reads.
 const maxBody = 32 << 20
 
@@ -260,12 +269,19 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	if st := r.Header.Get(HeaderStatus); st != "" {
-		writeStatus(w, api, st, key)
-		return
+	st := r.Header.Get(HeaderStatus)
+	if st == "" {
+		st = keyStatus
 	}
-	if keyStatus != "" {
-		writeStatus(w, api, keyStatus, key)
+	switch st {
+	case "":
+	case StatusHang:
+		<-r.Context().Done()
+		return
+	case StatusDrop:
+		panic(http.ErrAbortHandler) // net/http closes the connection, no answer
+	default:
+		writeStatus(w, api, st, key)
 		return
 	}
 
