@@ -116,7 +116,8 @@ func TestFailoverToAGoodKey(t *testing.T) {
 	if !near(num(t, b, "creditsNewUsed"), sum) || !near(10-num(t, b, "creditsNew"), sum) {
 		t.Errorf("charged %v in %d logs, creditsNewUsed %v, balance drop %v", sum, n, b["creditsNewUsed"], 10-num(t, b, "creditsNew"))
 	}
-	t.Logf("%d requests billed once each on a working key after %d failed attempts; example attempts: %v", n, failedAttempts, logs[0]["attempts"])
+	t.Logf("%d requests billed once each on a working key after %d failed attempts; the first one was charged $%v (chargedNano %v) on %v after attempts %v",
+		n, failedAttempts, logs[0]["creditsCost"], logs[0]["chargedNano"], logs[0]["trollKeyId"], logs[0]["attempts"])
 
 	// The statuses the backend admin UI shows; exactly one of the keys that
 	// failed for good was rotated out (archived, replaced by the spare).
