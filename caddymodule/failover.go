@@ -136,8 +136,9 @@ func (hw *holdWriter) ReadFrom(r io.Reader) (int64, error) {
 
 // forward sends the request upstream, on another key when a key fails
 // before any byte has reached the client, within the engine's attempt and
-// time budget. It returns false when it answered the client itself and
-// nothing was forwarded successfully (no usable key left).
+// time budget. Every attempt is appended to pr.attempts and pr.upKey ends
+// as the key that answered. When it answers the client itself (no key
+// left, upstream unreachable) the meter sees nothing, so nothing is billed.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface {
 	ServeHTTP(http.ResponseWriter, *http.Request) error
 }, m *meter, pr *proxied, fwd []byte, api billing.API) error {
@@ -178,7 +179,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface
 		}
 		pr.attempts = append(pr.attempts, at)
 		if v.Status != "" {
-			eng.markKey(pr.upKey, v, hw.status)
+			eng.markKey(pr.upKey, v)
 		}
 		if !v.Retry || attempt >= maxAttempts || time.Since(pr.start) > budget || r.Context().Err() != nil {
 			if hw.held {
@@ -209,7 +210,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface
 
 // markKey takes a failing key out of the in-memory pool at once and records
 // its status in openhands_keys off the request path.
-func (e *engine) markKey(k billing.UpstreamKey, v billing.KeyVerdict, status int) {
+func (e *engine) markKey(k billing.UpstreamKey, v billing.KeyVerdict) {
 	var until time.Time
 	if v.Cooldown > 0 {
 		until = time.Now().Add(v.Cooldown)
