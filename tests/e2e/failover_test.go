@@ -9,7 +9,6 @@ import (
 
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
-	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
 	"github.com/trollllm/caddy-llm-billing/tests/seed"
 	"github.com/trollllm/caddy-llm-billing/tests/standin"
@@ -192,30 +191,6 @@ func keyStatuses(t *testing.T, d *mongo.Database) map[string]string {
 		out[d.ID] = d.Status
 	}
 	return out
-}
-
-// waitLogsIn waits for user's n request logs in database d.
-func waitLogsIn(t *testing.T, d *mongo.Database, user string, n int) []bson.M {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		cur, err := d.Collection("request_logs").Find(context.Background(), bson.D{{Key: "userId", Value: user}},
-			options.Find().SetSort(bson.D{{Key: "createdAt", Value: 1}}))
-		if err != nil {
-			t.Fatal(err)
-		}
-		var logs []bson.M
-		if err := cur.All(context.Background(), &logs); err != nil {
-			t.Fatal(err)
-		}
-		if len(logs) >= n {
-			return logs
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d request logs after 20s, want %d", len(logs), n)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // asMap reads a nested document the driver decoded as bson.D or bson.M.

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
 	"github.com/trollllm/caddy-llm-billing/tests/fixtures"
@@ -140,9 +141,16 @@ func balances(t *testing.T, user string) map[string]float64 {
 // waitLogs waits until user has n request logs and returns them.
 func waitLogs(t *testing.T, user string, n int) []bson.M {
 	t.Helper()
+	return waitLogsIn(t, db, user, n)
+}
+
+// waitLogsIn waits until user has n request logs in database d, oldest
+// first; more than n fails the test (a request billed twice).
+func waitLogsIn(t *testing.T, d *mongo.Database, user string, n int) []bson.M {
+	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		cur, err := db.Collection("request_logs").Find(context.Background(), bson.D{{Key: "userId", Value: user}},
+		cur, err := d.Collection("request_logs").Find(context.Background(), bson.D{{Key: "userId", Value: user}},
 			options.Find().SetSort(bson.D{{Key: "createdAt", Value: 1}}))
 		if err != nil {
 			t.Fatal(err)
@@ -151,10 +159,10 @@ func waitLogs(t *testing.T, user string, n int) []bson.M {
 		if err := cur.All(context.Background(), &logs); err != nil {
 			t.Fatal(err)
 		}
-		if len(logs) >= n {
-			if len(logs) > n {
-				t.Fatalf("user %s has %d request logs, want %d", user, len(logs), n)
-			}
+		if len(logs) > n {
+			t.Fatalf("user %s has %d request logs, want %d", user, len(logs), n)
+		}
+		if len(logs) == n {
 			return logs
 		}
 		if time.Now().After(deadline) {

@@ -89,19 +89,8 @@ func TestRotateUpstreamKey(t *testing.T) {
 // rotate the same failed key many times over: exactly one spare is claimed,
 // the key is archived once and replaced once.
 func TestRotationRaceClaimsOneSpare(t *testing.T) {
-	d := testdb.StartForTest(t)
 	ctx := context.Background()
-	var stores []*mongostore.Store
-	var db *mongo.Database
-	for i := 0; i < 2; i++ {
-		c, err := d.Connect(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Disconnect(ctx) })
-		db = c.Database("fproxy")
-		stores = append(stores, mongostore.New(db))
-	}
+	stores, db := twoInstances(t)
 	if err := seed.Insert(ctx, db, seed.UpstreamKey{ID: "bad", APIKey: "sk-bad", Status: "healthy"}); err != nil {
 		t.Fatal(err)
 	}
@@ -152,19 +141,8 @@ func TestRotationRaceClaimsOneSpare(t *testing.T) {
 // The 6-hour cleanup of used spares, run by two instances at once: each
 // old used spare is archived once and deleted; fresh and unused ones stay.
 func TestCleanUsedSpares(t *testing.T) {
-	d := testdb.StartForTest(t)
 	ctx := context.Background()
-	var stores []*mongostore.Store
-	var db *mongo.Database
-	for i := 0; i < 2; i++ {
-		c, err := d.Connect(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Disconnect(ctx) })
-		db = c.Database("fproxy")
-		stores = append(stores, mongostore.New(db))
-	}
+	stores, db := twoInstances(t)
 	now := time.Now()
 	for i, usedAt := range []time.Time{now.Add(-7 * time.Hour), now.Add(-8 * time.Hour), now.Add(-time.Hour)} {
 		if _, err := db.Collection("openhands_backup_keys").InsertOne(ctx, bson.D{{Key: "_id", Value: fmt.Sprintf("used-%d", i)},
@@ -190,4 +168,23 @@ func TestCleanUsedSpares(t *testing.T) {
 	if n := count(t, db, "deleted_keys_archive", bson.D{{Key: "sourceCollection", Value: "openhands_backup_keys"}}); n != 2 {
 		t.Errorf("%d archived, want 2 (once each)", n)
 	}
+}
+
+// twoInstances returns two stores over one database through two clients,
+// as two gateway processes would have.
+func twoInstances(t *testing.T) ([]*mongostore.Store, *mongo.Database) {
+	t.Helper()
+	d := testdb.StartForTest(t)
+	var stores []*mongostore.Store
+	var db *mongo.Database
+	for i := 0; i < 2; i++ {
+		c, err := d.Connect(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Disconnect(context.Background()) })
+		db = c.Database("fproxy")
+		stores = append(stores, mongostore.New(db))
+	}
+	return stores, db
 }
