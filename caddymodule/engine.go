@@ -283,7 +283,6 @@ type settlement struct {
 	counters billing.UsageCounters
 	logger   *zap.Logger
 	site     string
-	keyMask  string
 }
 
 func (e *engine) settle(s *settlement) {
@@ -313,7 +312,7 @@ func (e *engine) settle(s *settlement) {
 		zap.String("site", s.site),
 		zap.String("credit_field", s.log.CreditField),
 		zap.String("user", s.log.UserID),
-		zap.String("key", s.keyMask),
+		zap.String("key", s.log.UserKeyID),
 		zap.String("model", s.log.Model),
 		zap.String("upstream_model", s.log.UpstreamModel),
 		zap.String("upstream_key", s.log.TrollKeyID),

@@ -293,24 +293,24 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 	if upKey.ID != "" {
 		trollKey = "openhands:" + upKey.ID
 	}
+	reqID, masked := requestID(r), billing.MaskKey(key)
 	s := &settlement{
 		charge: billing.ChargeRequest{
-			RequestID: requestID(r), User: p.User, Plan: h.plan, Cost: cost, Usage: u, WeightedTokens: weighted,
+			RequestID: reqID, User: p.User, Plan: h.plan, Cost: cost, Usage: u, WeightedTokens: weighted,
 		},
 		log: billing.RequestLog{
-			UserID: p.User, UserKeyID: billing.MaskKey(key), TrollKeyID: trollKey, Model: model.ID,
+			UserID: p.User, UserKeyID: masked, TrollKeyID: trollKey, Model: model.ID,
 			InputTokens: u.Input, OutputTokens: u.Output, CacheWriteTokens: u.CacheWrite, CacheHitTokens: u.CacheRead,
 			CreditsCost: cost.USD(), CreditType: h.plan.CreditType(), TokensUsed: weighted,
 			StatusCode: m.status, LatencyMs: now.Sub(pr.start).Milliseconds(), IsSuccess: true, CreatedAt: now,
-			RequestID: requestID(r), CreditField: h.plan.String(), Endpoint: r.URL.Path, Stream: m.sse,
+			RequestID: reqID, CreditField: h.plan.String(), Endpoint: r.URL.Path, Stream: m.sse,
 			Attempts: pr.attempts, UpstreamModel: pr.upstreamModel, UsageSource: source, EndReason: end, CostNano: int64(cost),
 		},
 		counters: billing.UsageCounters{
 			UpstreamKeyID: upKeyID(upKey), WeightedTokens: weighted, RawTokens: u.Input + u.Output, At: now,
 		},
-		logger:  h.logger,
-		site:    r.Host,
-		keyMask: billing.MaskKey(key),
+		logger: h.logger,
+		site:   r.Host,
 	}
 	if p.InUserKeys {
 		s.counters.UserKey = key
