@@ -2,6 +2,7 @@ package billing
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -40,6 +41,27 @@ func ParseCreditPlan(fields []string) (CreditPlan, error) {
 		return CreditPlan{}, fmt.Errorf("unsupported credit field combination %q (want creditsNew, or credits [refCredits])", strings.Join(fields, " "))
 	}
 	return CreditPlan{fields: append([]string(nil), fields...)}, nil
+}
+
+// MarshalJSON writes the plan as its list of fields.
+func (p CreditPlan) MarshalJSON() ([]byte, error) { return json.Marshal(p.fields) }
+
+// UnmarshalJSON reads a plan written by MarshalJSON and validates it.
+func (p *CreditPlan) UnmarshalJSON(b []byte) error {
+	var fields []string
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return err
+	}
+	if len(fields) == 0 {
+		*p = CreditPlan{}
+		return nil
+	}
+	q, err := ParseCreditPlan(fields)
+	if err != nil {
+		return err
+	}
+	*p = q
+	return nil
 }
 
 // Fields returns the balance fields in the order they are spent.
@@ -126,35 +148,6 @@ type Authenticator interface {
 	Authenticate(ctx context.Context, key string) (Principal, error)
 }
 
-// ChargeRequest is one request's exact cost, to be taken from a user's pool.
-type ChargeRequest struct {
-	RequestID      string
-	User           string
-	Plan           CreditPlan
-	Cost           Nano
-	Usage          Usage
-	WeightedTokens int64
-}
-
-// ChargeResult says what was taken from each field of the plan. Taken[i]
-// belongs to Plan.Fields()[i]; Charged + Shortfall == Cost.
-type ChargeResult struct {
-	Taken     []Nano
-	Charged   Nano
-	Shortfall Nano
-}
-
-// Ledger moves money. It is the seam the hold-and-settle implementation
-// replaces; the handler only depends on this interface.
-type Ledger interface {
-	// Balance returns the spendable total of the plan's fields (negative
-	// fields count as zero).
-	Balance(ctx context.Context, user string, plan CreditPlan) (Nano, error)
-	// Charge takes the cost from the plan's fields in order, never driving a
-	// field below zero; what cannot be covered is returned as Shortfall.
-	Charge(ctx context.Context, req ChargeRequest) (ChargeResult, error)
-}
-
 // UpstreamKey is one key of the upstream (OpenHands) key pool.
 type UpstreamKey struct {
 	ID            string
@@ -189,6 +182,11 @@ var (
 // RequestLog is one request_logs document: the legacy fields the dashboard
 // reads, then the gateway's own.
 type RequestLog struct {
+	// ID is the document _id: an ObjectID chosen when the hold is taken, so
+	// that writing the row again (a retry, a replay after a restart, the
+	// sweeper) can never make a second row.
+	// The store writes it as the ObjectID _id.
+	ID               LogID     `bson:"-"`
 	UserID           string    `bson:"userId,omitempty"`
 	UserKeyID        string    `bson:"userKeyId"`
 	TrollKeyID       string    `bson:"trollKeyId,omitempty"`
@@ -216,7 +214,10 @@ type RequestLog struct {
 	ChargedNano   int64   `bson:"chargedNano"`
 	Shortfall     float64 `bson:"shortfall"`
 	ShortfallNano int64   `bson:"shortfallNano"`
-	ChargeError   string  `bson:"chargeError,omitempty"`
+	// HoldNano is the credit reserved before forwarding; TakenNano what
+	// the request finally took from each balance field.
+	HoldNano  int64            `bson:"holdNano"`
+	TakenNano map[string]int64 `bson:"takenNano"`
 	// Attempts lists every upstream attempt, the billed one last.
 	Attempts []Attempt `bson:"attempts,omitempty"`
 }
@@ -248,6 +249,7 @@ type Recorder interface {
 type Store interface {
 	Authenticator
 	Ledger
+	Sweeper
 	KeyLoader
 	Recorder
 }

@@ -108,6 +108,14 @@ func errInsufficient(api billing.API, plan billing.CreditPlan, balance billing.N
 	return &apiError{status: http.StatusPaymentRequired, message: msg, oaiType: "insufficient_quota", oaiCode: "insufficient_credits", antType: "insufficient_credits", balance: &shown}
 }
 
+// errInsufficientCost is the legacy second pre-check refusal: the pool has
+// something, but less than the estimated cost of the request's input.
+func errInsufficientCost(cost, balance billing.Nano) *apiError {
+	return &apiError{status: http.StatusPaymentRequired,
+		message: fmt.Sprintf("Insufficient credits. Cost: $%.4f, Balance: $%.4f", cost.USD(), balance.USD()),
+		oaiType: "insufficient_balance", antType: "insufficient_balance"}
+}
+
 func authErrorFor(err *billing.AuthError) *apiError {
 	switch err.Reason {
 	case billing.AuthRevoked:

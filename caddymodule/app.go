@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -74,6 +75,30 @@ type App struct {
 	// KeyErrorCooldown is how long a key is left out after a 5xx answer or a
 	// transport error. Default: 10s.
 	KeyErrorCooldown caddy.Duration `json:"key_error_cooldown,omitempty"`
+
+	// HoldLease is how long a hold is trusted while its owner is alive;
+	// past it the sweeper resolves it. Keep it above the longest request
+	// (the upstream timeouts). Default: 15m.
+	HoldLease caddy.Duration `json:"hold_lease,omitempty"`
+
+	// OrphanPolicy is what the sweeper charges for a hold whose request
+	// never settled because its process died: "charge_input" (the default:
+	// the estimated input cost), "charge_hold" (the whole hold) or
+	// "release" (nothing).
+	OrphanPolicy string `json:"orphan_policy,omitempty"`
+
+	// SpoolDir is the directory of the settlement journal, where each
+	// settlement is written before it is sent to the database and replayed
+	// after a crash or an outage. Default: llm_billing/spool-<id> under
+	// Caddy's data directory. Each process needs its own.
+	SpoolDir string `json:"spool_dir,omitempty"`
+
+	// Isolation is how balance writes are isolated: "process" serialises
+	// this process's writes per user (exact on MongoDB with any number of
+	// instances); "shared" adds a lock document per user, needed when
+	// several instances share a FerretDB (whose updates are not isolated);
+	// "auto" (the default) picks shared on FerretDB, process otherwise.
+	Isolation string `json:"isolation,omitempty"`
 
 	eng     *engine
 	poolKey string
@@ -154,6 +179,36 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if len(static) > 0 {
 		a.eng.keys.Set(static)
 	}
+	if a.HoldLease < 0 {
+		return errors.New("hold_lease must not be negative")
+	}
+	a.eng.holdLease.Store(int64(orDefault(time.Duration(a.HoldLease), defaultHoldLease)))
+	pol := billing.OrphanChargeInput
+	if a.OrphanPolicy != "" {
+		if pol, err = billing.ParseOrphanPolicy(a.OrphanPolicy); err != nil {
+			return fmt.Errorf("orphan_policy: %v", err)
+		}
+	}
+	polName := string(pol)
+	a.eng.orphanPolicy.Store(&polName)
+	iso := a.Isolation
+	switch iso {
+	case "":
+		iso = "auto"
+	case "auto", "process", "shared":
+	default:
+		return fmt.Errorf("isolation: unknown mode %q (want auto, process or shared)", iso)
+	}
+	a.eng.isolation.Store(&iso)
+	dir := a.SpoolDir
+	if dir != "" {
+		if dir, err = repl.ReplaceOrErr(dir, true, true); err != nil {
+			return fmt.Errorf("spool_dir: %v", err)
+		}
+	} else {
+		dir = filepath.Join(caddy.AppDataDir(), "llm_billing", "spool-"+hex.EncodeToString(sum[:6]))
+	}
+	a.eng.spoolDir.Store(&dir)
 	a.eng.logger.Store(a.logger)
 	return nil
 }

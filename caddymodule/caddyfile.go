@@ -10,6 +10,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
 )
 
 func init() {
@@ -32,6 +34,10 @@ func init() {
 //		key_retry_budget     <duration>   # time allowed for failed attempts; default 30s
 //		key_cooldown         <duration>   # 429/529 without Retry-After; default 60s
 //		key_error_cooldown   <duration>   # 5xx and transport errors; default 10s
+//		hold_lease           <duration>   # a hold's lease; default 15m
+//		orphan_policy        charge_input | charge_hold | release   # default charge_input
+//		spool_dir            <dir>        # settlement journal; default in Caddy's data dir
+//		isolation            auto | process | shared   # default auto
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the option name
@@ -112,6 +118,36 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			default:
 				a.KeyErrorCooldown = caddy.Duration(dur)
 			}
+		case "hold_lease":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur < time.Minute {
+				return d.Errf("hold_lease must be a duration of at least 1m, got %q", v)
+			}
+			a.HoldLease = caddy.Duration(dur)
+		case "orphan_policy":
+			if !d.AllArgs(&a.OrphanPolicy) {
+				return d.ArgErr()
+			}
+			if _, err := billing.ParseOrphanPolicy(a.OrphanPolicy); err != nil {
+				return d.Errf("orphan_policy: %v", err)
+			}
+		case "spool_dir":
+			if !d.AllArgs(&a.SpoolDir) {
+				return d.ArgErr()
+			}
+		case "isolation":
+			if !d.AllArgs(&a.Isolation) {
+				return d.ArgErr()
+			}
+			switch a.Isolation {
+			case "auto", "process", "shared":
+			default:
+				return d.Errf("isolation: unknown mode %q (want auto, process or shared)", a.Isolation)
+			}
 		case "upstream_keys":
 			keys := d.RemainingArgs()
 			if len(keys) == 0 {
@@ -143,7 +179,11 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //	llm_billing {
 //		credit_field  creditsNew | credits [refCredits]
 //		models        <path to legacy config JSON>
-//		max_body_size <size>   # default: 50MB
+//		max_body_size      <size>       # default: 50MB
+//		hold               worst_case | check   # default worst_case
+//		default_max_tokens <n>          # output a hold assumes without max_tokens; default 4096
+//		client_disconnect  drain | stop # default drain
+//		drain_timeout      <duration>   # default 2m
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
@@ -181,6 +221,40 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("max_body_size: %s is out of range", v)
 			}
 			h.MaxBodySize = int64(n)
+		case "hold":
+			if !d.AllArgs(&h.Hold) {
+				return d.ArgErr()
+			}
+			if h.Hold != HoldWorstCase && h.Hold != HoldCheck {
+				return d.Errf("hold: unknown sizing %q (want %s or %s)", h.Hold, HoldWorstCase, HoldCheck)
+			}
+		case "default_max_tokens":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil || n < 1 || n > 10_000_000 {
+				return d.Errf("default_max_tokens must be a number from 1 to 10000000, got %q", v)
+			}
+			h.DefaultMaxTokens = n
+		case "client_disconnect":
+			if !d.AllArgs(&h.ClientDisconnect) {
+				return d.ArgErr()
+			}
+			if h.ClientDisconnect != DisconnectDrain && h.ClientDisconnect != DisconnectStop {
+				return d.Errf("client_disconnect: unknown policy %q (want %s or %s)", h.ClientDisconnect, DisconnectDrain, DisconnectStop)
+			}
+		case "drain_timeout":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur <= 0 {
+				return d.Errf("drain_timeout must be a positive duration, got %q", v)
+			}
+			h.DrainTimeout = caddy.Duration(dur)
 		default:
 			return d.Errf("unrecognized llm_billing subdirective '%s'", name)
 		}

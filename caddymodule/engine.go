@@ -2,6 +2,8 @@ package caddymodule
 
 import (
 	"context"
+	crand "crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"sync"
@@ -12,8 +14,11 @@ import (
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 	"go.uber.org/zap"
 
+	"github.com/caddyserver/caddy/v2"
+
 	"github.com/trollllm/caddy-llm-billing/billing"
 	"github.com/trollllm/caddy-llm-billing/billing/mongostore"
+	"github.com/trollllm/caddy-llm-billing/spool"
 )
 
 // engine is what every site and every config generation share for one
@@ -25,9 +30,20 @@ type engine struct {
 	client *mongo.Client // nil when the store is not MongoDB (tests)
 	store  billing.Store
 
-	auth  *authCache
-	keys  billing.KeyPool
-	locks *stripes // per-document write serialisation (see stripes)
+	auth       *authCache
+	keys       billing.KeyPool
+	countersMu sync.Mutex
+
+	// boot identifies this process's holds: Caddy's instance id and a
+	// random suffix, so that a restarted process is a new owner.
+	boot         string
+	spool        atomic.Pointer[spool.Spool]
+	spoolDir     atomic.Pointer[string]
+	holdLease    atomic.Int64 // nanoseconds
+	orphanPolicy atomic.Pointer[string]
+	isolation    atomic.Pointer[string] // "auto", "process" or "shared"
+	retryMu      sync.Mutex
+	retry        []*settlement
 
 	// settings, replaced by each config that provisions the app
 	authTTL     atomic.Int64 // nanoseconds
@@ -92,7 +108,7 @@ func newEngineWithStore(store billing.Store) *engine {
 	e := &engine{
 		store: store,
 		auth:  newAuthCache(),
-		locks: newStripes(),
+		boot:  bootID(),
 		jobs:  make(chan *settlement, settleQueue),
 		marks: make(chan keyMark, 256),
 		stop:  make(chan struct{}),
@@ -104,7 +120,23 @@ func newEngineWithStore(store billing.Store) *engine {
 	e.rlCooldown.Store(int64(defaultRateLimitCooldown))
 	e.errCooldown.Store(int64(defaultErrorCooldown))
 	e.logger.Store(zap.NewNop())
+	e.holdLease.Store(int64(defaultHoldLease))
+	pol, iso := string(billing.OrphanChargeInput), "auto"
+	e.orphanPolicy.Store(&pol)
+	e.isolation.Store(&iso)
 	return e
+}
+
+// bootID returns Caddy's instance id (kept in its data directory) with a
+// random suffix for this process.
+func bootID() string {
+	var b [6]byte
+	_, _ = crand.Read(b[:])
+	id := "caddy"
+	if u, err := caddy.InstanceID(); err == nil {
+		id = u.String()
+	}
+	return id + "/" + hex.EncodeToString(b[:])
 }
 
 func (e *engine) log() *zap.Logger { return e.logger.Load() }
@@ -114,13 +146,17 @@ func (e *engine) log() *zap.Logger { return e.logger.Load() }
 // from Provision, so `caddy validate` starts nothing.
 func (e *engine) start() {
 	e.startOnce.Do(func() {
+		e.openSpool()
+		e.applyIsolation()
 		for i := 0; i < settleWorkers; i++ {
 			e.workers.Add(1)
 			go e.settleLoop()
 		}
-		e.workers.Add(2)
+		e.workers.Add(4)
 		go e.refreshLoop()
 		go e.markLoop()
+		go e.retryLoop()
+		go e.sweepLoop()
 	})
 }
 
@@ -216,29 +252,6 @@ func (e *engine) begin() (done func(), ok bool) {
 	return e.inflight.Done, true
 }
 
-// submit queues a settlement. When the queue is full the caller settles it
-// itself: back-pressure instead of a dropped charge.
-func (e *engine) submit(s *settlement) {
-	e.mu.RLock()
-	if !e.closed {
-		select {
-		case e.jobs <- s:
-			e.mu.RUnlock()
-			return
-		default:
-		}
-	}
-	e.mu.RUnlock()
-	e.settle(s)
-}
-
-func (e *engine) settleLoop() {
-	defer e.workers.Done()
-	for s := range e.jobs {
-		e.settle(s)
-	}
-}
-
 // Destruct drains: it waits for in-flight requests to submit their
 // settlements, settles everything queued, then disconnects.
 func (e *engine) Destruct() error {
@@ -253,9 +266,20 @@ func (e *engine) Destruct() error {
 	e.startOnce.Do(func() {}) // never start after this
 	// Workers were possibly never started (validate): drain here then.
 	for s := range e.jobs {
-		e.settle(s)
+		e.settleBatch([]*settlement{s})
 	}
 	e.workers.Wait()
+	// One last try for what the database refused; what still fails stays
+	// in the spool for the next start.
+	if !e.retryOnce() {
+		e.log().Warn("database unreachable at shutdown; settlements stay in the spool for the next start",
+			zap.Int("pending", e.pendingRetries()))
+	}
+	if sp := e.spool.Load(); sp != nil {
+		if err := sp.Close(); err != nil {
+			e.log().Error("closing the settlement spool failed", zap.Error(err))
+		}
+	}
 	if e.client == nil {
 		return nil
 	}
@@ -275,73 +299,6 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
 	}
 }
 
-// settlement is the work left after a response: charge the user, write the
-// request log, add the usage counters.
-type settlement struct {
-	charge   billing.ChargeRequest
-	log      billing.RequestLog
-	counters billing.UsageCounters
-	logger   *zap.Logger
-	site     string
-}
-
-func (e *engine) settle(s *settlement) {
-	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
-	defer cancel()
-	unlock := e.locks.lock("usersNew/" + s.charge.User)
-	res, err := e.store.Charge(ctx, s.charge)
-	unlock()
-	if err != nil {
-		// The charge could not be written. The request log still records
-		// the full cost and the error, so the charge is traceable and can
-		// be replayed (durable retries come with the settlement ledger).
-		s.log.ChargeError = err.Error()
-		res.Shortfall = s.charge.Cost - res.Charged
-	}
-	s.log.ChargedNano = int64(res.Charged)
-	s.log.ShortfallNano = int64(res.Shortfall)
-	s.log.Shortfall = res.Shortfall.USD()
-	// The request log is written last: once it exists, the charge and the
-	// counters it describes are in place.
-	usageErr := e.addUsage(ctx, s.counters)
-	logErr := e.store.InsertRequestLogs(ctx, []billing.RequestLog{s.log})
-
-	l := s.logger
-	fields := []zap.Field{
-		zap.String("request_id", s.log.RequestID),
-		zap.String("site", s.site),
-		zap.String("credit_field", s.log.CreditField),
-		zap.String("user", s.log.UserID),
-		zap.String("key", s.log.UserKeyID),
-		zap.String("model", s.log.Model),
-		zap.String("upstream_model", s.log.UpstreamModel),
-		zap.String("upstream_key", s.log.TrollKeyID),
-		zap.Int64("input_tokens", s.log.InputTokens),
-		zap.Int64("output_tokens", s.log.OutputTokens),
-		zap.Int64("cache_write_tokens", s.log.CacheWriteTokens),
-		zap.Int64("cache_read_tokens", s.log.CacheHitTokens),
-		zap.String("cost", s.charge.Cost.String()),
-		zap.String("charged", res.Charged.String()),
-		zap.String("shortfall", res.Shortfall.String()),
-		zap.String("usage_source", s.log.UsageSource),
-		zap.String("end_reason", s.log.EndReason),
-	}
-	switch {
-	case err != nil:
-		l.Error("charge failed", append(fields, zap.Error(err))...)
-	case res.Shortfall > 0:
-		l.Warn("billed with shortfall", fields...)
-	default:
-		l.Info("billed", fields...)
-	}
-	if logErr != nil {
-		l.Error("writing request log failed", zap.String("request_id", s.log.RequestID), zap.Error(logErr))
-	}
-	if usageErr != nil {
-		l.Warn("writing usage counters failed", zap.String("request_id", s.log.RequestID), zap.Error(usageErr))
-	}
-}
-
 // describeConnectErr keeps a driver error from echoing the URI.
 func describeConnectErr(err error, uri string) error {
 	msg := err.Error()
@@ -351,21 +308,13 @@ func describeConnectErr(err error, uri string) error {
 	return fmt.Errorf("invalid mongodb_uri: %w", err)
 }
 
-// addUsage writes the key counters of one request, one document at a time
-// under its stripe lock.
-func (e *engine) addUsage(ctx context.Context, c billing.UsageCounters) error {
-	var errs []error
-	if c.UserKey != "" {
-		unlock := e.locks.lock("user_keys/" + c.UserKey)
-		errs = append(errs, e.store.AddUsage(ctx, []billing.UsageCounters{{UserKey: c.UserKey, WeightedTokens: c.WeightedTokens, At: c.At}}))
-		unlock()
-	}
-	if c.UpstreamKeyID != "" {
-		unlock := e.locks.lock("openhands_keys/" + c.UpstreamKeyID)
-		errs = append(errs, e.store.AddUsage(ctx, []billing.UsageCounters{{UpstreamKeyID: c.UpstreamKeyID, RawTokens: c.RawTokens, At: c.At}}))
-		unlock()
-	}
-	return errors.Join(errs...)
+// addUsage writes the key counters of settled requests in one bulk write
+// per collection. Workers write one batch at a time: FerretDB does not
+// isolate concurrent updates of one document (see mongostore.Isolation).
+func (e *engine) addUsage(ctx context.Context, counters []billing.UsageCounters) error {
+	e.countersMu.Lock()
+	defer e.countersMu.Unlock()
+	return e.store.AddUsage(ctx, counters)
 }
 
 func (e *engine) cleanSpares(now time.Time) {
@@ -378,4 +327,59 @@ func (e *engine) cleanSpares(now time.Time) {
 	if n > 0 {
 		e.log().Info("archived and deleted used spare keys", zap.Int("count", n))
 	}
+}
+
+// openSpool opens the settlement journal and queues what a previous run
+// left in it. Without a spool (it cannot be opened) settlements are kept in
+// memory only, and a crash leaves their holds to the sweeper.
+func (e *engine) openSpool() {
+	dir := e.spoolDir.Load()
+	if dir == nil || *dir == "" {
+		return
+	}
+	sp, recs, err := spool.Open(*dir, spool.Options{})
+	if err != nil {
+		e.log().Error("opening the settlement spool failed; settlements are kept in memory only", zap.String("dir", *dir), zap.Error(err))
+		return
+	}
+	e.spool.Store(sp)
+	e.replaySpool(recs)
+}
+
+// applyIsolation sets how balance writes are isolated: "auto" asks the
+// server and isolates across instances on FerretDB (see
+// mongostore.Isolation), and until it knows.
+func (e *engine) applyIsolation() {
+	ms, ok := e.store.(*mongostore.Store)
+	if !ok {
+		return
+	}
+	switch *e.isolation.Load() {
+	case "process":
+		ms.SetIsolation(mongostore.IsolationProcess)
+		return
+	case "shared":
+		ms.SetIsolation(mongostore.IsolationShared)
+		return
+	}
+	ms.SetIsolation(mongostore.IsolationShared)
+	go func() {
+		for delay := time.Second; ; delay = min(2*delay, time.Minute) {
+			ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+			ferret, err := mongostore.IsFerretDB(ctx, ms.Database())
+			cancel()
+			if err == nil {
+				if !ferret {
+					ms.SetIsolation(mongostore.IsolationProcess)
+				}
+				e.log().Info("balance write isolation", zap.Bool("ferretdb", ferret), zap.Bool("cross_instance_locks", ferret))
+				return
+			}
+			select {
+			case <-e.stop:
+				return
+			case <-time.After(delay):
+			}
+		}
+	}()
 }

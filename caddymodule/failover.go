@@ -163,7 +163,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface
 			return err
 		case hw.held:
 			v = policy.JudgeResponse(hw.status, hw.body, hw.header.Get("Retry-After"), time.Now())
-		case err != nil && r.Context().Err() == nil:
+		case err != nil && pr.client.Err() == nil && r.Context().Err() == nil:
 			v = policy.JudgeTransportError()
 		case err != nil:
 			return nil // the client is gone; nothing to answer
@@ -181,11 +181,11 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface
 		if v.Status != "" {
 			eng.markKey(pr.upKey, v)
 		}
-		if !v.Retry || attempt >= maxAttempts || time.Since(pr.start) > budget || r.Context().Err() != nil {
+		if !v.Retry || attempt >= maxAttempts || time.Since(pr.start) > budget || pr.client.Err() != nil {
 			if hw.held {
 				hw.replay(api)
 			} else {
-				if r.Context().Err() == nil {
+				if pr.client.Err() == nil {
 					h.logger.Warn("upstream request failed", zap.String("upstream_key", pr.upKey.ID), zap.Error(err))
 				}
 				errUpstream.write(w, api)

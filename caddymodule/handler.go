@@ -3,6 +3,8 @@ package caddymodule
 import (
 	"bytes"
 	"context"
+	crand "crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -49,6 +51,31 @@ type Handler struct {
 	// MaxBodySize is the request body limit in bytes. Default: 50 MB.
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
+	// Hold is how much credit is reserved before a request is forwarded:
+	// "worst_case" (the default) reserves the cost of the estimated input
+	// plus max_tokens of output, or what the pool has when that is less,
+	// and refuses a pool that cannot pay the estimated input; "check"
+	// reserves nothing and only requires a positive balance, as the legacy
+	// proxy did (concurrent requests can then spend past the balance; the
+	// excess is recorded as shortfall).
+	Hold string `json:"hold,omitempty"`
+
+	// DefaultMaxTokens is the output size a hold assumes when the request
+	// sets no max_tokens (OpenAI requests may omit it). Default: 4096.
+	DefaultMaxTokens int64 `json:"default_max_tokens,omitempty"`
+
+	// ClientDisconnect is what happens when the client goes away in the
+	// middle of a response: "drain" (the default) keeps reading the
+	// upstream, for at most DrainTimeout, and bills the usage it reports;
+	// "stop" cancels the upstream request at once and bills what was seen
+	// (the usage reported so far, or an estimate). The request log records
+	// end reason client_gone and whether the usage was measured.
+	ClientDisconnect string `json:"client_disconnect,omitempty"`
+
+	// DrainTimeout bounds how long a response is read after its client is
+	// gone. Default: 2m.
+	DrainTimeout caddy.Duration `json:"drain_timeout,omitempty"`
+
 	eng    *engine
 	plan   billing.CreditPlan
 	cat    *billing.Catalogue
@@ -88,6 +115,28 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxBodySize == 0 {
 		h.MaxBodySize = DefaultMaxBodySize
 	}
+	switch h.Hold {
+	case "", HoldWorstCase, HoldCheck:
+	default:
+		return fmt.Errorf("hold: unknown sizing %q (want %s or %s)", h.Hold, HoldWorstCase, HoldCheck)
+	}
+	if h.DefaultMaxTokens < 0 {
+		return errors.New("default_max_tokens must not be negative")
+	}
+	if h.DefaultMaxTokens == 0 {
+		h.DefaultMaxTokens = DefaultMaxTokens
+	}
+	switch h.ClientDisconnect {
+	case "", DisconnectDrain, DisconnectStop:
+	default:
+		return fmt.Errorf("client_disconnect: unknown policy %q (want %s or %s)", h.ClientDisconnect, DisconnectDrain, DisconnectStop)
+	}
+	if h.DrainTimeout < 0 {
+		return errors.New("drain_timeout must not be negative")
+	}
+	if h.DrainTimeout == 0 {
+		h.DrainTimeout = caddy.Duration(DefaultDrainTimeout)
+	}
 	app, err := ctx.App("llm_billing")
 	if err != nil {
 		return fmt.Errorf("llm_billing app: %v", err)
@@ -96,6 +145,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.eng = app.(*App).eng
 	return nil
 }
+
+// Hold sizings, client disconnect policies and their defaults.
+const (
+	HoldWorstCase       = "worst_case"
+	HoldCheck           = "check"
+	DisconnectDrain     = "drain"
+	DisconnectStop      = "stop"
+	DefaultMaxTokens    = 4096
+	DefaultDrainTimeout = 2 * time.Minute
+)
 
 var started = time.Now()
 
@@ -172,22 +231,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 
-	bctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
-	balance, err := eng.store.Balance(bctx, p.User, h.plan)
-	cancel()
-	switch {
-	case errors.Is(err, billing.ErrUserNotFound):
-		errInvalidKey.write(w, api)
-		return nil
-	case err != nil:
-		h.logger.Error("reading balance failed", zap.String("user", p.User), zap.Error(err))
-		errUnavailable.write(w, api)
-		return nil
-	case balance <= 0:
-		errInsufficient(api, h.plan, balance).write(w, api)
-		return nil
-	}
-
 	upKey, err := eng.pickKey()
 	if err != nil {
 		h.logger.Warn("no upstream key available")
@@ -200,16 +243,38 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		errInvalidJSON.write(w, api)
 		return nil
 	}
-	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
-	r.Header.Set("Accept-Encoding", "identity")
 
 	done, ok := eng.begin()
 	if !ok {
 		errUnavailable.write(w, api)
 		return nil
 	}
+	reqID, masked := requestID(r), billing.MaskKey(key)
+	hold, aerr := h.reserve(r.Context(), api, reqID, p, model, masked, int64(len(body)), info.MaxTokens)
+	if aerr != nil {
+		done()
+		aerr.write(w, api)
+		return nil
+	}
+	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
+	r.Header.Set("Accept-Encoding", "identity")
+
 	m := newMeter(w, api)
-	pr := &proxied{start: start, principal: p, key: key, upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body)}
+	pr := &proxied{start: start, principal: p, key: key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
+		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body)}
+	if h.ClientDisconnect != DisconnectStop {
+		// drain: the upstream request outlives the client, for at most
+		// DrainTimeout, so that the usage it reports can be billed.
+		ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
+		m.drain = true
+		stop := context.AfterFunc(r.Context(), func() {
+			m.gone.Store(true)
+			time.AfterFunc(time.Duration(h.DrainTimeout), cancel)
+		})
+		defer cancel()
+		defer stop()
+		r = r.WithContext(ctx)
+	}
 	// Deferred: runs on a normal return and when reverse_proxy aborts the
 	// handler with panic(http.ErrAbortHandler) after a client disconnect.
 	defer func() {
@@ -225,6 +290,10 @@ type proxied struct {
 	start         time.Time
 	principal     billing.Principal
 	key           string // the client's key: only ever masked, or a user_keys _id for its counters
+	masked        string
+	reqID         string
+	hold          billing.Hold
+	client        context.Context // the client's request context (r's may outlive it: drain)
 	upKey         billing.UpstreamKey
 	model         *billing.Model
 	upstreamModel string
@@ -232,14 +301,58 @@ type proxied struct {
 	attempts      []billing.Attempt // every upstream attempt, the answered one last
 }
 
-// settle prices what the response used and hands the charge to the engine.
-// Nothing is charged unless the upstream answered 2xx.
+// reserve takes the request's hold, sized by h.Hold (see Handler.Hold).
+func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, bodyLen, maxTokens int64) (billing.Hold, *apiError) {
+	eng := h.eng
+	if eng.backlogged() {
+		h.logger.Error("refusing requests: settlements are waiting for the database", zap.Int("pending", eng.pendingRetries()))
+		return billing.Hold{}, errUnavailable
+	}
+	in := billing.Usage{Input: billing.EstimateTokens(bodyLen)}
+	inputCost := model.Price.Cost(in)
+	if maxTokens <= 0 {
+		maxTokens = h.DefaultMaxTokens
+	}
+	in.Output = maxTokens
+	want, need := model.Price.Cost(in), inputCost
+	if h.Hold == HoldCheck {
+		want, need = 0, 0
+	}
+	now := time.Now()
+	req := billing.HoldRequest{
+		RequestID: reqID, User: p.User, Plan: h.plan, Want: want, Min: need, Input: inputCost,
+		Owner: eng.boot, At: now, Expires: now.Add(time.Duration(eng.holdLease.Load())), LogID: billing.NewLogID(now),
+		Model: model.ID, KeyID: masked,
+	}
+	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
+	defer cancel()
+	hold, err := eng.store.Reserve(ctx, req)
+	var ie *billing.InsufficientError
+	switch {
+	case err == nil:
+		return hold, nil
+	case errors.As(err, &ie):
+		if ie.Balance > 0 && ie.Need > 0 {
+			return billing.Hold{}, errInsufficientCost(ie.Need, ie.Balance)
+		}
+		return billing.Hold{}, errInsufficient(api, h.plan, ie.Balance)
+	case errors.Is(err, billing.ErrUserNotFound):
+		return billing.Hold{}, errInvalidKey
+	}
+	h.logger.Error("taking a hold failed; refusing the request", zap.String("user", p.User), zap.Error(err))
+	return billing.Hold{}, errUnavailable
+}
+
+// settle prices what the response used and hands the settlement to the
+// engine: the cost for a 2xx answer, a release of the hold otherwise.
 func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
-	p, key, upKey, model, bodyLen := pr.principal, pr.key, pr.upKey, pr.model, pr.bodyLen
+	s := &settlement{Hold: pr.hold, logger: h.logger, Site: r.Host}
 	if m.status < 200 || m.status >= 300 {
+		h.eng.submit(s) // nothing billed: the hold goes back
 		return
 	}
-	clientGone := r.Context().Err() != nil
+	p, key, upKey, model, bodyLen := pr.principal, pr.key, pr.upKey, pr.model, pr.bodyLen
+	clientGone := pr.client.Err() != nil || m.gone.Load()
 	var (
 		u      billing.Usage
 		source = "upstream"
@@ -263,9 +376,9 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 			source = "estimated"
 		}
 		switch {
-		case res.Done:
 		case clientGone:
 			end = "client_gone"
+		case res.Done:
 		case res.Errored:
 			end = "upstream_error"
 		default:
@@ -277,12 +390,14 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 		if !m.overflow {
 			u, ok, err = billing.ParseUsageJSON(m.api, m.body)
 		}
+		if clientGone {
+			end = "client_gone"
+		}
 		if !ok || err != nil {
 			u = billing.Usage{Input: billing.EstimateTokens(int64(bodyLen)), Output: billing.EstimateTokens(m.bytes)}
 			source = "estimated"
-			end = "no_usage"
-			if clientGone {
-				end = "client_gone"
+			if !clientGone {
+				end = "no_usage"
 			}
 		}
 	}
@@ -293,27 +408,21 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 	if upKey.ID != "" {
 		trollKey = "openhands:" + upKey.ID
 	}
-	reqID, masked := requestID(r), billing.MaskKey(key)
-	s := &settlement{
-		charge: billing.ChargeRequest{
-			RequestID: reqID, User: p.User, Plan: h.plan, Cost: cost, Usage: u, WeightedTokens: weighted,
-		},
-		log: billing.RequestLog{
-			UserID: p.User, UserKeyID: masked, TrollKeyID: trollKey, Model: model.ID,
-			InputTokens: u.Input, OutputTokens: u.Output, CacheWriteTokens: u.CacheWrite, CacheHitTokens: u.CacheRead,
-			CreditsCost: cost.USD(), CreditType: h.plan.CreditType(), TokensUsed: weighted,
-			StatusCode: m.status, LatencyMs: now.Sub(pr.start).Milliseconds(), IsSuccess: true, CreatedAt: now,
-			RequestID: reqID, CreditField: h.plan.String(), Endpoint: r.URL.Path, Stream: m.sse,
-			Attempts: pr.attempts, UpstreamModel: pr.upstreamModel, UsageSource: source, EndReason: end, CostNano: int64(cost),
-		},
-		counters: billing.UsageCounters{
-			UpstreamKeyID: upKeyID(upKey), WeightedTokens: weighted, RawTokens: u.Input + u.Output, At: now,
-		},
-		logger: h.logger,
-		site:   r.Host,
+	s.Cost, s.Usage, s.Weighted, s.Bill = cost, u, weighted, true
+	s.Log = billing.RequestLog{
+		ID: pr.hold.LogID, UserID: p.User, UserKeyID: pr.masked, TrollKeyID: trollKey, Model: model.ID,
+		InputTokens: u.Input, OutputTokens: u.Output, CacheWriteTokens: u.CacheWrite, CacheHitTokens: u.CacheRead,
+		CreditsCost: cost.USD(), CreditType: h.plan.CreditType(), TokensUsed: weighted,
+		StatusCode: m.status, LatencyMs: now.Sub(pr.start).Milliseconds(), IsSuccess: true, CreatedAt: now,
+		RequestID: pr.reqID, CreditField: h.plan.String(), Endpoint: r.URL.Path, Stream: m.sse,
+		Attempts: pr.attempts, UpstreamModel: pr.upstreamModel, UsageSource: source, EndReason: end, CostNano: int64(cost),
+		HoldNano: int64(pr.hold.Amount()),
+	}
+	s.Counters = billing.UsageCounters{
+		UpstreamKeyID: upKeyID(upKey), WeightedTokens: weighted, RawTokens: u.Input + u.Output, At: now,
 	}
 	if p.InUserKeys {
-		s.counters.UserKey = key
+		s.Counters.UserKey = key
 	}
 	h.eng.submit(s)
 }
@@ -329,11 +438,13 @@ func upKeyID(k billing.UpstreamKey) string {
 // access log and the request log share one id.
 func requestID(r *http.Request) string {
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		if v, ok := repl.GetString("http.request.uuid"); ok {
+		if v, ok := repl.GetString("http.request.uuid"); ok && v != "" {
 			return v
 		}
 	}
-	return ""
+	var b [16]byte
+	_, _ = crand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // clientKey reads the client's API key: Authorization: Bearer first (the

@@ -27,6 +27,7 @@ type fakeStore struct {
 	key      string
 	charges  atomic.Int64
 	charged  atomic.Int64 // nano-USD
+	holds    atomic.Int64
 	mu       sync.Mutex
 	logs     []billing.RequestLog
 	authRead atomic.Int64
@@ -40,14 +41,27 @@ func (f *fakeStore) Authenticate(_ context.Context, key string) (billing.Princip
 	return billing.Principal{User: "u1", Role: "user"}, nil
 }
 
-func (f *fakeStore) Balance(context.Context, string, billing.CreditPlan) (billing.Nano, error) {
-	return billing.NanoFromUSD(1000), nil
+func (f *fakeStore) Reserve(_ context.Context, r billing.HoldRequest) (billing.Hold, error) {
+	f.holds.Add(1)
+	return billing.Hold{RequestID: r.RequestID, User: r.User, Plan: r.Plan, Taken: []billing.Nano{r.Want},
+		Input: r.Input, Owner: r.Owner, At: r.At, Expires: r.Expires, LogID: r.LogID}, nil
 }
 
-func (f *fakeStore) Charge(_ context.Context, r billing.ChargeRequest) (billing.ChargeResult, error) {
-	f.charges.Add(1)
-	f.charged.Add(int64(r.Cost))
-	return billing.ChargeResult{Taken: []billing.Nano{r.Cost}, Charged: r.Cost}, nil
+func (f *fakeStore) Settle(_ context.Context, r billing.SettleRequest) (billing.Receipt, bool, error) {
+	if r.Cost > 0 {
+		f.charges.Add(1)
+		f.charged.Add(int64(r.Cost))
+	}
+	return billing.Receipt{RequestID: r.Hold.RequestID, LogID: r.Hold.LogID, Fields: r.Hold.Plan.Fields(),
+		Taken: []billing.Nano{r.Cost}, Cost: r.Cost, Charged: r.Cost, By: r.By, At: time.Now()}, true, nil
+}
+
+func (f *fakeStore) ClearReceipts(context.Context, string, []string) error { return nil }
+
+func (f *fakeStore) Heartbeat(context.Context, string, time.Time) error { return nil }
+
+func (f *fakeStore) Orphans(context.Context, time.Time, time.Time, time.Duration) ([]billing.Orphan, error) {
+	return nil, nil
 }
 
 func (f *fakeStore) LoadUpstreamKeys(context.Context) ([]billing.UpstreamKey, error) {

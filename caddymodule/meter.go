@@ -5,6 +5,7 @@ import (
 	"mime"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -30,6 +31,10 @@ type meter struct {
 	overflow  bool
 	bytes     int64
 	firstByte time.Time
+	// drain: once the client is gone (gone), the response is still read
+	// to the end for its usage, and not written anywhere.
+	drain bool
+	gone  atomic.Bool
 }
 
 var scanners = sync.Pool{New: func() any { return billing.NewSSEScanner(billing.OpenAI) }}
@@ -65,7 +70,18 @@ func (m *meter) Write(p []byte) (int, error) {
 	if m.status == 0 {
 		m.WriteHeader(http.StatusOK)
 	}
-	n, err := m.ResponseWriterWrapper.Write(p)
+	var n int
+	var err error
+	if m.drain && m.gone.Load() {
+		n = len(p)
+	} else {
+		n, err = m.ResponseWriterWrapper.Write(p)
+		if err != nil && m.drain {
+			// The client is gone: keep reading the upstream for its usage.
+			m.gone.Store(true)
+			n, err = len(p), nil
+		}
+	}
 	if n > 0 {
 		if m.bytes == 0 {
 			m.firstByte = time.Now()

@@ -11,7 +11,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
@@ -35,6 +37,11 @@ const (
 	// (a unique insert is atomic on MongoDB and on FerretDB alike, where
 	// findOneAndUpdate is not).
 	CollClaims = "llm_billing_claims"
+	// CollInstances holds one heartbeat document per running gateway
+	// process, so the sweeper can tell a hold whose owner died.
+	CollInstances = "llm_billing_instances"
+	// CollLocks holds the lease locks of IsolationShared.
+	CollLocks = "llm_billing_locks"
 )
 
 // staleRotation is how old a rotation claim must be before another instance
@@ -47,13 +54,40 @@ const casAttempts = 8
 // Store is the MongoDB implementation of billing.Authenticator,
 // billing.Ledger, billing.KeyLoader and billing.Recorder.
 type Store struct {
-	db  *mongo.Database
-	now func() time.Time
+	db        *mongo.Database
+	now       func() time.Time
+	isolation atomic.Uint32 // an Isolation
+	local     stripes
 }
 
-// New returns a store over db.
+// New returns a store over db with IsolationProcess.
 func New(db *mongo.Database) *Store {
-	return &Store{db: db, now: time.Now}
+	return NewWithIsolation(db, IsolationProcess)
+}
+
+// NewWithIsolation returns a store over db with the given isolation of
+// balance writes.
+func NewWithIsolation(db *mongo.Database, iso Isolation) *Store {
+	s := &Store{db: db, now: time.Now}
+	s.isolation.Store(uint32(iso))
+	s.local.seed = maphash.MakeSeed()
+	return s
+}
+
+// SetIsolation changes the isolation of balance writes; it may be called
+// while the store is in use.
+func (s *Store) SetIsolation(iso Isolation) { s.isolation.Store(uint32(iso)) }
+
+// IsFerretDB reports whether the server is FerretDB, whose updates are not
+// isolated (see Isolation). It asks buildInfo, which FerretDB answers with
+// a ferretdbVersion field.
+func IsFerretDB(ctx context.Context, db *mongo.Database) (bool, error) {
+	var info bson.M
+	if err := db.RunCommand(ctx, bson.D{{Key: "buildInfo", Value: 1}}).Decode(&info); err != nil {
+		return false, fmt.Errorf("buildInfo: %w", err)
+	}
+	_, ok := info["ferretdbVersion"]
+	return ok, nil
 }
 
 // Database returns the underlying database.
@@ -198,120 +232,6 @@ func (s *Store) Balance(ctx context.Context, user string, plan billing.CreditPla
 		}
 	}
 	return total, nil
-}
-
-// Charge takes req.Cost from the plan's fields in order without ever driving
-// one below zero, and adds the pool's usage counters in the same update.
-//
-// The common case is one conditional update ({field: {$gte: cost}}). When
-// the first field cannot cover the cost, the fields are read and taken with a
-// compare-and-set on the values read (exact equality), retried when a
-// concurrent update changed them: a drained field is decremented by exactly
-// the value read, so it lands on zero; the uncovered rest is the shortfall.
-func (s *Store) Charge(ctx context.Context, req billing.ChargeRequest) (billing.ChargeResult, error) {
-	fields := req.Plan.Fields()
-	if len(fields) == 0 {
-		return billing.ChargeResult{}, errors.New("charge without a credit plan")
-	}
-	res := billing.ChargeResult{Taken: make([]billing.Nano, len(fields))}
-	if req.Cost <= 0 {
-		// Nothing to take, but the token counters still move.
-		_, err := s.db.Collection(CollUsers).UpdateOne(ctx, bson.D{{Key: "_id", Value: req.User}}, s.chargeUpdate(req, nil, fields, 0))
-		return res, err
-	}
-	users := s.db.Collection(CollUsers)
-
-	// Fast path: the first field covers everything.
-	cost := req.Cost.USD()
-	r, err := users.UpdateOne(ctx,
-		bson.D{{Key: "_id", Value: req.User}, {Key: fields[0], Value: bson.D{{Key: "$gte", Value: cost}}}},
-		s.chargeUpdate(req, []float64{cost}, fields, req.Cost))
-	if err != nil {
-		return res, fmt.Errorf("charging %s: %w", fields[0], err)
-	}
-	if r.MatchedCount == 1 {
-		res.Taken[0], res.Charged = req.Cost, req.Cost
-		return res, nil
-	}
-
-	for attempt := 0; attempt < casAttempts; attempt++ {
-		vals, err := s.readFields(ctx, req.User, fields)
-		if err != nil {
-			return res, err
-		}
-		filter := bson.D{{Key: "_id", Value: req.User}}
-		takes := make([]float64, len(fields))
-		taken := make([]billing.Nano, len(fields))
-		remaining := req.Cost
-		for i, fv := range vals {
-			if remaining <= 0 {
-				break
-			}
-			avail := billing.Nano(0)
-			if fv.v > 0 {
-				avail = billing.NanoFromUSD(fv.v)
-			}
-			switch {
-			case avail >= remaining && avail > 0:
-				// This field covers the rest: a conditional decrement.
-				takes[i], taken[i] = remaining.USD(), remaining
-				filter = append(filter, bson.E{Key: fields[i], Value: bson.D{{Key: "$gte", Value: remaining.USD()}}})
-				remaining = 0
-			case avail > 0:
-				// Drain the field to exactly zero.
-				takes[i], taken[i] = fv.v, avail
-				filter = append(filter, bson.E{Key: fields[i], Value: fv.v})
-				remaining -= avail
-			case fv.present:
-				// Nothing to take, but it must still be empty when we write
-				// so that the order "first field first" holds.
-				filter = append(filter, bson.E{Key: fields[i], Value: fv.v})
-			default:
-				filter = append(filter, bson.E{Key: fields[i], Value: bson.D{{Key: "$exists", Value: false}}})
-			}
-		}
-		var charged billing.Nano
-		for _, t := range taken {
-			charged += t
-		}
-		r, err := users.UpdateOne(ctx, filter, s.chargeUpdate(req, takes, fields, charged))
-		if err != nil {
-			return res, fmt.Errorf("charging %s: %w", req.Plan, err)
-		}
-		if r.MatchedCount == 1 {
-			res.Taken, res.Charged, res.Shortfall = taken, charged, req.Cost-charged
-			return res, nil
-		}
-	}
-	return res, fmt.Errorf("charging %s: balance kept changing after %d attempts", req.Plan, casAttempts)
-}
-
-// chargeUpdate builds the $inc of a charge: each field taken, the pool's
-// used and token counters, and the token totals.
-func (s *Store) chargeUpdate(req billing.ChargeRequest, takes []float64, fields []string, charged billing.Nano) bson.D {
-	inc := bson.D{}
-	for i, t := range takes {
-		if t != 0 {
-			inc = append(inc, bson.E{Key: fields[i], Value: -t})
-		}
-	}
-	if charged > 0 {
-		inc = append(inc, bson.E{Key: req.Plan.UsedField(), Value: charged.USD()})
-	}
-	if tf := req.Plan.TokensField(); tf != "" && req.WeightedTokens > 0 {
-		inc = append(inc, bson.E{Key: tf, Value: req.WeightedTokens})
-	}
-	if req.Usage.Input > 0 {
-		inc = append(inc, bson.E{Key: "totalInputTokens", Value: req.Usage.Input})
-	}
-	if req.Usage.Output > 0 {
-		inc = append(inc, bson.E{Key: "totalOutputTokens", Value: req.Usage.Output})
-	}
-	if len(inc) == 0 {
-		// An update needs an operator; this one changes nothing visible.
-		return bson.D{{Key: "$inc", Value: bson.D{{Key: "totalOutputTokens", Value: int64(0)}}}}
-	}
-	return bson.D{{Key: "$inc", Value: inc}}
 }
 
 type keyDoc struct {
@@ -546,21 +466,46 @@ func (s *Store) CleanUsedSpares(ctx context.Context, cutoff time.Time) (int, err
 	return removed, nil
 }
 
-// InsertRequestLogs inserts the logs unordered, so that one bad document
-// does not drop the rest.
+// logDoc is a request log row with its _id.
+type logDoc struct {
+	ID                 bson.ObjectID `bson:"_id"`
+	billing.RequestLog `bson:",inline"`
+}
+
+// InsertRequestLogs inserts the rows unordered, so that one bad row does
+// not drop the rest. A row whose _id exists already was written before (a
+// retry, a replay, the sweeper) and is not an error: the write is
+// idempotent. Rows without an id get a fresh one.
 func (s *Store) InsertRequestLogs(ctx context.Context, logs []billing.RequestLog) error {
 	if len(logs) == 0 {
 		return nil
 	}
 	docs := make([]any, len(logs))
 	for i := range logs {
-		docs[i] = &logs[i]
+		id := logs[i].ID
+		if id.IsZero() {
+			id = billing.NewLogID(logs[i].CreatedAt)
+		}
+		docs[i] = &logDoc{ID: bson.ObjectID(id), RequestLog: logs[i]}
 	}
 	_, err := s.db.Collection(CollRequestLog).InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
-	if err != nil {
-		return fmt.Errorf("inserting request logs: %w", err)
+	if err == nil {
+		return nil
 	}
-	return nil
+	var bwe mongo.BulkWriteException
+	if errors.As(err, &bwe) && bwe.WriteConcernError == nil {
+		var rest []error
+		for _, we := range bwe.WriteErrors {
+			if we.Code != 11000 && we.Code != 11001 {
+				rest = append(rest, we)
+			}
+		}
+		if len(rest) == 0 {
+			return nil
+		}
+		return fmt.Errorf("inserting request logs: %w", errors.Join(rest...))
+	}
+	return fmt.Errorf("inserting request logs: %w", err)
 }
 
 // AddUsage adds the usage counters the legacy proxy kept: user_keys
@@ -619,7 +564,6 @@ func (s *Store) AddUsage(ctx context.Context, counters []billing.UsageCounters) 
 // Interface guards.
 var (
 	_ billing.Authenticator = (*Store)(nil)
-	_ billing.Ledger        = (*Store)(nil)
 	_ billing.KeyLoader     = (*Store)(nil)
 	_ billing.Recorder      = (*Store)(nil)
 )

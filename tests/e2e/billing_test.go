@@ -267,23 +267,27 @@ func TestChat2BillsCreditsThenRefCredits(t *testing.T) {
 	}
 }
 
-// A cost above the balance is charged down to zero and the rest recorded.
+// A pool that covers the estimated input but not the whole cost: the hold
+// is all of it, the cost is charged down to zero and the rest recorded.
 func TestShortfallIsRecordedNotDropped(t *testing.T) {
 	prices := loadPrices(t, "models-chat.json")
 	c := call{"anthropic stream", "anthropic", true, "ant-cache"}
-	u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 0.0001})
+	u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 0.001})
 	c.do(t, chatURL, key, "claude-sonnet-4-5", uniq(t, "req"))
 	cost := prices["claude-sonnet-4-5"].cost(c.expected())
 	l := waitLogs(t, u.ID, 1)[0]
-	if got := num(t, l, "shortfall"); !near(got, cost-0.0001) {
-		t.Errorf("shortfall = %v, want %v", got, cost-0.0001)
+	if got := num(t, l, "shortfall"); !near(got, cost-0.001) {
+		t.Errorf("shortfall = %v, want %v", got, cost-0.001)
 	}
-	if got := num(t, l, "chargedNano"); got != 100_000 {
-		t.Errorf("chargedNano = %v, want 100000", got)
+	if got := num(t, l, "chargedNano"); got != 1_000_000 {
+		t.Errorf("chargedNano = %v, want 1000000", got)
+	}
+	if got := num(t, l, "holdNano"); got != 1_000_000 {
+		t.Errorf("holdNano = %v, want 1000000 (capped by the pool)", got)
 	}
 	b := balances(t, u.ID)
-	if b["creditsNew"] != 0 || !near(b["creditsNewUsed"], 0.0001) {
-		t.Errorf("creditsNew=%v creditsNewUsed=%v, want 0 and 0.0001", b["creditsNew"], b["creditsNewUsed"])
+	if b["creditsNew"] != 0 || !near(b["creditsNewUsed"], 0.001) {
+		t.Errorf("creditsNew=%v creditsNewUsed=%v, want 0 and 0.001", b["creditsNew"], b["creditsNewUsed"])
 	}
 }
 

@@ -157,6 +157,7 @@ http://127.0.0.1:%[9]d {
 		credit_field credits refCredits
 		models %[10]s
 		max_body_size 1MiB
+		client_disconnect stop
 	}
 	reverse_proxy %[8]s
 }

@@ -69,39 +69,61 @@ func TestStreamIsByteIdenticalAndUnbuffered(t *testing.T) {
 	}
 }
 
-// A client that goes away mid-stream is billed for what the upstream
-// reported so far (never less than the output it saw), and the log says so.
+// A client that goes away mid-stream. With the default policy (drain, on
+// chat) the gateway reads the upstream to the end and bills the usage it
+// reports; with client_disconnect stop (chat2) it cancels the upstream and
+// bills what was reported so far (never less than the output it saw). The
+// log says client_gone either way, and whether the usage was measured.
 func TestClientDisconnectMidStream(t *testing.T) {
-	u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 10})
-	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, chatURL+"/v1/messages", bytes.NewReader(streamBody("claude-sonnet-4-5")))
-	req.Header.Set("Authorization", "Bearer "+key)
-	req.Header.Set("X-Standin-Fixture", "ant-cache")
-	req.Header.Set("X-Standin-Event-Delay", "100ms")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	br := bufio.NewReader(resp.Body)
-	for i := 0; i < 10; i++ { // message_start and a few more lines
-		if _, err := br.ReadBytes('\n'); err != nil {
-			t.Fatal(err)
-		}
-	}
-	cancel()
-	resp.Body.Close()
+	prices := loadPrices(t, "models-chat.json")
+	for _, tc := range []struct {
+		name, url, source string
+		user              seed.User
+		field             string
+	}{
+		{"drain", chatURL, "upstream", seed.User{Active: true, Migration: true, CreditsNew: 10}, "creditsNew"},
+		{"stop", chat2URL, "upstream_partial", seed.User{Active: true, Migration: true, Credits: 10, CreditsNew: 10}, "credits"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			u, key := newUser(t, tc.user)
+			ctx, cancel := context.WithCancel(context.Background())
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, tc.url+"/v1/messages", bytes.NewReader(streamBody("claude-sonnet-4-5")))
+			req.Header.Set("Authorization", "Bearer "+key)
+			req.Header.Set("X-Standin-Fixture", "ant-cache")
+			req.Header.Set("X-Standin-Event-Delay", "50ms")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			br := bufio.NewReader(resp.Body)
+			for i := 0; i < 10; i++ { // message_start and a few more lines
+				if _, err := br.ReadBytes('\n'); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cancel()
+			resp.Body.Close()
 
-	l := waitLogs(t, u.ID, 1)[0]
-	if l["endReason"] != "client_gone" || l["usageSource"] != "upstream_partial" {
-		t.Errorf("endReason=%v usageSource=%v, want client_gone and upstream_partial", l["endReason"], l["usageSource"])
-	}
-	// message_start of the fixture reported input 2, cache write 3068.
-	if num(t, l, "inputTokens") != 2 || num(t, l, "cacheWriteTokens") != 3068 || num(t, l, "creditsCost") <= 0 {
-		t.Errorf("billed %v", l)
-	}
-	b := balances(t, u.ID)
-	if !near(b["creditsNewUsed"], num(t, l, "creditsCost")) || !near(b["creditsNew"], 10-num(t, l, "creditsCost")) {
-		t.Errorf("balances %v do not match the log", b)
+			l := waitLogs(t, u.ID, 1)[0]
+			if l["endReason"] != "client_gone" || l["usageSource"] != tc.source {
+				t.Errorf("endReason=%v usageSource=%v, want client_gone and %s", l["endReason"], l["usageSource"], tc.source)
+			}
+			// message_start of the fixture reported input 2, cache write 3068.
+			if num(t, l, "inputTokens") < 2 || num(t, l, "cacheWriteTokens") < 3068 || num(t, l, "creditsCost") <= 0 {
+				t.Errorf("billed %v", l)
+			}
+			if tc.name == "drain" {
+				// Read to the end: exactly what a complete stream costs.
+				full := call{"", "anthropic", true, "ant-cache"}
+				if want := prices["claude-sonnet-4-5"].cost(full.expected()); !near(num(t, l, "creditsCost"), want) {
+					t.Errorf("drained cost = %v, want the full %v", num(t, l, "creditsCost"), want)
+				}
+			}
+			b := balances(t, u.ID)
+			if !near(b[tc.field], 10-num(t, l, "creditsCost")) {
+				t.Errorf("balances %v do not match the log", b)
+			}
+		})
 	}
 }
 

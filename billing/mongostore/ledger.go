@@ -1,0 +1,597 @@
+package mongostore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+)
+
+// The gateway's bookkeeping in a usersNew document. The backend ignores
+// these fields.
+//
+//   - llmHolds.<requestId>: an outstanding hold (holdDoc).
+//   - llmHeld: the number of outstanding holds, so the sweeper finds them.
+//   - llmDone.<requestId>: the receipt of a settled hold whose request log
+//     row is not confirmed yet (receiptDoc).
+//   - llmDoneN: the number of receipts.
+//   - llmNet.<field>: the net amount, in nano-USD, the gateway has moved on
+//     each balance field: holds taken are negative, unused parts given back
+//     positive. Once every hold is settled it is minus the total charged,
+//     which is what the reconciliation checks against the request logs.
+//
+// Every write of a balance field changes it and llmNet in the same update.
+const (
+	fHolds     = "llmHolds"
+	fHeld      = "llmHeld"
+	fDone      = "llmDone"
+	fDoneCount = "llmDoneN"
+	fNet       = "llmNet"
+)
+
+type holdDoc struct {
+	Amt     []int64       `bson:"amt"`
+	Fields  []string      `bson:"fields"`
+	Input   int64         `bson:"input"`
+	At      time.Time     `bson:"at"`
+	Exp     time.Time     `bson:"exp"`
+	Owner   string        `bson:"owner"`
+	Log     bson.ObjectID `bson:"log"`
+	Model   string        `bson:"model,omitempty"`
+	KeyID   string        `bson:"key,omitempty"`
+}
+
+type receiptDoc struct {
+	Log       bson.ObjectID `bson:"log"`
+	Fields    []string      `bson:"fields"`
+	Taken     []int64       `bson:"taken"`
+	Cost      int64         `bson:"cost"`
+	Charged   int64         `bson:"charged"`
+	Shortfall int64         `bson:"shortfall"`
+	By        string        `bson:"by"`
+	At        time.Time     `bson:"at"`
+}
+
+// validRequestID keeps a request id usable as a document field name.
+func validRequestID(id string) error {
+	if id == "" || len(id) > 128 || strings.ContainsAny(id, ".$\x00") {
+		return fmt.Errorf("request id %q cannot key a hold", id)
+	}
+	return nil
+}
+
+func nanos(ns []billing.Nano) []int64 {
+	out := make([]int64, len(ns))
+	for i, n := range ns {
+		out[i] = int64(n)
+	}
+	return out
+}
+
+func fromNanos(ns []int64) []billing.Nano {
+	out := make([]billing.Nano, len(ns))
+	for i, n := range ns {
+		out[i] = billing.Nano(n)
+	}
+	return out
+}
+
+// Reserve takes a hold on the plan's fields: Want, or what the pool has
+// when that is less, first field first, never driving a field below zero.
+// It is one conditional update when the first field covers Want; otherwise
+// a read, then a compare-and-set on the values read.
+func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.Hold, error) {
+	if err := validRequestID(req.RequestID); err != nil {
+		return billing.Hold{}, err
+	}
+	fields := req.Plan.Fields()
+	if len(fields) == 0 {
+		return billing.Hold{}, errors.New("hold without a credit plan")
+	}
+	unlock, err := s.lockUser(ctx, req.User)
+	if err != nil {
+		return billing.Hold{}, err
+	}
+	defer unlock()
+	users := s.db.Collection(CollUsers)
+	holdPath := fHolds + "." + req.RequestID
+	notHeld := bson.E{Key: holdPath, Value: bson.D{{Key: "$exists", Value: false}}}
+	h := billing.Hold{
+		RequestID: req.RequestID, User: req.User, Plan: req.Plan, Taken: make([]billing.Nano, len(fields)),
+		Owner: req.Owner, At: req.At, Expires: req.Expires, LogID: req.LogID, Model: req.Model, KeyID: req.KeyID,
+	}
+	finish := func() billing.Hold {
+		h.Input = min(req.Input, h.Amount())
+		return h
+	}
+
+	// Fast path: one conditional update.
+	var filter bson.D
+	if req.Want > 0 {
+		h.Taken[0] = req.Want
+		filter = bson.D{{Key: "_id", Value: req.User}, {Key: fields[0], Value: bson.D{{Key: "$gte", Value: req.Want.USD()}}}, notHeld}
+	} else {
+		// A zero hold ("check" sizing): the pool must have something.
+		any := bson.A{}
+		for _, f := range fields {
+			any = append(any, bson.D{{Key: f, Value: bson.D{{Key: "$gt", Value: 0}}}})
+		}
+		filter = bson.D{{Key: "_id", Value: req.User}, {Key: "$or", Value: any}, notHeld}
+	}
+	if req.Want >= req.Min {
+		r, err := users.UpdateOne(ctx, filter, s.reserveUpdate(req, fields, h.Taken, nil))
+		if err != nil {
+			return billing.Hold{}, fmt.Errorf("taking a hold: %w", err)
+		}
+		if r.MatchedCount == 1 {
+			return finish(), nil
+		}
+	}
+
+	// Slow path: read what the pool has and take it conditionally.
+	for attempt := 0; attempt < casAttempts; attempt++ {
+		vals, held, err := s.readForHold(ctx, req.User, fields, holdPath)
+		if err != nil {
+			return billing.Hold{}, err
+		}
+		if held != nil {
+			return holdFromDoc(req.User, req.RequestID, req.Plan, held), nil // taken already: idempotent
+		}
+		var avail billing.Nano
+		for _, fv := range vals {
+			if fv.v > 0 {
+				avail += billing.NanoFromUSD(fv.v)
+			}
+		}
+		if avail <= 0 || avail < req.Min {
+			return billing.Hold{}, &billing.InsufficientError{Balance: avail, Need: req.Min}
+		}
+		want := min(req.Want, avail)
+		filter := bson.D{{Key: "_id", Value: req.User}, notHeld}
+		takes := make([]float64, len(fields))
+		taken := make([]billing.Nano, len(fields))
+		remaining := want
+		for i, fv := range vals {
+			var cond any
+			avail := billing.Nano(0)
+			if fv.v > 0 {
+				avail = billing.NanoFromUSD(fv.v)
+			}
+			switch {
+			case remaining <= 0:
+				continue
+			case avail > remaining:
+				takes[i], taken[i] = remaining.USD(), remaining
+				cond = bson.D{{Key: "$gte", Value: remaining.USD()}}
+				remaining = 0
+			case avail > 0:
+				takes[i], taken[i] = fv.v, avail // drain to exactly zero
+				cond = fv.v
+				remaining -= avail
+			case fv.present:
+				cond = fv.v
+			default:
+				cond = bson.D{{Key: "$exists", Value: false}}
+			}
+			filter = append(filter, bson.E{Key: fields[i], Value: cond})
+		}
+		if want == 0 {
+			// A zero hold: what was seen positive must still be.
+			filter = bson.D{{Key: "_id", Value: req.User}, notHeld}
+			for i, fv := range vals {
+				if fv.v > 0 {
+					filter = append(filter, bson.E{Key: fields[i], Value: bson.D{{Key: "$gt", Value: 0}}})
+					break
+				}
+			}
+		}
+		r, err := users.UpdateOne(ctx, filter, s.reserveUpdate(req, fields, taken, takes))
+		if err != nil {
+			return billing.Hold{}, fmt.Errorf("taking a hold: %w", err)
+		}
+		if r.MatchedCount == 1 {
+			h.Taken = taken
+			return finish(), nil
+		}
+	}
+	return billing.Hold{}, fmt.Errorf("taking a hold on %s: balance kept changing after %d attempts", req.Plan, casAttempts)
+}
+
+// reserveUpdate takes taken[i] from fields[i] (as the exact doubles takes[i]
+// when given, for fields drained to zero) and records the hold.
+func (s *Store) reserveUpdate(req billing.HoldRequest, fields []string, taken []billing.Nano, takes []float64) bson.D {
+	inc := bson.D{{Key: fHeld, Value: int64(1)}}
+	for i, t := range taken {
+		if t == 0 {
+			continue
+		}
+		usd := t.USD()
+		if takes != nil {
+			usd = takes[i]
+		}
+		inc = append(inc, bson.E{Key: fields[i], Value: -usd}, bson.E{Key: fNet + "." + fields[i], Value: -int64(t)})
+	}
+	var amount billing.Nano
+	for _, t := range taken {
+		amount += t
+	}
+	doc := holdDoc{
+		Amt: nanos(taken), Fields: fields, Input: int64(min(req.Input, amount)),
+		At: req.At, Exp: req.Expires, Owner: req.Owner, Log: bson.ObjectID(req.LogID),
+		Model: req.Model, KeyID: req.KeyID,
+	}
+	return bson.D{
+		{Key: "$inc", Value: inc},
+		{Key: "$set", Value: bson.D{{Key: fHolds + "." + req.RequestID, Value: doc}}},
+	}
+}
+
+// readForHold reads the plan's fields and the hold, if any.
+func (s *Store) readForHold(ctx context.Context, user string, fields []string, holdPath string) ([]fieldValue, *holdDoc, error) {
+	proj := bson.D{{Key: holdPath, Value: 1}}
+	for _, f := range fields {
+		proj = append(proj, bson.E{Key: f, Value: 1})
+	}
+	var raw bson.Raw
+	err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: user}}, options.FindOne().SetProjection(proj)).Decode(&raw)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return nil, nil, billing.ErrUserNotFound
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading balance: %w", err)
+	}
+	vals := make([]fieldValue, len(fields))
+	for i, f := range fields {
+		v, err := raw.LookupErr(f)
+		if err != nil || v.Type == bson.TypeNull {
+			continue
+		}
+		var x any
+		if err := v.Unmarshal(&x); err != nil {
+			return nil, nil, fmt.Errorf("balance field %s: %w", f, err)
+		}
+		n, ok := toFloat(x)
+		if !ok {
+			return nil, nil, fmt.Errorf("balance field %s has type %s, want a number", f, v.Type)
+		}
+		vals[i] = fieldValue{v: n, present: true}
+	}
+	var held *holdDoc
+	if v, err := raw.LookupErr(strings.Split(holdPath, ".")...); err == nil && v.Type == bson.TypeEmbeddedDocument {
+		held = new(holdDoc)
+		if err := v.Unmarshal(held); err != nil {
+			return nil, nil, fmt.Errorf("reading hold: %w", err)
+		}
+	}
+	return vals, held, nil
+}
+
+func holdFromDoc(user, rid string, plan billing.CreditPlan, d *holdDoc) billing.Hold {
+	h := billing.Hold{
+		RequestID: rid, User: user, Plan: plan, Taken: fromNanos(d.Amt), Input: billing.Nano(d.Input),
+		Owner: d.Owner, At: d.At, Expires: d.Exp, LogID: billing.LogID(d.Log), Model: d.Model, KeyID: d.KeyID,
+	}
+	if h.Plan.IsZero() {
+		if p, err := billing.ParseCreditPlan(d.Fields); err == nil {
+			h.Plan = p
+		}
+	}
+	for len(h.Taken) < len(h.Plan.Fields()) {
+		h.Taken = append(h.Taken, 0)
+	}
+	return h
+}
+
+// Settle releases the hold and charges the cost, in one conditional update
+// that also leaves the receipt; see billing.Ledger.
+func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.Receipt, bool, error) {
+	h := req.Hold
+	if err := validRequestID(h.RequestID); err != nil {
+		return billing.Receipt{}, false, err
+	}
+	fields := h.Plan.Fields()
+	if len(fields) == 0 || len(h.Taken) != len(fields) {
+		return billing.Receipt{}, false, errors.New("settling a hold without its credit plan")
+	}
+	if req.Cost < 0 {
+		return billing.Receipt{}, false, errors.New("settling a negative cost")
+	}
+	unlock, err := s.lockUser(ctx, h.User)
+	if err != nil {
+		return billing.Receipt{}, false, err
+	}
+	defer unlock()
+	users := s.db.Collection(CollUsers)
+	holdPath := fHolds + "." + h.RequestID
+	held := bson.E{Key: holdPath, Value: bson.D{{Key: "$exists", Value: true}}}
+
+	// The part of the cost the hold covers, first field first; the rest of
+	// the hold goes back.
+	within := min(req.Cost, h.Amount())
+	keep := make([]billing.Nano, len(fields))
+	rest := within
+	for i, t := range h.Taken {
+		keep[i] = min(rest, t)
+		rest -= keep[i]
+	}
+	extra := req.Cost - within
+	rc := billing.Receipt{
+		RequestID: h.RequestID, LogID: h.LogID, Fields: fields, Taken: keep,
+		Cost: req.Cost, Charged: within, Shortfall: extra, By: req.By, At: s.now(),
+	}
+	apply := func(filter bson.D, extraTakes []float64, extraTaken []billing.Nano) (bool, error) {
+		r := rc
+		r.Taken = append([]billing.Nano(nil), keep...)
+		for i, t := range extraTaken {
+			r.Taken[i] += t
+			r.Charged += t
+			r.Shortfall -= t
+		}
+		res, err := users.UpdateOne(ctx, filter, s.settleUpdate(req, fields, keep, extraTakes, extraTaken, r))
+		if err != nil {
+			return false, fmt.Errorf("settling a hold: %w", err)
+		}
+		if res.MatchedCount == 1 {
+			rc = r
+			return true, nil
+		}
+		return false, nil
+	}
+
+	if extra == 0 {
+		ok, err := apply(bson.D{{Key: "_id", Value: h.User}, held}, nil, nil)
+		if err != nil || ok {
+			return rc, ok, err
+		}
+		return s.readReceipt(ctx, h.User, h.RequestID)
+	}
+	// A cost above the hold: the first field covers the rest...
+	ok, err := apply(bson.D{{Key: "_id", Value: h.User}, held, {Key: fields[0], Value: bson.D{{Key: "$gte", Value: extra.USD()}}}},
+		[]float64{extra.USD()}, []billing.Nano{extra})
+	if err != nil || ok {
+		return rc, ok, err
+	}
+	// ...or what the fields have is taken, draining them to zero.
+	for attempt := 0; attempt < casAttempts; attempt++ {
+		vals, hd, err := s.readForHold(ctx, h.User, fields, holdPath)
+		if err != nil {
+			return billing.Receipt{}, false, err
+		}
+		if hd == nil {
+			return s.readReceipt(ctx, h.User, h.RequestID)
+		}
+		filter := bson.D{{Key: "_id", Value: h.User}, held}
+		takes := make([]float64, len(fields))
+		taken := make([]billing.Nano, len(fields))
+		remaining := extra
+		for i, fv := range vals {
+			avail := billing.Nano(0)
+			if fv.v > 0 {
+				avail = billing.NanoFromUSD(fv.v)
+			}
+			var cond any
+			switch {
+			case remaining <= 0:
+				continue
+			case avail > remaining:
+				takes[i], taken[i] = remaining.USD(), remaining
+				cond = bson.D{{Key: "$gte", Value: remaining.USD()}}
+				remaining = 0
+			case avail > 0:
+				takes[i], taken[i] = fv.v, avail
+				cond = fv.v
+				remaining -= avail
+			case fv.present:
+				cond = fv.v
+			default:
+				cond = bson.D{{Key: "$exists", Value: false}}
+			}
+			filter = append(filter, bson.E{Key: fields[i], Value: cond})
+		}
+		ok, err := apply(filter, takes, taken)
+		if err != nil || ok {
+			return rc, ok, err
+		}
+	}
+	return billing.Receipt{}, false, fmt.Errorf("settling a hold on %s: balance kept changing after %d attempts", h.Plan, casAttempts)
+}
+
+// settleUpdate gives back the hold's unused part, takes any cost above the
+// hold, moves the pool's counters, drops the hold and leaves the receipt.
+func (s *Store) settleUpdate(req billing.SettleRequest, fields []string, keep []billing.Nano, extraTakes []float64, extraTaken []billing.Nano, rc billing.Receipt) bson.D {
+	h := req.Hold
+	inc := bson.D{{Key: fHeld, Value: int64(-1)}, {Key: fDoneCount, Value: int64(1)}}
+	for i, f := range fields {
+		back := h.Taken[i] - keep[i]
+		var take billing.Nano
+		var takeUSD float64
+		if i < len(extraTaken) {
+			take, takeUSD = extraTaken[i], extraTakes[i]
+		}
+		delta := back - take
+		if delta == 0 {
+			continue
+		}
+		usd := back.USD() - takeUSD // back > 0 and take > 0 never happen together
+		inc = append(inc, bson.E{Key: f, Value: usd}, bson.E{Key: fNet + "." + f, Value: int64(delta)})
+	}
+	if rc.Charged > 0 {
+		inc = append(inc, bson.E{Key: h.Plan.UsedField(), Value: rc.Charged.USD()})
+	}
+	if tf := h.Plan.TokensField(); tf != "" && req.WeightedTokens > 0 {
+		inc = append(inc, bson.E{Key: tf, Value: req.WeightedTokens})
+	}
+	if req.Usage.Input > 0 {
+		inc = append(inc, bson.E{Key: "totalInputTokens", Value: req.Usage.Input})
+	}
+	if req.Usage.Output > 0 {
+		inc = append(inc, bson.E{Key: "totalOutputTokens", Value: req.Usage.Output})
+	}
+	return bson.D{
+		{Key: "$inc", Value: inc},
+		{Key: "$unset", Value: bson.D{{Key: fHolds + "." + h.RequestID, Value: ""}}},
+		{Key: "$set", Value: bson.D{{Key: fDone + "." + h.RequestID, Value: receiptDoc{
+			Log: bson.ObjectID(rc.LogID), Fields: fields, Taken: nanos(rc.Taken), Cost: int64(rc.Cost),
+			Charged: int64(rc.Charged), Shortfall: int64(rc.Shortfall), By: string(rc.By), At: rc.At,
+		}}}},
+	}
+}
+
+// readReceipt returns the receipt of a hold settled earlier.
+func (s *Store) readReceipt(ctx context.Context, user, rid string) (billing.Receipt, bool, error) {
+	var raw bson.Raw
+	err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: user}},
+		options.FindOne().SetProjection(bson.D{{Key: fDone + "." + rid, Value: 1}})).Decode(&raw)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return billing.Receipt{}, false, billing.ErrUserNotFound
+	}
+	if err != nil {
+		return billing.Receipt{}, false, fmt.Errorf("reading a receipt: %w", err)
+	}
+	v, err := raw.LookupErr(fDone, rid)
+	if err != nil || v.Type != bson.TypeEmbeddedDocument {
+		return billing.Receipt{}, false, billing.ErrNoHold
+	}
+	var d receiptDoc
+	if err := v.Unmarshal(&d); err != nil {
+		return billing.Receipt{}, false, fmt.Errorf("reading a receipt: %w", err)
+	}
+	return receiptFromDoc(rid, &d), false, nil
+}
+
+func receiptFromDoc(rid string, d *receiptDoc) billing.Receipt {
+	return billing.Receipt{
+		RequestID: rid, LogID: billing.LogID(d.Log), Fields: d.Fields, Taken: fromNanos(d.Taken),
+		Cost: billing.Nano(d.Cost), Charged: billing.Nano(d.Charged), Shortfall: billing.Nano(d.Shortfall),
+		By: billing.SettleSource(d.By), At: d.At,
+	}
+}
+
+// ClearReceipts drops the receipts of requests whose log rows are written.
+// It reads which of them still exist so the receipt count stays exact.
+func (s *Store) ClearReceipts(ctx context.Context, user string, requestIDs []string) error {
+	if len(requestIDs) == 0 {
+		return nil
+	}
+	unlock, err := s.lockUser(ctx, user)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	proj := bson.D{}
+	for _, rid := range requestIDs {
+		proj = append(proj, bson.E{Key: fDone + "." + rid, Value: 1})
+	}
+	var doc struct {
+		Done map[string]bson.Raw `bson:"llmDone"`
+	}
+	users := s.db.Collection(CollUsers)
+	err = users.FindOne(ctx, bson.D{{Key: "_id", Value: user}}, options.FindOne().SetProjection(proj)).Decode(&doc)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading receipts: %w", err)
+	}
+	if len(doc.Done) == 0 {
+		return nil
+	}
+	unset := bson.D{}
+	for rid := range doc.Done {
+		unset = append(unset, bson.E{Key: fDone + "." + rid, Value: ""})
+	}
+	_, err = users.UpdateOne(ctx, bson.D{{Key: "_id", Value: user}}, bson.D{
+		{Key: "$unset", Value: unset},
+		{Key: "$inc", Value: bson.D{{Key: fDoneCount, Value: -int64(len(unset))}}},
+	})
+	if err != nil {
+		return fmt.Errorf("clearing receipts: %w", err)
+	}
+	return nil
+}
+
+// Heartbeat records that owner is alive.
+func (s *Store) Heartbeat(ctx context.Context, owner string, at time.Time) error {
+	_, err := s.db.Collection(CollInstances).UpdateOne(ctx, bson.D{{Key: "_id", Value: owner}},
+		bson.D{{Key: "$set", Value: bson.D{{Key: "seen", Value: at}}}}, options.UpdateOne().SetUpsert(true))
+	if err != nil {
+		return fmt.Errorf("heartbeat: %w", err)
+	}
+	return nil
+}
+
+// Orphans returns the holds taken before ownerDeadline whose owner is
+// silent since then, the holds whose lease ended before now, and the receipts older than receiptAge.
+func (s *Store) Orphans(ctx context.Context, now, ownerDeadline time.Time, receiptAge time.Duration) ([]billing.Orphan, error) {
+	cur, err := s.db.Collection(CollInstances).Find(ctx, bson.D{{Key: "seen", Value: bson.D{{Key: "$gte", Value: ownerDeadline}}}})
+	if err != nil {
+		return nil, fmt.Errorf("reading instances: %w", err)
+	}
+	var inst []struct {
+		ID string `bson:"_id"`
+	}
+	if err := cur.All(ctx, &inst); err != nil {
+		return nil, fmt.Errorf("reading instances: %w", err)
+	}
+	alive := make(map[string]bool, len(inst))
+	for _, i := range inst {
+		alive[i.ID] = true
+	}
+	cur, err = s.db.Collection(CollUsers).Find(ctx,
+		bson.D{{Key: "$or", Value: bson.A{
+			bson.D{{Key: fHeld, Value: bson.D{{Key: "$gt", Value: 0}}}},
+			bson.D{{Key: fDoneCount, Value: bson.D{{Key: "$gt", Value: 0}}}},
+		}}},
+		options.Find().SetProjection(bson.D{{Key: fHolds, Value: 1}, {Key: fDone, Value: 1}}))
+	if err != nil {
+		return nil, fmt.Errorf("finding holds: %w", err)
+	}
+	var docs []struct {
+		ID    string                `bson:"_id"`
+		Holds map[string]holdDoc    `bson:"llmHolds"`
+		Done  map[string]receiptDoc `bson:"llmDone"`
+	}
+	if err := cur.All(ctx, &docs); err != nil {
+		return nil, fmt.Errorf("finding holds: %w", err)
+	}
+	var out []billing.Orphan
+	for _, d := range docs {
+		for rid, hd := range d.Holds {
+			// A hold younger than the deadline may belong to an instance
+			// that has not sent its first heartbeat yet.
+			if (alive[hd.Owner] || !hd.At.Before(ownerDeadline)) && !hd.Exp.Before(now) {
+				continue
+			}
+			h := holdFromDoc(d.ID, rid, billing.CreditPlan{}, &hd)
+			if h.Plan.IsZero() {
+				continue // not ours to judge: unreadable plan
+			}
+			out = append(out, billing.Orphan{Hold: h})
+		}
+		for rid, rd := range d.Done {
+			if now.Sub(rd.At) < receiptAge {
+				continue
+			}
+			rc := receiptFromDoc(rid, &rd)
+			h := billing.Hold{RequestID: rid, User: d.ID, LogID: rc.LogID, At: rc.At}
+			if p, err := billing.ParseCreditPlan(rd.Fields); err == nil {
+				h.Plan = p
+			}
+			out = append(out, billing.Orphan{Hold: h, Receipt: &rc})
+		}
+	}
+	return out, nil
+}
+
+// Interface guards.
+var (
+	_ billing.Ledger  = (*Store)(nil)
+	_ billing.Sweeper = (*Store)(nil)
+)

@@ -1,0 +1,387 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+	"github.com/trollllm/caddy-llm-billing/spool"
+)
+
+// settlement is the work left after a response: settle the hold (charge the
+// cost, give back the rest), write the request log, add the usage
+// counters. It is journaled in the spool before it is queued, so that it
+// survives the process and is replayed until the database has it.
+type settlement struct {
+	Hold     billing.Hold          `json:"hold"`
+	Cost     billing.Nano          `json:"cost"`
+	Usage    billing.Usage         `json:"usage"`
+	Weighted int64                 `json:"weighted"`
+	Bill     bool                  `json:"bill"` // false: a release (no answer was billed), no log row
+	Log      billing.RequestLog    `json:"log"`
+	Counters billing.UsageCounters `json:"counters"`
+	Site     string                `json:"site"`
+
+	logger   *zap.Logger
+	journal  bool // appended to the spool
+	failures int
+}
+
+const (
+	settleBatch      = 32
+	retryMin         = 500 * time.Millisecond
+	retryMax         = 15 * time.Second
+	sweepInterval    = 15 * time.Second
+	heartbeatEvery   = 10 * time.Second
+	ownerTimeout     = 45 * time.Second
+	receiptAge       = 10 * time.Minute
+	defaultHoldLease = 15 * time.Minute
+)
+
+// submit journals a settlement and queues it. When the queue is full the
+// caller settles it itself: back-pressure instead of a dropped charge.
+func (e *engine) submit(s *settlement) {
+	if sp := e.spool.Load(); sp != nil {
+		if b, err := json.Marshal(s); err != nil {
+			e.log().Error("encoding a settlement for the spool failed", zap.String("request_id", s.Hold.RequestID), zap.Error(err))
+		} else if err := sp.Append(s.Hold.RequestID, b); err != nil {
+			// Not journaled: it is still settled from memory, and the hold
+			// in the database is the backstop (the sweeper).
+			e.log().Error("journaling a settlement failed", zap.String("request_id", s.Hold.RequestID), zap.Error(err))
+		} else {
+			s.journal = true
+		}
+	}
+	e.mu.RLock()
+	if !e.closed {
+		select {
+		case e.jobs <- s:
+			e.mu.RUnlock()
+			return
+		default:
+		}
+	}
+	e.mu.RUnlock()
+	e.settleBatch([]*settlement{s})
+}
+
+func (e *engine) settleLoop() {
+	defer e.workers.Done()
+	batch := make([]*settlement, 0, settleBatch)
+	for s := range e.jobs {
+		batch = append(batch[:0], s)
+	fill:
+		for len(batch) < settleBatch {
+			select {
+			case s, ok := <-e.jobs:
+				if !ok {
+					break fill
+				}
+				batch = append(batch, s)
+			default:
+				break fill
+			}
+		}
+		e.settleBatch(batch)
+	}
+}
+
+// settleBatch settles each hold (one conditional update each), then writes
+// the batch's log rows in one insert, drops the receipts, adds the
+// counters, and marks the journal. A settlement the database refused is
+// kept for retry; nothing is dropped.
+func (e *engine) settleBatch(batch []*settlement) {
+	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
+	defer cancel()
+	var (
+		logs     []billing.RequestLog
+		logged   []*settlement
+		receipts = map[string][]string{}
+		counters []billing.UsageCounters
+		done     []*settlement
+	)
+	for _, s := range batch {
+		rc, applied, err := e.store.Settle(ctx, billing.SettleRequest{
+			Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: billing.SettledByRequest,
+		})
+		switch {
+		case errors.Is(err, billing.ErrNoHold):
+			// Settled and logged before (a replay): nothing left to do.
+			done = append(done, s)
+			continue
+		case err != nil:
+			e.failed(s, err)
+			continue
+		case rc.By != billing.SettledByRequest:
+			// The sweeper resolved the hold first (this process was
+			// presumed dead): its charge and its log row stand.
+			s.logger.Warn("hold was resolved by the sweeper before its settlement",
+				zap.String("request_id", s.Hold.RequestID), zap.String("charged", rc.Charged.String()))
+			done = append(done, s)
+			continue
+		}
+		receipts[s.Hold.User] = append(receipts[s.Hold.User], s.Hold.RequestID)
+		if applied && s.Bill {
+			counters = append(counters, s.Counters)
+		}
+		if !s.Bill {
+			done = append(done, s)
+			continue
+		}
+		s.Log.ChargedNano = int64(rc.Charged)
+		s.Log.ShortfallNano = int64(rc.Shortfall)
+		s.Log.Shortfall = rc.Shortfall.USD()
+		s.Log.TakenNano = rc.TakenByField()
+		logs = append(logs, s.Log)
+		logged = append(logged, s)
+	}
+	if len(logs) > 0 {
+		if err := e.store.InsertRequestLogs(ctx, logs); err != nil {
+			// The receipts stay: the retry finds them and writes the rows.
+			for _, s := range logged {
+				delete(receipts, s.Hold.User)
+				e.failed(s, err)
+			}
+			logged = nil
+		}
+	}
+	for user, ids := range receipts {
+		if err := e.store.ClearReceipts(ctx, user, ids); err != nil {
+			e.log().Warn("clearing settlement receipts failed; the sweeper will", zap.String("user", user), zap.Error(err))
+		}
+	}
+	if len(counters) > 0 {
+		if err := e.addUsage(ctx, counters); err != nil {
+			e.log().Warn("writing usage counters failed", zap.Int("requests", len(counters)), zap.Error(err))
+		}
+	}
+	for _, s := range logged {
+		s.logBilled()
+		done = append(done, s)
+	}
+	if sp := e.spool.Load(); sp != nil {
+		for _, s := range done {
+			if s.journal {
+				if err := sp.Done(s.Hold.RequestID); err != nil {
+					e.log().Warn("marking a settlement done in the spool failed", zap.String("request_id", s.Hold.RequestID), zap.Error(err))
+				}
+			}
+		}
+	}
+}
+
+// failed keeps a settlement the database did not take for the retry loop.
+func (e *engine) failed(s *settlement, err error) {
+	s.failures++
+	if s.failures == 1 || s.failures%20 == 0 {
+		s.logger.Error("settlement failed; kept for retry", zap.String("request_id", s.Hold.RequestID),
+			zap.String("user", s.Hold.User), zap.String("cost", s.Cost.String()), zap.Int("failures", s.failures), zap.Error(err))
+	}
+	e.retryMu.Lock()
+	e.retry = append(e.retry, s)
+	e.retryMu.Unlock()
+}
+
+// maxBacklog is how many settlements may wait for the database before new
+// requests are refused: past it, the database is not taking charges, and
+// serving more would only pile up unbilled work.
+const maxBacklog = 10000
+
+// backlogged reports whether new requests must be refused because
+// settlements are not reaching the database.
+func (e *engine) backlogged() bool { return e.pendingRetries() >= maxBacklog }
+
+// pendingRetries is the number of settlements waiting for the database.
+func (e *engine) pendingRetries() int {
+	e.retryMu.Lock()
+	defer e.retryMu.Unlock()
+	return len(e.retry)
+}
+
+// retryLoop resubmits failed settlements with a growing delay while the
+// database refuses them.
+func (e *engine) retryLoop() {
+	defer e.workers.Done()
+	delay := retryMin
+	for {
+		select {
+		case <-e.stop:
+			return
+		case <-time.After(delay):
+		}
+		if !e.retryOnce() {
+			delay = min(2*delay, retryMax)
+		} else {
+			delay = retryMin
+		}
+	}
+}
+
+// retryOnce settles what is waiting; it reports whether all of it went
+// through.
+func (e *engine) retryOnce() bool {
+	e.retryMu.Lock()
+	batch := e.retry
+	e.retry = nil
+	e.retryMu.Unlock()
+	for len(batch) > 0 {
+		n := min(len(batch), settleBatch)
+		e.settleBatch(batch[:n])
+		batch = batch[n:]
+	}
+	return e.pendingRetries() == 0
+}
+
+// replaySpool queues the settlements a previous run journaled and did not
+// finish (a crash, a database outage at shutdown). Settling is idempotent,
+// so one that did reach the database is recognised and only marked done.
+func (e *engine) replaySpool(recs []spool.Record) {
+	if len(recs) == 0 {
+		return
+	}
+	n := 0
+	for _, r := range recs {
+		s := new(settlement)
+		if err := json.Unmarshal(r.Data, s); err != nil || s.Hold.RequestID == "" {
+			e.log().Error("unreadable settlement in the spool; left in place", zap.String("id", r.ID), zap.Error(err))
+			continue
+		}
+		s.logger, s.journal = e.log(), true
+		e.retryMu.Lock()
+		e.retry = append(e.retry, s)
+		e.retryMu.Unlock()
+		n++
+	}
+	e.log().Info("replaying settlements journaled by a previous run", zap.Int("count", n))
+}
+
+func (s *settlement) logBilled() {
+	l := s.logger
+	fields := []zap.Field{
+		zap.String("request_id", s.Log.RequestID),
+		zap.String("site", s.Site),
+		zap.String("credit_field", s.Log.CreditField),
+		zap.String("user", s.Log.UserID),
+		zap.String("key", s.Log.UserKeyID),
+		zap.String("model", s.Log.Model),
+		zap.String("upstream_model", s.Log.UpstreamModel),
+		zap.String("upstream_key", s.Log.TrollKeyID),
+		zap.Int64("input_tokens", s.Log.InputTokens),
+		zap.Int64("output_tokens", s.Log.OutputTokens),
+		zap.Int64("cache_write_tokens", s.Log.CacheWriteTokens),
+		zap.Int64("cache_read_tokens", s.Log.CacheHitTokens),
+		zap.String("hold", s.Hold.Amount().String()),
+		zap.String("cost", s.Cost.String()),
+		zap.String("charged", billing.Nano(s.Log.ChargedNano).String()),
+		zap.String("shortfall", billing.Nano(s.Log.ShortfallNano).String()),
+		zap.String("usage_source", s.Log.UsageSource),
+		zap.String("end_reason", s.Log.EndReason),
+	}
+	if s.Log.ShortfallNano > 0 {
+		l.Warn("billed with shortfall", fields...)
+		return
+	}
+	l.Info("billed", fields...)
+}
+
+// sweepLoop sends this process's heartbeat and resolves holds left by dead
+// processes and receipts left without their log rows. Every instance runs
+// it; resolving goes through the same conditional Settle, so two sweepers
+// never resolve one hold twice.
+func (e *engine) sweepLoop() {
+	defer e.workers.Done()
+	lastSweep := time.Time{}
+	for {
+		now := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+		if err := e.store.Heartbeat(ctx, e.boot, now); err != nil {
+			e.log().Warn("heartbeat failed", zap.Error(err))
+		}
+		cancel()
+		if now.Sub(lastSweep) >= sweepInterval {
+			lastSweep = now
+			e.sweep(now)
+		}
+		select {
+		case <-e.stop:
+			return
+		case <-time.After(heartbeatEvery):
+		}
+	}
+}
+
+// sweep resolves orphaned holds with the orphan policy and writes the log
+// rows of receipts left without one.
+func (e *engine) sweep(now time.Time) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*dbTimeout)
+	defer cancel()
+	orphans, err := e.store.Orphans(ctx, now, now.Add(-ownerTimeout), receiptAge)
+	if err != nil {
+		e.log().Warn("looking for orphaned holds failed", zap.Error(err))
+		return
+	}
+	policy := billing.OrphanPolicy(*e.orphanPolicy.Load())
+	for _, o := range orphans {
+		h := o.Hold
+		rc := o.Receipt
+		if rc != nil && rc.Cost == 0 && rc.Charged == 0 {
+			// A hold released without a charge (the request failed): it
+			// has no log row to write.
+			if err := e.store.ClearReceipts(ctx, h.User, []string{h.RequestID}); err != nil {
+				e.log().Warn("clearing a swept receipt failed", zap.String("request_id", h.RequestID), zap.Error(err))
+			}
+			continue
+		}
+		if rc == nil {
+			r, applied, err := e.store.Settle(ctx, billing.SettleRequest{Hold: h, Cost: policy.Cost(h), By: billing.SettledBySweeper})
+			if errors.Is(err, billing.ErrNoHold) {
+				continue
+			}
+			if err != nil {
+				e.log().Warn("resolving an orphaned hold failed", zap.String("request_id", h.RequestID), zap.Error(err))
+				continue
+			}
+			if r.By != billing.SettledBySweeper {
+				continue // its own settlement got there first
+			}
+			if applied {
+				e.log().Warn("resolved an orphaned hold", zap.String("request_id", h.RequestID), zap.String("user", h.User),
+					zap.String("owner", h.Owner), zap.Time("held_at", h.At), zap.String("policy", string(policy)),
+					zap.String("hold", h.Amount().String()), zap.String("charged", r.Charged.String()))
+			}
+			rc = &r
+		}
+		row := orphanLog(h, *rc, policy)
+		if err := e.store.InsertRequestLogs(ctx, []billing.RequestLog{row}); err != nil {
+			e.log().Warn("writing the log row of a swept hold failed", zap.String("request_id", h.RequestID), zap.Error(err))
+			continue
+		}
+		if o.Receipt != nil {
+			e.log().Warn("wrote the missing log row of a settled request", zap.String("request_id", h.RequestID),
+				zap.String("user", h.User), zap.String("charged", rc.Charged.String()))
+		}
+		if err := e.store.ClearReceipts(ctx, h.User, []string{h.RequestID}); err != nil {
+			e.log().Warn("clearing a swept receipt failed", zap.String("request_id", h.RequestID), zap.Error(err))
+		}
+	}
+}
+
+// orphanLog is the log row of a hold the sweeper resolved, or of a receipt
+// whose row was never written: what the hold and the receipt say.
+func orphanLog(h billing.Hold, rc billing.Receipt, policy billing.OrphanPolicy) billing.RequestLog {
+	source, end := "hold_fallback", "orphaned:"+string(policy)
+	if rc.By == billing.SettledByRequest {
+		source, end = "receipt", "recovered"
+	}
+	return billing.RequestLog{
+		ID: rc.LogID, UserID: h.User, UserKeyID: h.KeyID, Model: h.Model,
+		CreditsCost: rc.Cost.USD(), CreditType: h.Plan.CreditType(), StatusCode: 200, IsSuccess: true, CreatedAt: rc.At,
+		RequestID: h.RequestID, CreditField: h.Plan.String(), UsageSource: source, EndReason: end,
+		CostNano: int64(rc.Cost), ChargedNano: int64(rc.Charged), ShortfallNano: int64(rc.Shortfall), Shortfall: rc.Shortfall.USD(),
+		HoldNano: int64(h.Amount()), TakenNano: rc.TakenByField(),
+	}
+}
