@@ -37,15 +37,15 @@ const (
 )
 
 type holdDoc struct {
-	Amt     []int64       `bson:"amt"`
-	Fields  []string      `bson:"fields"`
-	Input   int64         `bson:"input"`
-	At      time.Time     `bson:"at"`
-	Exp     time.Time     `bson:"exp"`
-	Owner   string        `bson:"owner"`
-	Log     bson.ObjectID `bson:"log"`
-	Model   string        `bson:"model,omitempty"`
-	KeyID   string        `bson:"key,omitempty"`
+	Amt    []int64       `bson:"amt"`
+	Fields []string      `bson:"fields"`
+	Input  int64         `bson:"input"`
+	At     time.Time     `bson:"at"`
+	Exp    time.Time     `bson:"exp"`
+	Owner  string        `bson:"owner"`
+	Log    bson.ObjectID `bson:"log"`
+	Model  string        `bson:"model,omitempty"`
+	KeyID  string        `bson:"key,omitempty"`
 }
 
 type receiptDoc struct {
