@@ -1,0 +1,462 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
+
+	"github.com/trollllm/caddy-llm-billing/tests/seed"
+)
+
+const dbName = "fproxy"
+
+// benchUser is a seeded user with a personal key.
+type benchUser struct {
+	ID, Key string
+}
+
+type harness struct {
+	cfg  config
+	work string
+
+	pg        *postgres
+	ferret    *child
+	ferretURI string
+	proxy     *dbProxy
+	up        *child
+	upURL     string
+
+	caddy    *child
+	caddyN   int
+	admin    string // host:port of Caddy's admin API
+	plainURL string
+	gwURL    string
+	cfgPath  string
+
+	client *mongo.Client
+	db     *mongo.Database
+
+	users        []benchUser
+	upstreamKeys []string
+
+	load   *loadClient
+	res    *results
+	models string
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "%s  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+func run(cfg config) (err error) {
+	h := &harness{cfg: cfg}
+	repo, err := filepath.Abs(cfg.Repo)
+	if err != nil {
+		return err
+	}
+	h.cfg.Repo = repo
+	if h.cfg.Caddy, err = filepath.Abs(cfg.Caddy); err != nil {
+		return err
+	}
+	h.models = cfg.Models
+	if h.models == "" {
+		h.models = filepath.Join(repo, "examples", "models-chat.json")
+	}
+	if h.models, err = filepath.Abs(h.models); err != nil {
+		return err
+	}
+	if _, err := os.Stat(h.models); err != nil {
+		return fmt.Errorf("models file: %w", err)
+	}
+
+	if cfg.WorkDir == "" {
+		if h.work, err = os.MkdirTemp("", "llm-billing-bench-"); err != nil {
+			return err
+		}
+	} else {
+		h.work = cfg.WorkDir
+		if err := os.MkdirAll(h.work, 0o755); err != nil {
+			return err
+		}
+	}
+	_ = os.Chmod(h.work, 0o755)
+	logf("work folder %s", h.work)
+
+	// Ctrl-C stops the run cleanly: every child is stopped by teardown.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sig)
+	go func() {
+		if _, ok := <-sig; ok {
+			logf("interrupted: stopping")
+			h.teardown()
+			os.Exit(130)
+		}
+	}()
+	defer func() {
+		h.teardown()
+		if err == nil && !cfg.Keep && cfg.WorkDir == "" {
+			_ = os.RemoveAll(h.work)
+		} else {
+			logf("logs kept in %s", h.work)
+		}
+	}()
+
+	h.res = newResults(h.cfg)
+	if err := h.setup(); err != nil {
+		return err
+	}
+	h.res.Meta = h.meta()
+	if err := h.runAll(); err != nil {
+		return err
+	}
+	return h.report()
+}
+
+func (h *harness) setup() error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+
+	// The database: PostgreSQL (or nothing, for SQLite) and FerretDB in
+	// its own process.
+	ferretArgs := []string{"ferretdb", "-listen", "127.0.0.1:0"}
+	if h.cfg.DB == "postgresql" {
+		bin, err := pgBinDir(h.cfg.PGBin)
+		if err != nil {
+			return err
+		}
+		logf("starting PostgreSQL from %s", bin)
+		var extra []string
+		if h.cfg.PGConf != "" {
+			extra = strings.Split(h.cfg.PGConf, ",")
+		}
+		if h.pg, err = startPostgres(bin, filepath.Join(h.work, "pg"), extra); err != nil {
+			return err
+		}
+		ferretArgs = append(ferretArgs, "-handler", "postgresql", "-postgresql-url", h.pg.url())
+	} else {
+		dir := filepath.Join(h.work, "sqlite")
+		_ = os.RemoveAll(dir)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		ferretArgs = append(ferretArgs, "-handler", "sqlite", "-sqlite-url", "file:"+dir+"/")
+	}
+	logf("starting FerretDB (%s backend)", h.cfg.DB)
+	pr, pw := io.Pipe()
+	if h.ferret, err = startChild("ferretdb", filepath.Join(h.work, "ferretdb.log"), pw, nil, self, ferretArgs...); err != nil {
+		return err
+	}
+	if h.ferretURI, err = readyLine(pr, h.ferret, 60*time.Second); err != nil {
+		return err
+	}
+	h.proxy, err = startDBProxy(strings.TrimSuffix(strings.TrimPrefix(h.ferretURI, "mongodb://"), "/"))
+	if err != nil {
+		return err
+	}
+
+	// Seed: the demo data, the bench users and upstream keys, with a
+	// client of our own that talks to FerretDB directly (not through the
+	// counting proxy).
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	h.client, err = mongo.Connect(options.Client().ApplyURI(h.ferretURI).SetTimeout(60 * time.Second))
+	if err != nil {
+		return err
+	}
+	h.db = h.client.Database(dbName)
+	if err := h.seed(ctx); err != nil {
+		return fmt.Errorf("seed: %w", err)
+	}
+
+	// The stand-in upstream in its own process.
+	pr2, pw2 := io.Pipe()
+	if h.up, err = startChild("upstream", filepath.Join(h.work, "upstream.log"), pw2, nil, self,
+		"upstream", "-listen", "127.0.0.1:0", "-keys", strings.Join(h.upstreamKeys, ",")); err != nil {
+		return err
+	}
+	if h.upURL, err = readyLine(pr2, h.up, 30*time.Second); err != nil {
+		return err
+	}
+
+	h.load = newLoadClient()
+	return h.startCaddy()
+}
+
+// seed inserts the demo data (tests/seed) plus cfg.Users users with large
+// creditsNew balances and cfg.UpstreamKeys bound upstream keys.
+func (h *harness) seed(ctx context.Context) error {
+	if err := seed.SeedDemo(ctx, h.db); err != nil {
+		return err
+	}
+	h.upstreamKeys = []string{seed.DemoUpstreamAPIKey}
+	var ups []seed.UpstreamKey
+	for i := 1; i < h.cfg.UpstreamKeys; i++ {
+		k := seed.UpstreamKey{ID: fmt.Sprintf("bench-upstream-%d", i), APIKey: fmt.Sprintf("sk-oh-bench-upstream-%032d", i), Status: "healthy"}
+		ups = append(ups, k)
+		h.upstreamKeys = append(h.upstreamKeys, k.APIKey)
+	}
+	var users []seed.User
+	for i := 0; i < h.cfg.Users; i++ {
+		sum := sha256.Sum256(fmt.Appendf(nil, "bench-user-%d", i))
+		u := benchUser{ID: fmt.Sprintf("bench-%03d", i), Key: "sk-trollllm-" + hex.EncodeToString(sum[:])}
+		h.users = append(h.users, u)
+		users = append(users, seed.User{ID: u.ID, APIKey: u.Key, Role: "user", Active: true, Migration: true,
+			Credits: 1000, RefCredits: 1000, CreditsNew: 1000})
+	}
+	if err := seed.Insert(ctx, h.db, users, ups); err != nil {
+		return err
+	}
+	for _, k := range ups {
+		if err := seed.Bind(ctx, h.db, k.ID); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// caddyfile is the one config: the same reverse_proxy to the stand-in
+// behind two sites, plain and with llm_billing in front. Both add the
+// request id to the answer, so the harness can match billing records to
+// the requests it saw admitted.
+func (h *harness) caddyfile(adminPort, plainPort, gwPort int) string {
+	static := ""
+	if h.cfg.StaticKeys {
+		static = "\t\tupstream_keys " + strings.Join(h.upstreamKeys, " ") + "\n"
+	}
+	return fmt.Sprintf(`# Written by the llm_billing benchmark (bench/).
+{
+	admin 127.0.0.1:%d
+	persist_config off
+	grace_period 10s
+	llm_billing {
+		mongodb_uri {env.BENCH_MONGODB_URI}
+		database %s
+%s	}
+}
+
+# The upstream as production's Caddyfile.example has it, with enough idle
+# connections for the benchmark's concurrency.
+(upstream) {
+	reverse_proxy %s {
+		flush_interval -1
+		transport http {
+			keepalive 2m
+			keepalive_idle_conns_per_host 1024
+		}
+	}
+}
+
+# Plain Caddy: reverse_proxy only.
+http://:%d {
+	bind 127.0.0.1
+	header X-Bench-Request-Id {http.request.uuid}
+	import upstream
+}
+
+# The gateway: llm_billing in front of the same reverse_proxy.
+http://:%d {
+	bind 127.0.0.1
+	header X-Bench-Request-Id {http.request.uuid}
+	llm_billing {
+		credit_field creditsNew
+		models %s
+	}
+	import upstream
+}
+`, adminPort, dbName, static, h.upURL, plainPort, gwPort, h.models)
+}
+
+// startCaddy starts a fresh Caddy process with the bench Caddyfile (new
+// ports each time) and waits until both sites answer.
+func (h *harness) startCaddy() error {
+	var ports [3]int
+	for i := range ports {
+		p, err := freePort()
+		if err != nil {
+			return err
+		}
+		ports[i] = p
+	}
+	h.admin = fmt.Sprintf("127.0.0.1:%d", ports[0])
+	h.plainURL = fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+	h.gwURL = fmt.Sprintf("http://127.0.0.1:%d", ports[2])
+	h.cfgPath = filepath.Join(h.work, "Caddyfile")
+	if err := os.WriteFile(h.cfgPath, []byte(h.caddyfile(ports[0], ports[1], ports[2])), 0o644); err != nil {
+		return err
+	}
+	h.caddyN++
+	logPath := filepath.Join(h.work, fmt.Sprintf("caddy-%d.log", h.caddyN))
+	env := []string{"BENCH_MONGODB_URI=mongodb://" + h.proxy.addr() + "/", "HOME=" + h.work, "XDG_DATA_HOME=" + h.work, "XDG_CONFIG_HOME=" + h.work}
+	var err error
+	h.caddy, err = startChild("caddy", logPath, nil, env, h.cfg.Caddy, "run", "--config", h.cfgPath, "--adapter", "caddyfile")
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		ok := true
+		for _, u := range []string{h.plainURL + "/", h.gwURL + "/health"} {
+			resp, err := http.Get(u)
+			if err != nil {
+				ok = false
+				break
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		if ok {
+			return nil
+		}
+		if h.caddy.exited() || time.Now().After(deadline) {
+			return fmt.Errorf("caddy did not start:\n%s", tail(logPath, 30))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// restartCaddy stops Caddy (its settlements drain on the way out) and
+// starts a fresh process: the memory figures start from a new heap.
+func (h *harness) restartCaddy() error {
+	h.load.closeIdle()
+	h.caddy.stop(60 * time.Second)
+	return h.startCaddy()
+}
+
+func (h *harness) teardown() {
+	if h.caddy != nil {
+		h.caddy.stop(30 * time.Second)
+	}
+	if h.up != nil {
+		h.up.stop(10 * time.Second)
+	}
+	if h.client != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = h.client.Disconnect(ctx)
+		cancel()
+		h.client = nil
+	}
+	if h.proxy != nil {
+		h.proxy.close()
+		h.proxy = nil
+	}
+	if h.ferret != nil {
+		h.ferret.stop(20 * time.Second)
+	}
+	if h.pg != nil {
+		h.pg.stop()
+	}
+}
+
+// goMem returns Caddy's Go memory in use (HeapInuse + StackInuse) from the
+// admin API's /debug/vars. With gc, Caddy collects garbage first (through
+// /debug/pprof/heap?gc=1), so the figure is the live memory.
+func (h *harness) goMem(gc bool) int64 {
+	if gc {
+		if resp, err := http.Get("http://" + h.admin + "/debug/pprof/heap?gc=1"); err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}
+	resp, err := http.Get("http://" + h.admin + "/debug/vars")
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	var v struct {
+		Memstats struct {
+			HeapInuse  int64
+			StackInuse int64
+		} `json:"memstats"`
+	}
+	if json.NewDecoder(resp.Body).Decode(&v) != nil {
+		return 0
+	}
+	return v.Memstats.HeapInuse + v.Memstats.StackInuse
+}
+
+// cpuSnap is the CPU time used so far by each measured process.
+type cpuSnap struct {
+	at                                  time.Time
+	caddy, ferret, pg, upstream, harnes time.Duration
+}
+
+func (h *harness) snap() cpuSnap {
+	s := cpuSnap{at: time.Now()}
+	if h.caddy != nil && !h.caddy.exited() {
+		s.caddy, _, _ = cpuTime(h.caddy.pid())
+	}
+	s.ferret, _, _ = cpuTime(h.ferret.pid())
+	if h.pg != nil {
+		s.pg = treeCPU(h.pg.pid())
+	}
+	s.upstream, _, _ = cpuTime(h.up.pid())
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) == nil {
+		s.harnes = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	return s
+}
+
+// userDocs reads the creditsNew and creditsNewUsed of every bench user.
+func (h *harness) balances(ctx context.Context) (map[string][2]float64, error) {
+	ids := make([]string, len(h.users))
+	for i, u := range h.users {
+		ids[i] = u.ID
+	}
+	cur, err := h.db.Collection(seed.UsersCollection).Find(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}},
+		options.Find().SetProjection(bson.D{{Key: "creditsNew", Value: 1}, {Key: "creditsNewUsed", Value: 1}}))
+	if err != nil {
+		return nil, err
+	}
+	defer cur.Close(ctx)
+	out := map[string][2]float64{}
+	for cur.Next(ctx) {
+		var id string
+		raw := cur.Current
+		_ = raw.Lookup("_id").Unmarshal(&id)
+		a, _ := seed.Float(raw.Lookup("creditsNew"))
+		b, _ := seed.Float(raw.Lookup("creditsNewUsed"))
+		out[id] = [2]float64{a, b}
+	}
+	return out, cur.Err()
+}
+
+func (h *harness) meta() *meta {
+	m := &meta{
+		Date:      time.Now().UTC().Format(time.RFC3339),
+		NumCPU:    nproc(),
+		GoVersion: goVersion(),
+		Kernel:    readTrim("/proc/sys/kernel/osrelease"),
+		CPUModel:  cpuModel(),
+		DBBackend: h.cfg.DB,
+	}
+	if out, err := exec.Command(h.cfg.Caddy, "version").Output(); err == nil {
+		m.Caddy = strings.TrimSpace(string(out))
+	}
+	if h.pg != nil {
+		m.PostgreSQL = h.pg.version
+	}
+	m.Modules = moduleVersions()
+	if out, err := exec.Command("git", "-C", h.cfg.Repo, "describe", "--always", "--dirty", "--abbrev=12").Output(); err == nil {
+		m.Commit = strings.TrimSpace(string(out))
+	}
+	return m
+}

@@ -1,0 +1,350 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"sort"
+	"strings"
+)
+
+type meta struct {
+	Date       string            `json:"date"`
+	NumCPU     int               `json:"nproc"`
+	CPUModel   string            `json:"cpu_model"`
+	Kernel     string            `json:"kernel"`
+	GoVersion  string            `json:"go"`
+	Caddy      string            `json:"caddy"`
+	PostgreSQL string            `json:"postgresql,omitempty"`
+	DBBackend  string            `json:"ferretdb_backend"`
+	Modules    map[string]string `json:"modules"`
+	Commit     string            `json:"commit"`
+}
+
+type results struct {
+	Meta    *meta    `json:"meta"`
+	Config  config   `json:"config"`
+	Probes  []*probe `json:"db_probes"`
+	Phases  []*phase `json:"phases"`
+	Summary []row    `json:"summary"`
+}
+
+func newResults(c config) *results { return &results{Config: c} }
+
+// row is one line of the summary table: medians over rounds.
+type row struct {
+	Figure  string    `json:"figure"`
+	Plain   *float64  `json:"plain"`
+	Gateway *float64  `json:"gateway"`
+	Ratio   *float64  `json:"ratio,omitempty"`
+	Delta   *float64  `json:"delta,omitempty"`
+	Unit    string    `json:"unit"`
+	Text    [2]string `json:"text,omitempty"` // for rows that are not numbers
+	digits  int
+}
+
+func nproc() int { return runtime.NumCPU() }
+
+func goVersion() string { return runtime.Version() }
+
+func readTrim(path string) string {
+	b, _ := os.ReadFile(path)
+	return strings.TrimSpace(string(b))
+}
+
+func cpuModel() string {
+	f, err := os.Open("/proc/cpuinfo")
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
+}
+
+// moduleVersions lists the versions of the modules this binary was built
+// with that the figures depend on.
+func moduleVersions() map[string]string {
+	out := map[string]string{}
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return out
+	}
+	for _, m := range bi.Deps {
+		switch m.Path {
+		case "github.com/FerretDB/FerretDB", "github.com/tsenart/vegeta/v12", "go.mongodb.org/mongo-driver/v2":
+			out[m.Path] = m.Version
+		}
+	}
+	return out
+}
+
+// pick returns the median over rounds of f on the phases named name of
+// site; NaN when there is none.
+func (r *results) pick(name, site string, f func(*phase) float64) float64 {
+	var v []float64
+	for _, p := range r.Phases {
+		if p.Name == name && p.Site == site && p.Round > 0 {
+			if x := f(p); !math.IsNaN(x) {
+				v = append(v, x)
+			}
+		}
+	}
+	return median(v)
+}
+
+func fp(x float64) *float64 {
+	if math.IsNaN(x) || math.IsInf(x, 0) {
+		return nil
+	}
+	return &x
+}
+
+func (r *results) summarize() {
+	c := r.Config
+	var rows []row
+	noRatio := false
+	both := func(fig, unit string, digits int, name string, f func(*phase) float64) {
+		pl, gw := r.pick(name, sitePlain, f), r.pick(name, siteGW, f)
+		rw := row{Figure: fig, Unit: unit, Plain: fp(pl), Gateway: fp(gw), digits: digits}
+		if pl > 0 && !math.IsNaN(gw) && !noRatio {
+			rw.Ratio = fp(gw / pl)
+		}
+		if !math.IsNaN(pl) && !math.IsNaN(gw) {
+			rw.Delta = fp(gw - pl)
+		}
+		rows = append(rows, rw)
+	}
+	gwOnly := func(fig, unit string, digits int, name string, f func(*phase) float64) {
+		rows = append(rows, row{Figure: fig, Unit: unit, Gateway: fp(r.pick(name, siteGW, f)), digits: digits})
+	}
+	rps := func(p *phase) float64 { return p.RPS }
+	settled := func(p *phase) float64 { return p.SettledRPS }
+	p50 := func(p *phase) float64 { return p.P50Ms }
+	p99 := func(p *phase) float64 { return p.P99Ms }
+	cpu := func(k string) func(*phase) float64 { return func(p *phase) float64 { return p.CPUPerReq[k] } }
+	failRate := func(p *phase) float64 { return float64(p.Failed) }
+
+	both("non-stream: max req/s at saturation", "req/s", 0, phSat, rps)
+	both("non-stream: max req/s counting the settlement drain", "req/s", 0, phSat, settled)
+	for _, rate := range c.Rates {
+		name := fmt.Sprintf("%s%d", phRate, rate)
+		both(fmt.Sprintf("non-stream at %d req/s: p50 latency", rate), "ms", 2, name, p50)
+		both(fmt.Sprintf("non-stream at %d req/s: p99 latency", rate), "ms", 2, name, p99)
+	}
+	both(fmt.Sprintf("SSE %d events at %d streams/s: first SSE byte p50", c.SSEEvents, c.SSERate), "ms", 2, phSSETTFB, func(p *phase) float64 { return p.TTFBP50Ms })
+	both(fmt.Sprintf("SSE %d events at %d streams/s: first SSE byte p99", c.SSEEvents, c.SSERate), "ms", 2, phSSETTFB, func(p *phase) float64 { return p.TTFBP99Ms })
+	both(fmt.Sprintf("SSE %d events: max streams/s at saturation", c.SSEEvents), "streams/s", 0, phSSESat, rps)
+	both(fmt.Sprintf("SSE %d events: max streams/s counting the settlement drain", c.SSEEvents), "streams/s", 0, phSSESat, settled)
+
+	both("Caddy CPU per non-stream request, saturation", "µs", 0, phSat, cpu("caddy"))
+	if len(c.Rates) > 0 {
+		last := c.Rates[len(c.Rates)-1]
+		both(fmt.Sprintf("Caddy CPU per non-stream request, %d req/s", last), "µs", 0, fmt.Sprintf("%s%d", phRate, last), cpu("caddy"))
+	}
+	both(fmt.Sprintf("Caddy CPU per %d-event stream, saturation", c.SSEEvents), "µs", 0, phSSESat, cpu("caddy"))
+	both(fmt.Sprintf("Caddy CPU per SSE event (per stream / %d), saturation", c.SSEEvents), "µs", 2, phSSESat, func(p *phase) float64 {
+		return p.CPUPerReq["caddy"] / float64(c.SSEEvents)
+	})
+	// Plain Caddy uses no database: its column shows the background
+	// (the gateway's heartbeats and key-pool refresh) per request.
+	noRatio = true
+	both("database CPU per non-stream request (FerretDB + PostgreSQL), saturation", "µs", 0, phSat, cpu("database"))
+	both(fmt.Sprintf("database CPU per %d-event stream, saturation", c.SSEEvents), "µs", 0, phSSESat, cpu("database"))
+	noRatio = false
+	gwOnly("database round trips per non-stream request under load (request path)", "ops", 2, phSat, func(p *phase) float64 { return p.DB.OpsPerReq })
+	gwOnly("  of which reads / writes", "ops", 2, phSat, func(p *phase) float64 { return p.DB.ReadsPerReq })
+	rows[len(rows)-1].Text[1] = fmt.Sprintf("%.2f / %.2f", r.pick(phSat, siteGW, func(p *phase) float64 { return p.DB.ReadsPerReq }),
+		r.pick(phSat, siteGW, func(p *phase) float64 { return p.DB.WritesPerReq }))
+	gwOnly(fmt.Sprintf("database round trips per %d-event stream under load", c.SSEEvents), "ops", 2, phSSESat, func(p *phase) float64 { return p.DB.OpsPerReq })
+	for _, pr := range r.Probes {
+		rows = append(rows, row{Figure: fmt.Sprintf("database round trips before / after the first byte, %s (sequential probe, median of %d; max)", pr.Kind, pr.Requests), Unit: "ops",
+			Text: [2]string{"0 / 0", fmt.Sprintf("%g / %g (max %d / %d)", pr.BeforeMedian, pr.AfterMedian, pr.BeforeMax, pr.AfterMax)}})
+	}
+	if len(c.Rates) > 0 {
+		last := fmt.Sprintf("%s%d", phRate, c.Rates[len(c.Rates)-1])
+		gwOnly(fmt.Sprintf("database round-trip time p50 at %d req/s (at the counting proxy)", c.Rates[len(c.Rates)-1]), "ms", 2, last, func(p *phase) float64 { return p.DB.RTTP50Ms })
+		gwOnly(fmt.Sprintf("database round-trip time p99 at %d req/s", c.Rates[len(c.Rates)-1]), "ms", 2, last, func(p *phase) float64 { return p.DB.RTTP99Ms })
+	}
+
+	mib := func(f func(*memStats) float64) func(*phase) float64 {
+		return func(p *phase) float64 {
+			if p.Mem == nil {
+				return math.NaN()
+			}
+			return f(p.Mem) / (1 << 20)
+		}
+	}
+	kib := func(f func(*memStats) float64) func(*phase) float64 {
+		return func(p *phase) float64 {
+			if p.Mem == nil {
+				return math.NaN()
+			}
+			return f(p.Mem) / (1 << 10)
+		}
+	}
+	both(fmt.Sprintf("%d concurrent streams: Caddy peak RSS", c.Streams), "MiB", 1, phStreams, mib(func(m *memStats) float64 { return float64(m.PeakRSS) }))
+	both(fmt.Sprintf("%d concurrent streams: RSS per stream", c.Streams), "KiB", 1, phStreams, kib(func(m *memStats) float64 { return m.RSSPerStream }))
+	both(fmt.Sprintf("%d concurrent streams: live Go heap+stacks per stream (after a forced GC)", c.Streams), "KiB", 1, phStreams, kib(func(m *memStats) float64 { return m.GoPerStream }))
+	both(fmt.Sprintf("one %d MiB stream: Caddy RSS growth", c.BigStreamMB), "MiB", 1, phBig, mib(func(m *memStats) float64 { return float64(m.RSSGrowth) }))
+	both(fmt.Sprintf("one %d MiB stream: Go heap+stacks growth", c.BigStreamMB), "MiB", 1, phBig, mib(func(m *memStats) float64 { return float64(m.GoGrowth) }))
+	both(fmt.Sprintf("one %d MiB stream: throughput", c.BigStreamMB), "MiB/s", 0, phBig, func(p *phase) float64 {
+		if p.Mem == nil {
+			return math.NaN()
+		}
+		return p.Mem.MBps
+	})
+
+	// Totals over every phase, warm-ups included.
+	var tot billingCheck
+	for _, pr := range r.Probes {
+		if b := pr.Billing; b != nil {
+			tot.Admitted += b.Admitted
+			tot.Logged += b.Logged
+			tot.Lost += b.Lost
+			tot.Duplicates += b.Duplicates
+			tot.Unexpected += b.Unexpected
+			tot.ChargeErrors += b.ChargeErrors
+			tot.ChargeMismatchN += b.ChargeMismatchN
+		}
+	}
+	failed := map[string]int{}
+	for _, p := range r.Phases {
+		failed[p.Site] += p.Failed
+		if b := p.Billing; b != nil {
+			tot.Admitted += b.Admitted
+			tot.Logged += b.Logged
+			tot.Lost += b.Lost
+			tot.Duplicates += b.Duplicates
+			tot.Unexpected += b.Unexpected
+			tot.ChargeErrors += b.ChargeErrors
+			tot.ChargeMismatchN += b.ChargeMismatchN
+		}
+	}
+	_ = failRate
+	rows = append(rows,
+		row{Figure: "failed requests, all phases (non-2xx, transport error or cut answer)", Unit: "requests", Text: [2]string{fmt.Sprint(failed[sitePlain]), fmt.Sprint(failed[siteGW])}},
+		row{Figure: "billing: admitted 2xx / request logs written", Unit: "requests", Text: [2]string{"–", fmt.Sprintf("%d / %d", tot.Admitted, tot.Logged)}},
+		row{Figure: "billing: lost / duplicate / logged but not seen admitted", Unit: "requests", Text: [2]string{"–", fmt.Sprintf("%d / %d / %d", tot.Lost, tot.Duplicates, tot.Unexpected)}},
+		row{Figure: "billing: balance moved ≠ sum charged in logs; charge errors", Unit: "nano-USD; logs", Text: [2]string{"–", fmt.Sprintf("%d; %d", tot.ChargeMismatchN, tot.ChargeErrors)}},
+	)
+	r.Summary = rows
+}
+
+func num(x *float64, digits int) string {
+	if x == nil {
+		return "–"
+	}
+	return fmt.Sprintf("%.*f", digits, *x)
+}
+
+// markdown renders the summary table and the run's facts.
+func (r *results) markdown() string {
+	var b strings.Builder
+	m, c := r.Meta, r.Config
+	fmt.Fprintf(&b, "### llm_billing gateway vs plain Caddy reverse_proxy\n\n")
+	fmt.Fprintf(&b, "- machine: **%d cores** (nproc), %s, Linux %s\n", m.NumCPU, m.CPUModel, m.Kernel)
+	fmt.Fprintf(&b, "- Caddy %s; harness %s; FerretDB %s (%s backend%s); vegeta %s; mongo-driver %s\n",
+		m.Caddy, m.GoVersion, m.Modules["github.com/FerretDB/FerretDB"], m.DBBackend, pgNote(m), m.Modules["github.com/tsenart/vegeta/v12"], m.Modules["go.mongodb.org/mongo-driver/v2"])
+	fmt.Fprintf(&b, "- checkout %s, %s; %d round(s), medians; saturation %s at concurrency %d, fixed rates %v for %s, SSE %d events, %d users, %d upstream keys (%s)\n\n",
+		m.Commit, m.Date, c.Rounds, c.SatDuration, c.SatConcurrency, c.Rates, c.RateDuration, c.SSEEvents, c.Users, c.UpstreamKeys, keySource(c))
+	fmt.Fprintf(&b, "| figure | unit | plain Caddy | gateway | gateway / plain | gateway − plain |\n|---|---|---:|---:|---:|---:|\n")
+	for _, rw := range r.Summary {
+		pl, gw := num(rw.Plain, rw.digits), num(rw.Gateway, rw.digits)
+		if rw.Text[0] != "" {
+			pl = rw.Text[0]
+		}
+		if rw.Text[1] != "" {
+			gw = rw.Text[1]
+		}
+		ratio, delta := "–", "–"
+		if rw.Ratio != nil {
+			ratio = fmt.Sprintf("%.2f×", *rw.Ratio)
+		}
+		if rw.Delta != nil {
+			delta = fmt.Sprintf("%+.*f", rw.digits, *rw.Delta)
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", rw.Figure, rw.Unit, pl, gw, ratio, delta)
+	}
+	for _, pr := range r.Probes {
+		fmt.Fprintf(&b, "\n- %s request, database operations before the first byte: %s; after: %s",
+			pr.Kind, opsList(pr.BeforeOps), opsList(pr.AfterOps))
+	}
+	for _, p := range r.Phases {
+		if p.Name == phIdle && p.WallS > 0 {
+			fmt.Fprintf(&b, "\n- idle (no load, %.0f s): Caddy %.1f%% of one core, FerretDB %.1f%%, PostgreSQL %.1f%%: the background counted in every per-request CPU figure",
+				p.WallS, 100*p.CPU["caddy"]/p.WallS, 100*p.CPU["ferretdb"]/p.WallS, 100*p.CPU["postgres"]/p.WallS)
+		}
+	}
+	// The gateway's operations by command under load (first round).
+	for _, p := range r.Phases {
+		if p.Name == phSat && p.Site == siteGW && p.Round == 1 && p.DB != nil {
+			keys := make([]string, 0, len(p.DB.ByCommand))
+			for k := range p.DB.ByCommand {
+				keys = append(keys, k)
+			}
+			sort.Slice(keys, func(i, j int) bool { return p.DB.ByCommand[keys[i]] > p.DB.ByCommand[keys[j]] })
+			var parts []string
+			for _, k := range keys {
+				parts = append(parts, fmt.Sprintf("%s %.2f", k, float64(p.DB.ByCommand[k])/float64(max(p.OK, 1))))
+			}
+			fmt.Fprintf(&b, "\n- database operations per non-stream request at saturation (round 1): %s", strings.Join(parts, ", "))
+			fmt.Fprintf(&b, "\n- at saturation the database processes used %.0f%% of one core (FerretDB %.0f%%, PostgreSQL %.0f%%), Caddy %.0f%%, the harness %.0f%%",
+				100*p.CPU["database"]/(p.WallS+p.DrainS), 100*p.CPU["ferretdb"]/(p.WallS+p.DrainS), 100*p.CPU["postgres"]/(p.WallS+p.DrainS),
+				100*p.CPU["caddy"]/(p.WallS+p.DrainS), 100*p.CPU["harness"]/(p.WallS+p.DrainS))
+		}
+	}
+	b.WriteString("\n")
+	return b.String()
+}
+
+func opsList(ops []string) string {
+	if len(ops) == 0 {
+		return "none"
+	}
+	return strings.Join(ops, ", ")
+}
+
+func pgNote(m *meta) string {
+	if m.PostgreSQL == "" {
+		return ""
+	}
+	return ", " + m.PostgreSQL
+}
+
+func keySource(c config) string {
+	if c.StaticKeys {
+		return "static upstream_keys"
+	}
+	return "openhands_keys pool"
+}
+
+func (h *harness) report() error {
+	r := h.res
+	r.summarize()
+	md := r.markdown()
+	fmt.Println()
+	fmt.Print(md)
+	out, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(h.cfg.Out, out, 0o644); err != nil {
+		return err
+	}
+	mdPath := strings.TrimSuffix(h.cfg.Out, ".json") + ".md"
+	if err := os.WriteFile(mdPath, []byte(md), 0o644); err != nil {
+		return err
+	}
+	logf("results: %s and %s", h.cfg.Out, mdPath)
+	return nil
+}
