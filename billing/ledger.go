@@ -212,14 +212,29 @@ type Orphan struct {
 	Receipt *Receipt // set when the hold is already settled but unlogged
 }
 
+// OrphanQuery says which holds and receipts the sweeper wants.
+type OrphanQuery struct {
+	Now time.Time
+	// OwnerDeadline: a hold taken before it whose owner has not sent a
+	// heartbeat since is orphaned.
+	OwnerDeadline time.Time
+	// Dead, when set, names owners known to be dead whatever their
+	// heartbeat says (a restarted process's own earlier runs).
+	Dead func(owner string) bool
+	// ReceiptAge: receipts older than this are returned for their log rows.
+	ReceiptAge time.Duration
+	// Skip lists request ids the caller will settle itself.
+	Skip map[string]bool
+}
+
 // Sweeper finds holds and receipts left behind by a crashed or stalled
 // settlement. Resolving them goes through Settle, so several sweepers (one
 // per instance) may run at once.
 type Sweeper interface {
 	// Heartbeat records that owner is alive at the given time.
 	Heartbeat(ctx context.Context, owner string, at time.Time) error
-	// Orphans returns the holds taken before ownerDeadline whose owner has
-	// not sent a heartbeat since, the holds whose lease ended before now, and the receipts
-	// older than receiptAge.
-	Orphans(ctx context.Context, now, ownerDeadline time.Time, receiptAge time.Duration) ([]Orphan, error)
+	// Orphans returns the holds whose lease ended before q.Now, whose owner
+	// is dead, or which were taken before q.OwnerDeadline by an owner
+	// silent since; and the receipts older than q.ReceiptAge.
+	Orphans(ctx context.Context, q OrphanQuery) ([]Orphan, error)
 }

@@ -60,7 +60,7 @@ func (f *fakeStore) ClearReceipts(context.Context, string, []string) error { ret
 
 func (f *fakeStore) Heartbeat(context.Context, string, time.Time) error { return nil }
 
-func (f *fakeStore) Orphans(context.Context, time.Time, time.Time, time.Duration) ([]billing.Orphan, error) {
+func (f *fakeStore) Orphans(context.Context, billing.OrphanQuery) ([]billing.Orphan, error) {
 	return nil, nil
 }
 

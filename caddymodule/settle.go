@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -294,6 +295,10 @@ func (s *settlement) logBilled() {
 // never resolve one hold twice.
 func (e *engine) sweepLoop() {
 	defer e.workers.Done()
+	// Settle what a previous run of this instance journaled, then resolve
+	// the holds that run left in flight: they are orphans now.
+	e.retryOnce()
+	e.sweepPredecessors()
 	lastSweep := time.Time{}
 	for {
 		now := time.Now()
@@ -319,7 +324,42 @@ func (e *engine) sweepLoop() {
 func (e *engine) sweep(now time.Time) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*dbTimeout)
 	defer cancel()
-	orphans, err := e.store.Orphans(ctx, now, now.Add(-ownerTimeout), receiptAge)
+	e.resolve(ctx, billing.OrphanQuery{Now: now, OwnerDeadline: now.Add(-ownerTimeout), ReceiptAge: receiptAge})
+}
+
+// sweepPredecessors resolves at start-up the holds of earlier runs of this
+// Caddy instance (same data directory, so same instance id): this process
+// holds the spool's lock, so none of them is alive. Holds whose settlement
+// is still waiting in the spool are left to it.
+func (e *engine) sweepPredecessors() {
+	if e.spool.Load() == nil {
+		return // no lock on the spool: another process may share the id
+	}
+	prefix, _, ok := strings.Cut(e.boot, "/")
+	if !ok {
+		return
+	}
+	prefix += "/"
+	e.retryMu.Lock()
+	pending := make(map[string]bool, len(e.retry))
+	for _, s := range e.retry {
+		pending[s.Hold.RequestID] = true
+	}
+	e.retryMu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*dbTimeout)
+	defer cancel()
+	now := time.Now()
+	e.resolve(ctx, billing.OrphanQuery{
+		Now: now, OwnerDeadline: now.Add(-ownerTimeout), ReceiptAge: receiptAge,
+		Dead: func(owner string) bool { return strings.HasPrefix(owner, prefix) && owner != e.boot },
+		Skip: pending,
+	})
+}
+
+// resolve settles the orphans the query finds with the orphan policy and
+// writes the log rows of receipts left without one.
+func (e *engine) resolve(ctx context.Context, q billing.OrphanQuery) {
+	orphans, err := e.store.Orphans(ctx, q)
 	if err != nil {
 		e.log().Warn("looking for orphaned holds failed", zap.Error(err))
 		return
@@ -327,6 +367,9 @@ func (e *engine) sweep(now time.Time) {
 	policy := billing.OrphanPolicy(*e.orphanPolicy.Load())
 	for _, o := range orphans {
 		h := o.Hold
+		if q.Skip[h.RequestID] {
+			continue
+		}
 		rc := o.Receipt
 		if rc != nil && rc.Cost == 0 && rc.Charged == 0 {
 			// A hold released without a charge (the request failed): it

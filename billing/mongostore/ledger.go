@@ -527,9 +527,11 @@ func (s *Store) Heartbeat(ctx context.Context, owner string, at time.Time) error
 	return nil
 }
 
-// Orphans returns the holds taken before ownerDeadline whose owner is
-// silent since then, the holds whose lease ended before now, and the receipts older than receiptAge.
-func (s *Store) Orphans(ctx context.Context, now, ownerDeadline time.Time, receiptAge time.Duration) ([]billing.Orphan, error) {
+// Orphans returns the holds of dead owners, the holds taken before the
+// owner deadline whose owner is silent since then, the holds whose lease
+// ended, and the receipts older than receiptAge.
+func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.Orphan, error) {
+	now, ownerDeadline, receiptAge := q.Now, q.OwnerDeadline, q.ReceiptAge
 	cur, err := s.db.Collection(CollInstances).Find(ctx, bson.D{{Key: "seen", Value: bson.D{{Key: "$gte", Value: ownerDeadline}}}})
 	if err != nil {
 		return nil, fmt.Errorf("reading instances: %w", err)
@@ -566,7 +568,8 @@ func (s *Store) Orphans(ctx context.Context, now, ownerDeadline time.Time, recei
 		for rid, hd := range d.Holds {
 			// A hold younger than the deadline may belong to an instance
 			// that has not sent its first heartbeat yet.
-			if (alive[hd.Owner] || !hd.At.Before(ownerDeadline)) && !hd.Exp.Before(now) {
+			dead := q.Dead != nil && q.Dead(hd.Owner)
+			if !dead && (alive[hd.Owner] || !hd.At.Before(ownerDeadline)) && !hd.Exp.Before(now) {
 				continue
 			}
 			h := holdFromDoc(d.ID, rid, billing.CreditPlan{}, &hd)

@@ -268,7 +268,7 @@ func TestOrphans(t *testing.T) {
 	mk("dead", "gone", old, now.Add(time.Hour))
 	mk("young", "new-instance", now, now.Add(time.Hour))
 	mk("expired", "alive", old, now.Add(-time.Second))
-	got, err := s.Orphans(ctx, now, now.Add(-30*time.Second), time.Minute)
+	got, err := s.Orphans(ctx, billing.OrphanQuery{Now: now, OwnerDeadline: now.Add(-30 * time.Second), ReceiptAge: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -291,7 +291,20 @@ func TestOrphans(t *testing.T) {
 		t.Fatalf("late settle: %+v, %v, %v", rc2, applied, err)
 	}
 	// Receipts older than the age are returned for their log rows.
-	got, err = s.Orphans(ctx, now.Add(2*time.Minute), now.Add(-30*time.Second), time.Minute)
+	// An owner named dead is swept at once, however young its hold.
+	got, err = s.Orphans(ctx, billing.OrphanQuery{Now: now, OwnerDeadline: now.Add(-30 * time.Second),
+		Dead: func(o string) bool { return o == "new-instance" }, Skip: nil})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids = map[string]billing.Orphan{}
+	for _, o := range got {
+		ids[o.Hold.RequestID] = o
+	}
+	if _, ok := ids["young"]; len(got) != 2 || !ok {
+		t.Fatalf("with a dead owner: %+v, want the expired and the young holds", got)
+	}
+	got, err = s.Orphans(ctx, billing.OrphanQuery{Now: now.Add(2 * time.Minute), OwnerDeadline: now.Add(-30 * time.Second), ReceiptAge: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
