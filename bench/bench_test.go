@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -134,5 +135,31 @@ func TestProcReaders(t *testing.T) {
 	rss, hwm, err := memStatus(pid)
 	if err != nil || rss <= 0 || hwm < rss {
 		t.Fatalf("rss %d hwm %d err %v", rss, hwm, err)
+	}
+}
+
+// The bench Caddyfile adapts, with the key pool and with static keys
+// (needs a Caddy with llm_billing: BENCH_TEST_CADDY=/path/to/caddy).
+func TestCaddyfileAdapts(t *testing.T) {
+	bin := os.Getenv("BENCH_TEST_CADDY")
+	if bin == "" {
+		t.Skip("BENCH_TEST_CADDY not set")
+	}
+	for _, static := range []bool{false, true} {
+		h := &harness{cfg: config{StaticKeys: static}, upURL: "http://127.0.0.1:9", models: "../examples/models-chat.json",
+			upstreamKeys: []string{"k1", "k2"}}
+		path := t.TempDir() + "/Caddyfile"
+		if err := os.WriteFile(path, []byte(h.caddyfile(2999, 3001, 3002)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(bin, "adapt", "--config", path, "--adapter", "caddyfile")
+		cmd.Env = append(os.Environ(), "BENCH_MONGODB_URI=mongodb://127.0.0.1:1/")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("static %v: %v\n%s", static, err, out)
+		}
+		if static != strings.Contains(string(out), `"upstream_keys":["k1","k2"]`) {
+			t.Errorf("static %v: %s", static, out)
+		}
 	}
 }

@@ -63,7 +63,7 @@ func logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "%s  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
 }
 
-func run(cfg config) (err error) {
+func run(cfg config, flags map[string]string) (err error) {
 	h := &harness{cfg: cfg}
 	repo, err := filepath.Abs(cfg.Repo)
 	if err != nil {
@@ -117,7 +117,7 @@ func run(cfg config) (err error) {
 		}
 	}()
 
-	h.res = newResults(h.cfg)
+	h.res = newResults(h.cfg, flags)
 	if err := h.setup(); err != nil {
 		return err
 	}

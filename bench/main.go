@@ -142,23 +142,16 @@ func runMain(args []string) error {
 		}
 	})
 	if c.Quick {
-		quick := map[string]func(){
-			"rounds":           func() { c.Rounds = 1 },
-			"warmup":           func() { c.Warmup = time.Second },
-			"sat-duration":     func() { c.SatDuration = 2 * time.Second },
-			"rate-duration":    func() { c.RateDuration = 2 * time.Second },
-			"sse-duration":     func() { c.SSEDuration = 2 * time.Second },
-			"sse-sat-duration": func() { c.SSESatDuration = 2 * time.Second },
-			"streams":          func() { c.Streams = 50 },
-			"stream-hold":      func() { c.StreamHold = 2 * time.Second },
-			"big-stream-mb":    func() { c.BigStreamMB = 32 },
-			"probes":           func() { c.Probes = 3 },
-			"probe-quiet":      func() { c.ProbeQuiet = 500 * time.Millisecond },
-			"drain-timeout":    func() { c.DrainTimeout = 45 * time.Second },
+		quick := map[string]string{
+			"rounds": "1", "warmup": "1s", "sat-duration": "2s", "rate-duration": "2s",
+			"sse-duration": "2s", "sse-sat-duration": "2s", "streams": "50", "stream-hold": "2s",
+			"big-stream-mb": "32", "probes": "3", "probe-quiet": "500ms", "drain-timeout": "45s",
 		}
-		for name, set := range quick {
+		for name, v := range quick {
 			if !explicit[name] {
-				set()
+				if err := fs.Set(name, v); err != nil {
+					return err
+				}
 			}
 		}
 	}
@@ -181,5 +174,7 @@ func runMain(args []string) error {
 	if c.DB != "postgresql" && c.DB != "sqlite" {
 		return fmt.Errorf("-db must be postgresql or sqlite")
 	}
-	return run(c)
+	flags := map[string]string{}
+	fs.VisitAll(func(f *flag.Flag) { flags[f.Name] = f.Value.String() })
+	return run(c, flags)
 }

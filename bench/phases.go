@@ -527,6 +527,7 @@ func (h *harness) runAll() error {
 	h.res.Phases = append(h.res.Phases, idle)
 	logf("idle: Caddy %.1f%% of a core, FerretDB %.1f%%, PostgreSQL %.1f%%", 100*idle.CPU["caddy"]/idle.WallS,
 		100*idle.CPU["ferretdb"]/idle.WallS, 100*idle.CPU["postgres"]/idle.WallS)
+
 	logf("database round trips per request (sequential probes on the gateway)")
 	for _, k := range []struct {
 		name   string
@@ -734,11 +735,4 @@ func (h *harness) memBigStream(round int, site string) (*phase, error) {
 	}
 	p.Mem = m
 	return p, nil
-}
-
-func siteLabel(s string) string {
-	if s == siteGW {
-		return "gateway"
-	}
-	return "plain Caddy"
 }

@@ -26,14 +26,17 @@ type meta struct {
 }
 
 type results struct {
-	Meta    *meta    `json:"meta"`
-	Config  config   `json:"config"`
-	Probes  []*probe `json:"db_probes"`
-	Phases  []*phase `json:"phases"`
-	Summary []row    `json:"summary"`
+	Meta    *meta             `json:"meta"`
+	Flags   map[string]string `json:"config"`
+	Config  config            `json:"-"`
+	Probes  []*probe          `json:"db_probes"`
+	Phases  []*phase          `json:"phases"`
+	Summary []row             `json:"summary"`
 }
 
-func newResults(c config) *results { return &results{Config: c} }
+func newResults(c config, flags map[string]string) *results {
+	return &results{Config: c, Flags: flags}
+}
 
 // row is one line of the summary table: medians over rounds.
 type row struct {
@@ -158,7 +161,11 @@ func (r *results) summarize() {
 	// Plain Caddy uses no database: its column shows the background
 	// (the gateway's heartbeats and key-pool refresh) per request.
 	noRatio = true
-	both("database CPU per non-stream request (FerretDB + PostgreSQL), saturation", "µs", 0, phSat, cpu("database"))
+	dbLabel := "FerretDB + PostgreSQL"
+	if c.DB == "sqlite" {
+		dbLabel = "FerretDB on SQLite"
+	}
+	both("database CPU per non-stream request ("+dbLabel+"), saturation", "µs", 0, phSat, cpu("database"))
 	both(fmt.Sprintf("database CPU per %d-event stream, saturation", c.SSEEvents), "µs", 0, phSSESat, cpu("database"))
 	noRatio = false
 	gwOnly("database round trips per non-stream request under load (request path)", "ops", 2, phSat, func(p *phase) float64 { return p.DB.OpsPerReq })
@@ -281,8 +288,8 @@ func (r *results) markdown() string {
 	}
 	for _, p := range r.Phases {
 		if p.Name == phIdle && p.WallS > 0 {
-			fmt.Fprintf(&b, "\n- idle (no load, %.0f s): Caddy %.1f%% of one core, FerretDB %.1f%%, PostgreSQL %.1f%%: the background counted in every per-request CPU figure",
-				p.WallS, 100*p.CPU["caddy"]/p.WallS, 100*p.CPU["ferretdb"]/p.WallS, 100*p.CPU["postgres"]/p.WallS)
+			fmt.Fprintf(&b, "\n- idle (no load, %.0f s): Caddy %.1f%% of one core, FerretDB %.1f%%%s: the background counted in every per-request CPU figure",
+				p.WallS, 100*p.CPU["caddy"]/p.WallS, 100*p.CPU["ferretdb"]/p.WallS, pgShare(m, p.CPU["postgres"]/p.WallS))
 		}
 	}
 	// The gateway's operations by command under load (first round).
@@ -298,13 +305,20 @@ func (r *results) markdown() string {
 				parts = append(parts, fmt.Sprintf("%s %.2f", k, float64(p.DB.ByCommand[k])/float64(max(p.OK, 1))))
 			}
 			fmt.Fprintf(&b, "\n- database operations per non-stream request at saturation (round 1): %s", strings.Join(parts, ", "))
-			fmt.Fprintf(&b, "\n- at saturation the database processes used %.0f%% of one core (FerretDB %.0f%%, PostgreSQL %.0f%%), Caddy %.0f%%, the harness %.0f%%",
-				100*p.CPU["database"]/(p.WallS+p.DrainS), 100*p.CPU["ferretdb"]/(p.WallS+p.DrainS), 100*p.CPU["postgres"]/(p.WallS+p.DrainS),
-				100*p.CPU["caddy"]/(p.WallS+p.DrainS), 100*p.CPU["harness"]/(p.WallS+p.DrainS))
+			t := p.WallS + p.DrainS
+			fmt.Fprintf(&b, "\n- during the non-stream saturation phase and its drain (round 1), the database processes used %.0f%% of one core (FerretDB %.0f%%%s), Caddy %.0f%%, the upstream %.0f%%, the harness %.0f%%",
+				100*p.CPU["database"]/t, 100*p.CPU["ferretdb"]/t, pgShare(m, p.CPU["postgres"]/t), 100*p.CPU["caddy"]/t, 100*p.CPU["upstream"]/t, 100*p.CPU["harness"]/t)
 		}
 	}
 	b.WriteString("\n")
 	return b.String()
+}
+
+func pgShare(m *meta, share float64) string {
+	if m.PostgreSQL == "" {
+		return ""
+	}
+	return fmt.Sprintf(", PostgreSQL %.0f%%", 100*share)
 }
 
 func opsList(ops []string) string {
