@@ -271,7 +271,7 @@ func (e *engine) Destruct() error {
 	e.workers.Wait()
 	// One last try for what the database refused; what still fails stays
 	// in the spool for the next start.
-	if !e.retryOnce() {
+	if !e.retryOnce(dbTimeout) {
 		e.log().Warn("database unreachable at shutdown; settlements stay in the spool for the next start",
 			zap.Int("pending", e.pendingRetries()))
 	}

@@ -98,7 +98,12 @@ func (e *engine) settleLoop() {
 func (e *engine) settleBatch(batch []*settlement) {
 	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
 	defer cancel()
+	e.settleBatchCtx(ctx, batch)
+}
+
+func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 	var (
+		down     error // the database failed: the rest of the batch waits for the retry
 		logs     []billing.RequestLog
 		logged   []*settlement
 		receipts = map[string][]string{}
@@ -106,15 +111,22 @@ func (e *engine) settleBatch(batch []*settlement) {
 		done     []*settlement
 	)
 	for _, s := range batch {
-		rc, applied, err := e.store.Settle(ctx, billing.SettleRequest{
+		if down != nil {
+			e.failed(s, down)
+			continue
+		}
+		opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+		rc, applied, err := e.store.Settle(opCtx, billing.SettleRequest{
 			Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: billing.SettledByRequest,
 		})
+		cancel()
 		switch {
 		case errors.Is(err, billing.ErrNoHold):
 			// Settled and logged before (a replay): nothing left to do.
 			done = append(done, s)
 			continue
 		case err != nil:
+			down = err
 			e.failed(s, err)
 			continue
 		case rc.By != billing.SettledByRequest:
@@ -214,7 +226,7 @@ func (e *engine) retryLoop() {
 			return
 		case <-time.After(delay):
 		}
-		if !e.retryOnce() {
+		if !e.retryOnce(settleTimeout) {
 			delay = min(2*delay, retryMax)
 		} else {
 			delay = retryMin
@@ -222,16 +234,18 @@ func (e *engine) retryLoop() {
 	}
 }
 
-// retryOnce settles what is waiting; it reports whether all of it went
-// through.
-func (e *engine) retryOnce() bool {
+// retryOnce settles what is waiting, within timeout; it reports whether
+// all of it went through.
+func (e *engine) retryOnce(timeout time.Duration) bool {
 	e.retryMu.Lock()
 	batch := e.retry
 	e.retry = nil
 	e.retryMu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
 	for len(batch) > 0 {
 		n := min(len(batch), settleBatch)
-		e.settleBatch(batch[:n])
+		e.settleBatchCtx(ctx, batch[:n])
 		batch = batch[n:]
 	}
 	return e.pendingRetries() == 0
@@ -297,7 +311,7 @@ func (e *engine) sweepLoop() {
 	defer e.workers.Done()
 	// Settle what a previous run of this instance journaled, then resolve
 	// the holds that run left in flight: they are orphans now.
-	e.retryOnce()
+	e.retryOnce(settleTimeout)
 	e.sweepPredecessors()
 	lastSweep := time.Time{}
 	for {
