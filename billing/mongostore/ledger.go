@@ -474,8 +474,9 @@ func receiptFromDoc(rid string, d *receiptDoc) billing.Receipt {
 	}
 }
 
-// ClearReceipts drops the receipts of requests whose log rows are written.
-// It reads which of them still exist so the receipt count stays exact.
+// ClearReceipts drops the receipts of requests whose log rows are written,
+// keeping the receipt count exact: one conditional update for one receipt,
+// a read of which still exist then one update for several.
 func (s *Store) ClearReceipts(ctx context.Context, user string, requestIDs []string) error {
 	if len(requestIDs) == 0 {
 		return nil
@@ -485,6 +486,19 @@ func (s *Store) ClearReceipts(ctx context.Context, user string, requestIDs []str
 		return err
 	}
 	defer unlock()
+	users := s.db.Collection(CollUsers)
+	if len(requestIDs) == 1 {
+		// The common case: one conditional update.
+		path := fDone + "." + requestIDs[0]
+		_, err := users.UpdateOne(ctx, bson.D{{Key: "_id", Value: user}, {Key: path, Value: bson.D{{Key: "$exists", Value: true}}}}, bson.D{
+			{Key: "$unset", Value: bson.D{{Key: path, Value: ""}}},
+			{Key: "$inc", Value: bson.D{{Key: fDoneCount, Value: int64(-1)}}},
+		})
+		if err != nil {
+			return fmt.Errorf("clearing a receipt: %w", err)
+		}
+		return nil
+	}
 	proj := bson.D{}
 	for _, rid := range requestIDs {
 		proj = append(proj, bson.E{Key: fDone + "." + rid, Value: 1})
@@ -492,7 +506,6 @@ func (s *Store) ClearReceipts(ctx context.Context, user string, requestIDs []str
 	var doc struct {
 		Done map[string]bson.Raw `bson:"llmDone"`
 	}
-	users := s.db.Collection(CollUsers)
 	err = users.FindOne(ctx, bson.D{{Key: "_id", Value: user}}, options.FindOne().SetProjection(proj)).Decode(&doc)
 	if errors.Is(err, mongo.ErrNoDocuments) {
 		return nil
