@@ -56,6 +56,11 @@ type HoldRequest struct {
 	// that the log row of an orphaned hold still says what it was.
 	Model string
 	KeyID string
+	// Clear names receipts of the same user whose log rows are written:
+	// the hold's update drops them too, saving a write of its own. They
+	// must exist (see Ledger.ClearReceipts); when Reserve fails they are
+	// not dropped.
+	Clear []string
 }
 
 // Hold is credit reserved for one request.

@@ -44,6 +44,7 @@ type engine struct {
 	isolation    atomic.Pointer[string] // "auto", "process" or "shared"
 	retryMu      sync.Mutex
 	retry        []*settlement
+	clears       receiptClears
 
 	// settings, replaced by each config that provisions the app
 	authTTL     atomic.Int64 // nanoseconds
@@ -152,11 +153,12 @@ func (e *engine) start() {
 			e.workers.Add(1)
 			go e.settleLoop()
 		}
-		e.workers.Add(4)
+		e.workers.Add(5)
 		go e.refreshLoop()
 		go e.markLoop()
 		go e.retryLoop()
 		go e.sweepLoop()
+		go e.clearLoop()
 	})
 }
 
@@ -275,6 +277,7 @@ func (e *engine) Destruct() error {
 		e.log().Warn("database unreachable at shutdown; settlements stay in the spool for the next start",
 			zap.Int("pending", e.pendingRetries()))
 	}
+	e.flushClears(true)
 	if sp := e.spool.Load(); sp != nil {
 		if err := sp.Close(); err != nil {
 			e.log().Error("closing the settlement spool failed", zap.Error(err))

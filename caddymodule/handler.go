@@ -322,11 +322,14 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p 
 	req := billing.HoldRequest{
 		RequestID: reqID, User: p.User, Plan: h.plan, Want: want, Min: need, Input: inputCost,
 		Owner: eng.boot, At: now, Expires: now.Add(time.Duration(eng.holdLease.Load())), LogID: billing.NewLogID(now),
-		Model: model.ID, KeyID: masked,
+		Model: model.ID, KeyID: masked, Clear: eng.clears.take(p.User),
 	}
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
 	hold, err := eng.store.Reserve(ctx, req)
+	if err != nil && len(req.Clear) > 0 {
+		eng.clears.add(p.User, req.Clear, time.Now())
+	}
 	var ie *billing.InsufficientError
 	switch {
 	case err == nil:

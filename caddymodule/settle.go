@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -162,10 +163,10 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 			logged = nil
 		}
 	}
+	// The receipts go with the user's next hold (no write of their own), or
+	// after clearDelay when none comes.
 	for user, ids := range receipts {
-		if err := e.store.ClearReceipts(ctx, user, ids); err != nil {
-			e.log().Warn("clearing settlement receipts failed; the sweeper will", zap.String("user", user), zap.Error(err))
-		}
+		e.clears.add(user, ids, time.Now())
 	}
 	if len(counters) > 0 {
 		if err := e.addUsage(ctx, counters); err != nil {
@@ -440,5 +441,90 @@ func orphanLog(h billing.Hold, rc billing.Receipt, policy billing.OrphanPolicy) 
 		RequestID: h.RequestID, CreditField: h.Plan.String(), UsageSource: source, EndReason: end,
 		CostNano: int64(rc.Cost), ChargedNano: int64(rc.Charged), ShortfallNano: int64(rc.Shortfall), Shortfall: rc.Shortfall.USD(),
 		HoldNano: int64(h.Amount()), TakenNano: rc.TakenByField(),
+	}
+}
+
+// clearDelay is how long a receipt whose log row is written waits for the
+// user's next hold to drop it before it is dropped on its own.
+const clearDelay = time.Second
+
+// receiptClears holds, per user, the receipts whose log rows are written,
+// until a hold of the same user or the flusher drops them. Each receipt is
+// in one place at a time, so it is dropped once and the count stays exact.
+type receiptClears struct {
+	mu sync.Mutex
+	m  map[string]*userClears
+}
+
+type userClears struct {
+	ids   []string
+	since time.Time
+}
+
+func (c *receiptClears) add(user string, ids []string, now time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = map[string]*userClears{}
+	}
+	uc := c.m[user]
+	if uc == nil {
+		uc = &userClears{since: now}
+		c.m[user] = uc
+	}
+	uc.ids = append(uc.ids, ids...)
+}
+
+// take removes and returns the user's receipts to drop.
+func (c *receiptClears) take(user string) []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	uc := c.m[user]
+	if uc == nil {
+		return nil
+	}
+	delete(c.m, user)
+	return uc.ids
+}
+
+// due removes and returns the receipts waiting longer than clearDelay.
+func (c *receiptClears) due(now time.Time, all bool) map[string][]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[string][]string{}
+	for user, uc := range c.m {
+		if all || now.Sub(uc.since) >= clearDelay {
+			out[user] = uc.ids
+			delete(c.m, user)
+		}
+	}
+	return out
+}
+
+// flushClears drops the receipts no hold took along.
+func (e *engine) flushClears(all bool) {
+	due := e.clears.due(time.Now(), all)
+	if len(due) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
+	defer cancel()
+	for user, ids := range due {
+		if err := e.store.ClearReceipts(ctx, user, ids); err != nil {
+			// The sweeper drops receipts whose rows exist after receiptAge.
+			e.log().Warn("clearing settlement receipts failed; the sweeper will", zap.String("user", user), zap.Error(err))
+		}
+	}
+}
+
+func (e *engine) clearLoop() {
+	defer e.workers.Done()
+	for {
+		select {
+		case <-e.stop:
+			return
+		case <-time.After(clearDelay / 2):
+			e.flushClears(false)
+		}
 	}
 }

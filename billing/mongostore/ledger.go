@@ -142,7 +142,13 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 			return billing.Hold{}, err
 		}
 		if held != nil {
-			return holdFromDoc(req.User, req.RequestID, req.Plan, held), nil // taken already: idempotent
+			// Taken already: idempotent. The receipts it was to drop go now.
+			if len(req.Clear) > 0 {
+				if err := s.clearReceipts(ctx, req.User, req.Clear); err != nil {
+					return billing.Hold{}, err
+				}
+			}
+			return holdFromDoc(req.User, req.RequestID, req.Plan, held), nil
 		}
 		var avail billing.Nano
 		for _, fv := range vals {
@@ -227,10 +233,19 @@ func (s *Store) reserveUpdate(req billing.HoldRequest, fields []string, taken []
 		At: req.At, Exp: req.Expires, Owner: req.Owner, Log: bson.ObjectID(req.LogID),
 		Model: req.Model, KeyID: req.KeyID,
 	}
-	return bson.D{
+	upd := bson.D{
 		{Key: "$inc", Value: inc},
 		{Key: "$set", Value: bson.D{{Key: fHolds + "." + req.RequestID, Value: doc}}},
 	}
+	if len(req.Clear) > 0 {
+		unset := bson.D{}
+		for _, rid := range req.Clear {
+			unset = append(unset, bson.E{Key: fDone + "." + rid, Value: ""})
+		}
+		upd = append(upd, bson.E{Key: "$unset", Value: unset})
+		upd[0].Value = append(inc, bson.E{Key: fDoneCount, Value: -int64(len(req.Clear))})
+	}
+	return upd
 }
 
 // readForHold reads the plan's fields and the hold, if any.
@@ -486,6 +501,11 @@ func (s *Store) ClearReceipts(ctx context.Context, user string, requestIDs []str
 		return err
 	}
 	defer unlock()
+	return s.clearReceipts(ctx, user, requestIDs)
+}
+
+// clearReceipts is ClearReceipts under the user's lock.
+func (s *Store) clearReceipts(ctx context.Context, user string, requestIDs []string) error {
 	users := s.db.Collection(CollUsers)
 	if len(requestIDs) == 1 {
 		// The common case: one conditional update.
@@ -506,7 +526,7 @@ func (s *Store) ClearReceipts(ctx context.Context, user string, requestIDs []str
 	var doc struct {
 		Done map[string]bson.Raw `bson:"llmDone"`
 	}
-	err = users.FindOne(ctx, bson.D{{Key: "_id", Value: user}}, options.FindOne().SetProjection(proj)).Decode(&doc)
+	err := users.FindOne(ctx, bson.D{{Key: "_id", Value: user}}, options.FindOne().SetProjection(proj)).Decode(&doc)
 	if errors.Is(err, mongo.ErrNoDocuments) {
 		return nil
 	}

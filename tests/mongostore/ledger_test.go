@@ -343,3 +343,34 @@ func TestRequestLogRowWrittenOnce(t *testing.T) {
 		t.Fatalf("_id: %v, %v", got.ID, err)
 	}
 }
+
+// A hold can carry the receipts of earlier settlements of the same user,
+// whose log rows are written: they go in the hold's update.
+func TestReserveDropsReceipts(t *testing.T) {
+	s, db := open(t)
+	ctx := context.Background()
+	if err := seed.Insert(ctx, db, seed.User{ID: "n", Active: true, Migration: true, CreditsNew: 1}); err != nil {
+		t.Fatal(err)
+	}
+	for _, rid := range []string{"a", "b"} {
+		h, err := s.Reserve(ctx, holdReq(rid, "n", newPlan, usd(0.1), 0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.Settle(ctx, billing.SettleRequest{Hold: h, Cost: usd(0.05), By: billing.SettledByRequest}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := readState(t, db, "n"); st.DoneN != 2 || len(st.Done) != 2 {
+		t.Fatalf("before: %+v", st)
+	}
+	r := holdReq("c", "n", newPlan, usd(0.1), 0)
+	r.Clear = []string{"a", "b"}
+	if _, err := s.Reserve(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	st := readState(t, db, "n")
+	if st.DoneN != 0 || len(st.Done) != 0 || st.Held != 1 || st.Net["creditsNew"] != -int64(usd(0.2)) {
+		t.Fatalf("after: %+v", st)
+	}
+}
