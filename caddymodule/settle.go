@@ -511,8 +511,12 @@ func (e *engine) flushClears(all bool) {
 	defer cancel()
 	for user, ids := range due {
 		if err := e.store.ClearReceipts(ctx, user, ids); err != nil {
-			// The sweeper drops receipts whose rows exist after receiptAge.
-			e.log().Warn("clearing settlement receipts failed; the sweeper will", zap.String("user", user), zap.Error(err))
+			// Tried again with the next hold or flush; past receiptAge the
+			// sweeper drops them too.
+			e.clears.add(user, ids, time.Now())
+			if !all {
+				e.log().Warn("clearing settlement receipts failed; will retry", zap.String("user", user), zap.Error(err))
+			}
 		}
 	}
 }
