@@ -241,6 +241,9 @@ func (h *harness) caddyfile(adminPort, plainPort, gwPort int) string {
 	if h.cfg.StaticKeys {
 		static = "\t\tupstream_keys " + strings.Join(h.upstreamKeys, " ") + "\n"
 	}
+	if h.cfg.Isolation != "" {
+		static += "\t\tisolation " + h.cfg.Isolation + "\n"
+	}
 	return fmt.Sprintf(`# Written by the llm_billing benchmark (bench/).
 {
 	admin 127.0.0.1:%d

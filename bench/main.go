@@ -70,6 +70,7 @@ type config struct {
 	Users        int    `json:"users"`
 	UpstreamKeys int    `json:"upstream_keys"`
 	StaticKeys   bool   `json:"static_keys"`
+	Isolation    string `json:"isolation"`
 	API          string `json:"api"`
 	DB           string `json:"db"`
 	PGBin        string `json:"-"`
@@ -108,6 +109,7 @@ func runMain(args []string) error {
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 90*time.Second, "longest wait for settlements after a gateway phase")
 	fs.IntVar(&c.Users, "users", 32, "seeded users (keys); requests go round-robin over them")
 	fs.IntVar(&c.UpstreamKeys, "upstream-keys", 4, "upstream keys in the pool")
+	fs.StringVar(&c.Isolation, "isolation", "process", "llm_billing isolation: process (one gateway instance, as here) or shared/auto (the lock documents several instances on FerretDB need)")
 	fs.BoolVar(&c.StaticKeys, "static-keys", false, "give the gateway upstream_keys in the Caddyfile instead of the openhands_keys pool")
 	fs.StringVar(&c.API, "api", "anthropic", "API of the requests: anthropic (/v1/messages) or openai (/v1/chat/completions)")
 	fs.StringVar(&c.DB, "db", "postgresql", "FerretDB backend: postgresql or sqlite")

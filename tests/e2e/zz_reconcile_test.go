@@ -22,7 +22,7 @@ func TestReconcileAfterEverything(t *testing.T) {
 	ctx := context.Background()
 	u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 1})
 	calls[0].do(t, chatURL, key, "claude-sonnet-4-5", uniq(t, "req"))
-	waitLogs(t, u.ID, 1)
+	waitSettled(t, u.ID, 1, "creditsNew") // its receipt dropped too
 
 	rep := runReconcile(t, reconcile.Options{RecheckDelay: time.Second})
 	if !rep.OK() || rep.HoldsOutstanding != 0 || rep.RowsChecked == 0 {
