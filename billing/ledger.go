@@ -170,9 +170,16 @@ type Ledger interface {
 	// (the receipt is then the earlier one, possibly the sweeper's). It
 	// returns ErrNoHold when the hold and its receipt are both gone.
 	Settle(ctx context.Context, req SettleRequest) (r Receipt, applied bool, err error)
+	// SettleMany settles several holds of one user and plan at once, each
+	// with a cost within its hold, in one write: all or nothing. It returns
+	// ErrNotAllHeld when one of the holds is already settled.
+	SettleMany(ctx context.Context, reqs []SettleRequest) ([]Receipt, error)
 	// ClearReceipts drops receipts whose request log rows are written.
 	ClearReceipts(ctx context.Context, user string, requestIDs []string) error
 }
+
+// ErrNotAllHeld is returned by SettleMany when one of the holds is gone.
+var ErrNotAllHeld = fmt.Errorf("not every hold is still held")
 
 // OrphanPolicy is what the sweeper charges for a hold whose request never
 // settled (its process died, or the lease ran out).

@@ -56,6 +56,14 @@ func (f *fakeStore) Settle(_ context.Context, r billing.SettleRequest) (billing.
 		Taken: []billing.Nano{r.Cost}, Cost: r.Cost, Charged: r.Cost, By: r.By, At: time.Now()}, true, nil
 }
 
+func (f *fakeStore) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([]billing.Receipt, error) {
+	out := make([]billing.Receipt, len(reqs))
+	for i, r := range reqs {
+		out[i], _, _ = f.Settle(ctx, r)
+	}
+	return out, nil
+}
+
 func (f *fakeStore) ClearReceipts(context.Context, string, []string) error { return nil }
 
 func (f *fakeStore) Heartbeat(context.Context, string, time.Time) error { return nil }

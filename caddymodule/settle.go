@@ -34,7 +34,7 @@ type settlement struct {
 }
 
 const (
-	settleBatch      = 32
+	settleBatch      = 256
 	retryMin         = 500 * time.Millisecond
 	retryMax         = 15 * time.Second
 	sweepInterval    = 15 * time.Second
@@ -111,16 +111,24 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 		counters []billing.UsageCounters
 		done     []*settlement
 	)
+	merged := e.settleMerged(ctx, batch)
 	for _, s := range batch {
 		if down != nil {
 			e.failed(s, down)
 			continue
 		}
-		opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
-		rc, applied, err := e.store.Settle(opCtx, billing.SettleRequest{
-			Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: billing.SettledByRequest,
-		})
-		cancel()
+		var (
+			rc      billing.Receipt
+			applied bool
+			err     error
+		)
+		if m, ok := merged[s]; ok {
+			rc, applied = m, true
+		} else {
+			opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+			rc, applied, err = e.store.Settle(opCtx, s.request())
+			cancel()
+		}
 		switch {
 		case errors.Is(err, billing.ErrNoHold):
 			// Settled and logged before (a replay): nothing left to do.
@@ -186,6 +194,57 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 			}
 		}
 	}
+}
+
+func (s *settlement) request() billing.SettleRequest {
+	return billing.SettleRequest{Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: billing.SettledByRequest}
+}
+
+// settleMerged settles in one write per user the settlements of a batch
+// that share a user and a plan and whose cost is within their hold: under
+// load the queue holds several per user, and this divides the balance
+// writes by as many. What it cannot settle this way is left out of the
+// result and settled one by one.
+func (e *engine) settleMerged(ctx context.Context, batch []*settlement) map[*settlement]billing.Receipt {
+	if len(batch) < 2 {
+		return nil
+	}
+	groups := map[string][]*settlement{}
+	var order []string
+	for _, s := range batch {
+		if s.failures > 0 || s.Cost > s.Hold.Amount() {
+			continue // a retry may be half done, and costs above the hold need the pool
+		}
+		k := s.Hold.User + "\x00" + s.Hold.Plan.String()
+		if groups[k] == nil {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], s)
+	}
+	var out map[*settlement]billing.Receipt
+	for _, k := range order {
+		g := groups[k]
+		if len(g) < 2 {
+			continue
+		}
+		reqs := make([]billing.SettleRequest, len(g))
+		for i, s := range g {
+			reqs[i] = s.request()
+		}
+		opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+		rcs, err := e.store.SettleMany(opCtx, reqs)
+		cancel()
+		if err != nil {
+			continue // one by one, which handles every case
+		}
+		if out == nil {
+			out = make(map[*settlement]billing.Receipt, len(batch))
+		}
+		for i, s := range g {
+			out[s] = rcs[i]
+		}
+	}
+	return out
 }
 
 // failed keeps a settlement the database did not take for the retry loop.
@@ -310,18 +369,20 @@ func (s *settlement) logBilled() {
 // never resolve one hold twice.
 func (e *engine) sweepLoop() {
 	defer e.workers.Done()
-	// Settle what a previous run of this instance journaled, then resolve
-	// the holds that run left in flight: they are orphans now.
-	e.retryOnce(settleTimeout)
-	e.sweepPredecessors()
 	lastSweep := time.Time{}
-	for {
+	for first := true; ; first = false {
 		now := time.Now()
 		ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
 		if err := e.store.Heartbeat(ctx, e.boot, now); err != nil {
 			e.log().Warn("heartbeat failed", zap.Error(err))
 		}
 		cancel()
+		if first {
+			// Settle what a previous run of this instance journaled, then
+			// resolve the holds that run left in flight: orphans now.
+			e.retryOnce(settleTimeout)
+			e.sweepPredecessors()
+		}
 		if now.Sub(lastSweep) >= sweepInterval {
 			lastSweep = now
 			e.sweep(now)

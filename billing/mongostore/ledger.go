@@ -631,3 +631,88 @@ var (
 	_ billing.Ledger  = (*Store)(nil)
 	_ billing.Sweeper = (*Store)(nil)
 )
+
+// SettleMany settles several holds of one user and one plan, each with a
+// cost its hold covers, in one conditional update that applies only while
+// every one of the holds exists. It returns billing.ErrNotAllHeld, moving
+// nothing, when one of them is gone (settled before: the caller settles
+// them one by one).
+func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([]billing.Receipt, error) {
+	if len(reqs) == 0 {
+		return nil, nil
+	}
+	user, plan := reqs[0].Hold.User, reqs[0].Hold.Plan
+	fields := plan.Fields()
+	if len(fields) == 0 {
+		return nil, errors.New("settling holds without their credit plan")
+	}
+	filter := bson.D{{Key: "_id", Value: user}}
+	deltas := make([]billing.Nano, len(fields))
+	var charged billing.Nano
+	var weighted, input, output int64
+	unset := bson.D{}
+	set := bson.D{}
+	out := make([]billing.Receipt, len(reqs))
+	now := s.now()
+	for i, req := range reqs {
+		h := req.Hold
+		if err := validRequestID(h.RequestID); err != nil {
+			return nil, err
+		}
+		if h.User != user || h.Plan.String() != plan.String() || len(h.Taken) != len(fields) || req.Cost < 0 || req.Cost > h.Amount() {
+			return nil, errors.New("settling holds of several users or plans, or a cost above its hold, at once")
+		}
+		keep := make([]billing.Nano, len(fields))
+		rest := req.Cost
+		for j, t := range h.Taken {
+			keep[j] = min(rest, t)
+			rest -= keep[j]
+			deltas[j] += t - keep[j]
+		}
+		charged += req.Cost
+		weighted += req.WeightedTokens
+		input += req.Usage.Input
+		output += req.Usage.Output
+		out[i] = billing.Receipt{RequestID: h.RequestID, LogID: h.LogID, Fields: fields, Taken: keep,
+			Cost: req.Cost, Charged: req.Cost, By: req.By, At: now}
+		filter = append(filter, bson.E{Key: fHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}})
+		unset = append(unset, bson.E{Key: fHolds + "." + h.RequestID, Value: ""})
+		set = append(set, bson.E{Key: fDone + "." + h.RequestID, Value: receiptDoc{
+			Log: bson.ObjectID(h.LogID), Fields: fields, Taken: nanos(keep), Cost: int64(req.Cost),
+			Charged: int64(req.Cost), By: string(req.By), At: now,
+		}})
+	}
+	inc := bson.D{{Key: fHeld, Value: -int64(len(reqs))}, {Key: fDoneCount, Value: int64(len(reqs))}}
+	for j, f := range fields {
+		if deltas[j] != 0 {
+			inc = append(inc, bson.E{Key: f, Value: deltas[j].USD()}, bson.E{Key: fNet + "." + f, Value: int64(deltas[j])})
+		}
+	}
+	if charged > 0 {
+		inc = append(inc, bson.E{Key: plan.UsedField(), Value: charged.USD()})
+	}
+	if tf := plan.TokensField(); tf != "" && weighted > 0 {
+		inc = append(inc, bson.E{Key: tf, Value: weighted})
+	}
+	if input > 0 {
+		inc = append(inc, bson.E{Key: "totalInputTokens", Value: input})
+	}
+	if output > 0 {
+		inc = append(inc, bson.E{Key: "totalOutputTokens", Value: output})
+	}
+	unlock, err := s.lockUser(ctx, user)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	r, err := s.db.Collection(CollUsers).UpdateOne(ctx, filter, bson.D{
+		{Key: "$inc", Value: inc}, {Key: "$unset", Value: unset}, {Key: "$set", Value: set},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("settling holds: %w", err)
+	}
+	if r.MatchedCount != 1 {
+		return nil, billing.ErrNotAllHeld
+	}
+	return out, nil
+}

@@ -374,3 +374,39 @@ func TestReserveDropsReceipts(t *testing.T) {
 		t.Fatalf("after: %+v", st)
 	}
 }
+
+// Several holds of one user settle in one write, all or nothing.
+func TestSettleMany(t *testing.T) {
+	s, db := open(t)
+	ctx := context.Background()
+	if err := seed.Insert(ctx, db, seed.User{ID: "c", Active: true, Migration: true, Credits: 0.5, RefCredits: 0.5}); err != nil {
+		t.Fatal(err)
+	}
+	var reqs []billing.SettleRequest
+	for i, cost := range []float64{0.1, 0.2, 0.3} {
+		h, err := s.Reserve(ctx, holdReq(fmt.Sprint("m", i), "c", oldPlan, usd(0.3), 0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		reqs = append(reqs, billing.SettleRequest{Hold: h, Cost: usd(cost), Usage: billing.Usage{Input: 1, Output: 2}, By: billing.SettledByRequest})
+	}
+	// The third hold took 0.3 from refCredits (credits had 0.5 - 0.3 - 0.2 = 0 left after two).
+	rcs, err := s.SettleMany(ctx, reqs)
+	if err != nil || len(rcs) != 3 || rcs[2].Charged != usd(0.3) {
+		t.Fatalf("settle many: %+v, %v", rcs, err)
+	}
+	b, _ := seed.Balances(ctx, db, "c")
+	st := readState(t, db, "c")
+	left := usd(b["credits"]) + usd(b["refCredits"])
+	if left != usd(0.4) || usd(b["creditsUsed"]) != usd(0.6) || b["totalOutputTokens"] != 6 || st.Held != 0 || st.DoneN != 3 ||
+		st.Net["credits"]+st.Net["refCredits"] != -int64(usd(0.6)) {
+		t.Fatalf("after: balances %v, state %+v", b, st)
+	}
+	// Again: the holds are gone, nothing moves.
+	if _, err := s.SettleMany(ctx, reqs); !errors.Is(err, billing.ErrNotAllHeld) {
+		t.Fatalf("settle many again: %v, want ErrNotAllHeld", err)
+	}
+	if b2, _ := seed.Balances(ctx, db, "c"); usd(b2["credits"])+usd(b2["refCredits"]) != usd(0.4) {
+		t.Fatalf("moved again: %v", b2)
+	}
+}
