@@ -57,6 +57,7 @@ type engine struct {
 	logger      atomic.Pointer[zap.Logger]
 
 	jobs      chan *settlement
+	batches   chan []*settlement
 	marks     chan keyMark
 	mu        sync.RWMutex // guards closed against sends
 	closed    bool
@@ -69,7 +70,7 @@ type engine struct {
 
 const (
 	settleWorkers  = 4
-	settleQueue    = 4096
+	settleQueue    = 1024
 	settleTimeout  = 15 * time.Second
 	drainTimeout   = 30 * time.Second
 	dbTimeout      = 5 * time.Second
@@ -107,12 +108,13 @@ func newEngine(uri, database string) (*engine, error) {
 // newEngineWithStore returns an engine over any store.
 func newEngineWithStore(store billing.Store) *engine {
 	e := &engine{
-		store: store,
-		auth:  newAuthCache(),
-		boot:  bootID(),
-		jobs:  make(chan *settlement, settleQueue),
-		marks: make(chan keyMark, 256),
-		stop:  make(chan struct{}),
+		store:   store,
+		auth:    newAuthCache(),
+		boot:    bootID(),
+		jobs:    make(chan *settlement, settleQueue),
+		batches: make(chan []*settlement, settleWorkers),
+		marks:   make(chan keyMark, 256),
+		stop:    make(chan struct{}),
 	}
 	e.authTTL.Store(int64(defaultAuthTTL))
 	e.keyRefresh.Store(int64(defaultRefresh))
@@ -149,8 +151,9 @@ func (e *engine) start() {
 	e.startOnce.Do(func() {
 		e.openSpool()
 		e.applyIsolation()
+		e.workers.Add(1 + settleWorkers)
+		go e.collectLoop()
 		for i := 0; i < settleWorkers; i++ {
-			e.workers.Add(1)
 			go e.settleLoop()
 		}
 		e.workers.Add(5)

@@ -106,6 +106,11 @@ func newTestHandler(tb testing.TB) (*Handler, *fakeStore) {
 	plan, _ := billing.ParseCreditPlan([]string{"creditsNew"})
 	fs := &fakeStore{key: "sk-trollllm-" + strings.Repeat("ab", 32)}
 	eng := newEngineWithStore(fs)
+	// The pool is set here, not loaded by the refresher: a test that sets
+	// its own keys must not race with a load.
+	keys, _ := fs.LoadUpstreamKeys(context.Background())
+	eng.static.Store(true)
+	eng.keys.Set(keys)
 	eng.start()
 	tb.Cleanup(func() { _ = eng.Destruct() })
 	return &Handler{MaxBodySize: DefaultMaxBodySize, eng: eng, plan: plan, cat: cat, logger: zap.NewNop()}, fs

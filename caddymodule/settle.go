@@ -35,6 +35,7 @@ type settlement struct {
 
 const (
 	settleBatch      = 256
+	settleLinger     = 20 * time.Millisecond
 	retryMin         = 500 * time.Millisecond
 	retryMax         = 15 * time.Second
 	sweepInterval    = 15 * time.Second
@@ -71,11 +72,18 @@ func (e *engine) submit(s *settlement) {
 	e.settleBatch([]*settlement{s})
 }
 
-func (e *engine) settleLoop() {
+// collectLoop gathers queued settlements into batches: what arrives within
+// settleLinger of the first, up to settleBatch. A batch costs one insert of
+// log rows, one write of usage counters, and one balance write per user and
+// plan, so at any load a larger batch means fewer writes per request; the
+// linger only delays work that is already off the request path.
+func (e *engine) collectLoop() {
 	defer e.workers.Done()
-	batch := make([]*settlement, 0, settleBatch)
+	defer close(e.batches)
 	for s := range e.jobs {
-		batch = append(batch[:0], s)
+		batch := make([]*settlement, 1, settleBatch)
+		batch[0] = s
+		t := time.NewTimer(settleLinger)
 	fill:
 		for len(batch) < settleBatch {
 			select {
@@ -84,11 +92,20 @@ func (e *engine) settleLoop() {
 					break fill
 				}
 				batch = append(batch, s)
-			default:
+			case <-t.C:
 				break fill
 			}
 		}
-		e.settleBatch(batch)
+		t.Stop()
+		e.batches <- batch
+	}
+}
+
+// settleLoop settles the batches collectLoop makes.
+func (e *engine) settleLoop() {
+	defer e.workers.Done()
+	for b := range e.batches {
+		e.settleBatch(b)
 	}
 }
 
