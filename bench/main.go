@@ -31,8 +31,10 @@ func main() {
 		err = upstreamMain(args)
 	case "ferretdb":
 		err = ferretMain(args)
+	case "dbcost":
+		err = dbcostMain(args)
 	default:
-		err = fmt.Errorf("unknown command %q (run, upstream, ferretdb)", cmd)
+		err = fmt.Errorf("unknown command %q (run, upstream, ferretdb, dbcost)", cmd)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)

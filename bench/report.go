@@ -177,10 +177,12 @@ func (r *results) summarize() {
 		rows = append(rows, row{Figure: fmt.Sprintf("database round trips before / after the first byte, %s (sequential probe, median of %d; max)", pr.Kind, pr.Requests), Unit: "ops",
 			Text: [2]string{"0 / 0", fmt.Sprintf("%g / %g (max %d / %d)", pr.BeforeMedian, pr.AfterMedian, pr.BeforeMax, pr.AfterMax)}})
 	}
-	if len(c.Rates) > 0 {
-		last := fmt.Sprintf("%s%d", phRate, c.Rates[len(c.Rates)-1])
-		gwOnly(fmt.Sprintf("database round-trip time p50 at %d req/s (at the counting proxy)", c.Rates[len(c.Rates)-1]), "ms", 2, last, func(p *phase) float64 { return p.DB.RTTP50Ms })
-		gwOnly(fmt.Sprintf("database round-trip time p99 at %d req/s", c.Rates[len(c.Rates)-1]), "ms", 2, last, func(p *phase) float64 { return p.DB.RTTP99Ms })
+	// The round-trip time at every fixed rate, to set each added latency
+	// against the database round trips it contains.
+	for _, rate := range c.Rates {
+		ph := fmt.Sprintf("%s%d", phRate, rate)
+		gwOnly(fmt.Sprintf("database round-trip time p50 at %d req/s (at the counting proxy)", rate), "ms", 2, ph, func(p *phase) float64 { return p.DB.RTTP50Ms })
+		gwOnly(fmt.Sprintf("database round-trip time p99 at %d req/s", rate), "ms", 2, ph, func(p *phase) float64 { return p.DB.RTTP99Ms })
 	}
 
 	mib := func(f func(*memStats) float64) func(*phase) float64 {
