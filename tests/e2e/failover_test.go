@@ -160,7 +160,11 @@ func TestFailoverToAGoodKey(t *testing.T) {
 	env.Standin.SetKeyStatus("sk-f-429", "")
 	time.Sleep(1500 * time.Millisecond)
 	served := false
-	for i := 0; i < 12 && !served; i++ {
+	for i := 0; i < 24 && !served; i++ {
+		if i == 12 {
+			// A loaded machine: give the pool one refresh.
+			time.Sleep(5 * time.Second)
+		}
 		c := calls[0]
 		c.do(t, chatURL, key, "claude-sonnet-4-5", uniq(t, "req"))
 		logs = waitLogsIn(t, fdb, user, n+i+1)
