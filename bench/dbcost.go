@@ -30,7 +30,8 @@ import (
 //   - a hold then its settlement, through the real store, on a user with no
 //     other hold;
 //   - the same on a user document that carries 20 other outstanding holds
-//     (what a settlement backlog makes the documents look like).
+//     (what a settlement backlog makes the documents look like), packed as
+//     the gateway writes them, and as sub-documents.
 //
 // Each worker has its own user, so nothing contends for a document.
 func dbcostMain(args []string) error {
@@ -163,5 +164,26 @@ func dbcostMain(args []string) error {
 			}
 		}
 	}
-	return run("hold + settle + receipt drop, 20 other holds in the document", 3, holdSettle, ids)
+	if err := run("hold + settle + receipt drop, 20 other holds in the document (packed, as written)", 3, holdSettle, ids); err != nil {
+		return err
+	}
+	// The same number of other holds as sub-documents of 9 fields, the
+	// layout the packed strings replaced.
+	if ids, err = mkUsers("subdoc"); err != nil {
+		return err
+	}
+	for _, u := range ids {
+		set := bson.D{}
+		for i := 0; i < 20; i++ {
+			set = append(set, bson.E{Key: fmt.Sprintf("llmHolds.s%02d-7f0c6c5e-3b1a-4f8e-9d2a-6a1b2c3d4e", i), Value: bson.D{
+				{Key: "amt", Value: bson.A{int64(14705340)}}, {Key: "fields", Value: bson.A{"creditsNew"}}, {Key: "input", Value: int64(90000)},
+				{Key: "at", Value: time.Now()}, {Key: "exp", Value: time.Now().Add(time.Hour)}, {Key: "owner", Value: "0b7c1f0e-9f5a-4b7d-8a31-2f7c9d1e6a40/5f2a9c1d7e3b"},
+				{Key: "log", Value: bson.NewObjectID()}, {Key: "model", Value: "claude-sonnet-4-5-20250929"}, {Key: "key", Value: "sk-troll...8c70"},
+			}})
+		}
+		if _, err := users.UpdateOne(ctx, bson.D{{Key: "_id", Value: u}}, bson.D{{Key: "$set", Value: set}}); err != nil {
+			return err
+		}
+	}
+	return run("hold + settle + receipt drop, 20 other holds as sub-documents (the earlier layout)", 3, holdSettle, ids)
 }

@@ -123,6 +123,16 @@ func parseUser(raw bson.Raw) *userState {
 			rid := e.Key()
 			h := &holdState{}
 			u.holds[rid] = h
+			if str, ok := e.Value().StringValueOK(); ok {
+				// Packed (billing.EncodeHold), as the gateway writes holds.
+				ph, err := billing.DecodeHold(str)
+				if err != nil {
+					bad("", "hold %s: %v", rid, err)
+					continue
+				}
+				h.fields, h.amounts, h.at, h.exp, h.owner, h.log = ph.Plan.Fields(), ph.Taken, ph.At, ph.Expires, ph.Owner, ph.LogID.String()
+				continue
+			}
 			hd, ok := e.Value().DocumentOK()
 			if !ok {
 				bad("", "hold %s is %s, not a document", rid, describe(e.Value()))
@@ -155,6 +165,20 @@ func parseUser(raw bson.Raw) *userState {
 		doc, _ := v.DocumentOK()
 		elems, _ := doc.Elements()
 		for _, e := range elems {
+			if str, ok := e.Value().StringValueOK(); ok {
+				// Packed (billing.EncodeReceipt).
+				r, plan, err := billing.DecodeReceipt(str)
+				if err != nil {
+					bad("", "receipt %s: %v", e.Key(), err)
+					continue
+				}
+				rc := receiptState{fields: plan.Fields()}
+				for _, a := range r.Taken {
+					rc.taken = append(rc.taken, int64(a))
+				}
+				u.receipts[e.Key()] = rc
+				continue
+			}
 			rd, ok := e.Value().DocumentOK()
 			if !ok {
 				bad("", "receipt %s is %s, not a document", e.Key(), describe(e.Value()))

@@ -17,10 +17,11 @@ import (
 // The gateway's bookkeeping in a usersNew document. The backend ignores
 // these fields.
 //
-//   - llmHolds.<requestId>: an outstanding hold (holdDoc).
+//   - llmHolds.<requestId>: an outstanding hold, packed in one string
+//     (billing.EncodeHold; sub-documents, holdDoc, are still read).
 //   - llmHeld: the number of outstanding holds, so the sweeper finds them.
 //   - llmDone.<requestId>: the receipt of a settled hold whose request log
-//     row is not confirmed yet (receiptDoc).
+//     row is not confirmed yet, packed (billing.EncodeReceipt).
 //   - llmDoneN: the number of receipts.
 //   - llmNet.<field>: the net amount, in nano-USD, the gateway has moved on
 //     each balance field: holds taken are negative, unused parts given back
@@ -148,7 +149,9 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 					return billing.Hold{}, err
 				}
 			}
-			return holdFromDoc(req.User, req.RequestID, req.Plan, held), nil
+			h := *held
+			h.RequestID, h.User = req.RequestID, req.User
+			return h, nil
 		}
 		var avail billing.Nano
 		for _, fv := range vals {
@@ -228,14 +231,13 @@ func (s *Store) reserveUpdate(req billing.HoldRequest, fields []string, taken []
 	for _, t := range taken {
 		amount += t
 	}
-	doc := holdDoc{
-		Amt: nanos(taken), Fields: fields, Input: int64(min(req.Input, amount)),
-		At: req.At, Exp: req.Expires, Owner: req.Owner, Log: bson.ObjectID(req.LogID),
-		Model: req.Model, KeyID: req.KeyID,
-	}
+	packed := billing.EncodeHold(billing.Hold{
+		Plan: req.Plan, Taken: taken, Input: min(req.Input, amount), Owner: req.Owner, At: req.At, Expires: req.Expires,
+		LogID: req.LogID, Model: req.Model, KeyID: req.KeyID,
+	})
 	upd := bson.D{
 		{Key: "$inc", Value: inc},
-		{Key: "$set", Value: bson.D{{Key: fHolds + "." + req.RequestID, Value: doc}}},
+		{Key: "$set", Value: bson.D{{Key: fHolds + "." + req.RequestID, Value: packed}}},
 	}
 	if len(req.Clear) > 0 {
 		unset := bson.D{}
@@ -249,7 +251,7 @@ func (s *Store) reserveUpdate(req billing.HoldRequest, fields []string, taken []
 }
 
 // readForHold reads the plan's fields and the hold, if any.
-func (s *Store) readForHold(ctx context.Context, user string, fields []string, holdPath string) ([]fieldValue, *holdDoc, error) {
+func (s *Store) readForHold(ctx context.Context, user string, fields []string, holdPath string) ([]fieldValue, *billing.Hold, error) {
 	proj := bson.D{{Key: holdPath, Value: 1}}
 	for _, f := range fields {
 		proj = append(proj, bson.E{Key: f, Value: 1})
@@ -278,30 +280,49 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, h
 		}
 		vals[i] = fieldValue{v: n, present: true}
 	}
-	var held *holdDoc
-	if v, err := raw.LookupErr(strings.Split(holdPath, ".")...); err == nil && v.Type == bson.TypeEmbeddedDocument {
-		held = new(holdDoc)
-		if err := v.Unmarshal(held); err != nil {
+	var held *billing.Hold
+	if v, err := raw.LookupErr(strings.Split(holdPath, ".")...); err == nil {
+		h, err := decodeHold(v)
+		if err != nil {
 			return nil, nil, fmt.Errorf("reading hold: %w", err)
 		}
+		held = &h
 	}
 	return vals, held, nil
 }
 
-func holdFromDoc(user, rid string, plan billing.CreditPlan, d *holdDoc) billing.Hold {
-	h := billing.Hold{
-		RequestID: rid, User: user, Plan: plan, Taken: fromNanos(d.Amt), Input: billing.Nano(d.Input),
-		Owner: d.Owner, At: d.At, Expires: d.Exp, LogID: billing.LogID(d.Log), Model: d.Model, KeyID: d.KeyID,
+// decodeHold reads a hold as stored: packed (billing.EncodeHold), or a
+// sub-document as the first version of this module wrote it.
+func decodeHold(v bson.RawValue) (billing.Hold, error) {
+	if str, ok := v.StringValueOK(); ok {
+		return billing.DecodeHold(str)
 	}
-	if h.Plan.IsZero() {
-		if p, err := billing.ParseCreditPlan(d.Fields); err == nil {
-			h.Plan = p
-		}
+	var d holdDoc
+	if err := v.Unmarshal(&d); err != nil {
+		return billing.Hold{}, err
 	}
-	for len(h.Taken) < len(h.Plan.Fields()) {
-		h.Taken = append(h.Taken, 0)
+	h := billing.Hold{Taken: fromNanos(d.Amt), Input: billing.Nano(d.Input), Owner: d.Owner, At: d.At, Expires: d.Exp,
+		LogID: billing.LogID(d.Log), Model: d.Model, KeyID: d.KeyID}
+	p, err := billing.ParseCreditPlan(d.Fields)
+	if err != nil {
+		return billing.Hold{}, err
 	}
-	return h
+	h.Plan = p
+	return h, nil
+}
+
+// decodeReceipt reads a receipt as stored: packed, or a sub-document.
+func decodeReceipt(rid string, v bson.RawValue) (billing.Receipt, error) {
+	if str, ok := v.StringValueOK(); ok {
+		r, _, err := billing.DecodeReceipt(str)
+		r.RequestID = rid
+		return r, err
+	}
+	var d receiptDoc
+	if err := v.Unmarshal(&d); err != nil {
+		return billing.Receipt{}, err
+	}
+	return receiptFromDoc(rid, &d), nil
 }
 
 // Settle releases the hold and charges the cost, in one conditional update
@@ -452,10 +473,7 @@ func (s *Store) settleUpdate(req billing.SettleRequest, fields []string, keep []
 	return bson.D{
 		{Key: "$inc", Value: inc},
 		{Key: "$unset", Value: bson.D{{Key: fHolds + "." + h.RequestID, Value: ""}}},
-		{Key: "$set", Value: bson.D{{Key: fDone + "." + h.RequestID, Value: receiptDoc{
-			Log: bson.ObjectID(rc.LogID), Fields: fields, Taken: nanos(rc.Taken), Cost: int64(rc.Cost),
-			Charged: int64(rc.Charged), Shortfall: int64(rc.Shortfall), By: string(rc.By), At: rc.At,
-		}}}},
+		{Key: "$set", Value: bson.D{{Key: fDone + "." + h.RequestID, Value: billing.EncodeReceipt(rc, h.Plan)}}},
 	}
 }
 
@@ -471,14 +489,14 @@ func (s *Store) readReceipt(ctx context.Context, user, rid string) (billing.Rece
 		return billing.Receipt{}, false, fmt.Errorf("reading a receipt: %w", err)
 	}
 	v, err := raw.LookupErr(fDone, rid)
-	if err != nil || v.Type != bson.TypeEmbeddedDocument {
+	if err != nil {
 		return billing.Receipt{}, false, billing.ErrNoHold
 	}
-	var d receiptDoc
-	if err := v.Unmarshal(&d); err != nil {
+	rc, err := decodeReceipt(rid, v)
+	if err != nil {
 		return billing.Receipt{}, false, fmt.Errorf("reading a receipt: %w", err)
 	}
-	return receiptFromDoc(rid, &d), false, nil
+	return rc, false, nil
 }
 
 func receiptFromDoc(rid string, d *receiptDoc) billing.Receipt {
@@ -524,7 +542,7 @@ func (s *Store) clearReceipts(ctx context.Context, user string, requestIDs []str
 		proj = append(proj, bson.E{Key: fDone + "." + rid, Value: 1})
 	}
 	var doc struct {
-		Done map[string]bson.Raw `bson:"llmDone"`
+		Done map[string]bson.RawValue `bson:"llmDone"`
 	}
 	err := users.FindOne(ctx, bson.D{{Key: "_id", Value: user}}, options.FindOne().SetProjection(proj)).Decode(&doc)
 	if errors.Is(err, mongo.ErrNoDocuments) {
@@ -589,35 +607,36 @@ func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.O
 		return nil, fmt.Errorf("finding holds: %w", err)
 	}
 	var docs []struct {
-		ID    string                `bson:"_id"`
-		Holds map[string]holdDoc    `bson:"llmHolds"`
-		Done  map[string]receiptDoc `bson:"llmDone"`
+		ID    string                   `bson:"_id"`
+		Holds map[string]bson.RawValue `bson:"llmHolds"`
+		Done  map[string]bson.RawValue `bson:"llmDone"`
 	}
 	if err := cur.All(ctx, &docs); err != nil {
 		return nil, fmt.Errorf("finding holds: %w", err)
 	}
 	var out []billing.Orphan
 	for _, d := range docs {
-		for rid, hd := range d.Holds {
+		for rid, v := range d.Holds {
+			h, err := decodeHold(v)
+			if err != nil {
+				continue // not ours to judge: unreadable
+			}
 			// A hold younger than the deadline may belong to an instance
 			// that has not sent its first heartbeat yet.
-			dead := q.Dead != nil && q.Dead(hd.Owner)
-			if !dead && (alive[hd.Owner] || !hd.At.Before(ownerDeadline)) && !hd.Exp.Before(now) {
+			dead := q.Dead != nil && q.Dead(h.Owner)
+			if !dead && (alive[h.Owner] || !h.At.Before(ownerDeadline)) && !h.Expires.Before(now) {
 				continue
 			}
-			h := holdFromDoc(d.ID, rid, billing.CreditPlan{}, &hd)
-			if h.Plan.IsZero() {
-				continue // not ours to judge: unreadable plan
-			}
+			h.RequestID, h.User = rid, d.ID
 			out = append(out, billing.Orphan{Hold: h})
 		}
-		for rid, rd := range d.Done {
-			if now.Sub(rd.At) < receiptAge {
+		for rid, v := range d.Done {
+			rc, err := decodeReceipt(rid, v)
+			if err != nil || now.Sub(rc.At) < receiptAge {
 				continue
 			}
-			rc := receiptFromDoc(rid, &rd)
 			h := billing.Hold{RequestID: rid, User: d.ID, LogID: rc.LogID, At: rc.At}
-			if p, err := billing.ParseCreditPlan(rd.Fields); err == nil {
+			if p, err := billing.ParseCreditPlan(rc.Fields); err == nil {
 				h.Plan = p
 			}
 			out = append(out, billing.Orphan{Hold: h, Receipt: &rc})
@@ -677,10 +696,7 @@ func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([
 			Cost: req.Cost, Charged: req.Cost, By: req.By, At: now}
 		filter = append(filter, bson.E{Key: fHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}})
 		unset = append(unset, bson.E{Key: fHolds + "." + h.RequestID, Value: ""})
-		set = append(set, bson.E{Key: fDone + "." + h.RequestID, Value: receiptDoc{
-			Log: bson.ObjectID(h.LogID), Fields: fields, Taken: nanos(keep), Cost: int64(req.Cost),
-			Charged: int64(req.Cost), By: string(req.By), At: now,
-		}})
+		set = append(set, bson.E{Key: fDone + "." + h.RequestID, Value: billing.EncodeReceipt(out[i], plan)})
 	}
 	inc := bson.D{{Key: fHeld, Value: -int64(len(reqs))}, {Key: fDoneCount, Value: int64(len(reqs))}}
 	for j, f := range fields {

@@ -30,11 +30,11 @@ func holdReq(rid, user string, plan billing.CreditPlan, want, minimum billing.Na
 
 // ledgerState is the gateway bookkeeping of one user document.
 type ledgerState struct {
-	Net   map[string]int64    `bson:"llmNet"`
-	Holds map[string]bson.Raw `bson:"llmHolds"`
-	Held  int64               `bson:"llmHeld"`
-	Done  map[string]bson.Raw `bson:"llmDone"`
-	DoneN int64               `bson:"llmDoneN"`
+	Net   map[string]int64         `bson:"llmNet"`
+	Holds map[string]bson.RawValue `bson:"llmHolds"`
+	Held  int64                    `bson:"llmHeld"`
+	Done  map[string]bson.RawValue `bson:"llmDone"`
+	DoneN int64                    `bson:"llmDoneN"`
 }
 
 func readState(t *testing.T, db *mongo.Database, user string) ledgerState {
