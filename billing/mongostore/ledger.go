@@ -163,34 +163,8 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 			return billing.Hold{}, &billing.InsufficientError{Balance: avail, Need: req.Min}
 		}
 		want := min(req.Want, avail)
-		filter := bson.D{{Key: "_id", Value: req.User}, notHeld}
-		takes := make([]float64, len(fields))
-		taken := make([]billing.Nano, len(fields))
-		remaining := want
-		for i, fv := range vals {
-			var cond any
-			avail := billing.Nano(0)
-			if fv.v > 0 {
-				avail = billing.NanoFromUSD(fv.v)
-			}
-			switch {
-			case remaining <= 0:
-				continue
-			case avail > remaining:
-				takes[i], taken[i] = remaining.USD(), remaining
-				cond = bson.D{{Key: "$gte", Value: remaining.USD()}}
-				remaining = 0
-			case avail > 0:
-				takes[i], taken[i] = fv.v, avail // drain to exactly zero
-				cond = fv.v
-				remaining -= avail
-			case fv.present:
-				cond = fv.v
-			default:
-				cond = bson.D{{Key: "$exists", Value: false}}
-			}
-			filter = append(filter, bson.E{Key: fields[i], Value: cond})
-		}
+		takes, taken, conds := takeFrom(fields, vals, want)
+		filter := append(bson.D{{Key: "_id", Value: req.User}, notHeld}, conds...)
 		if want == 0 {
 			// A zero hold: what was seen positive must still be.
 			filter = bson.D{{Key: "_id", Value: req.User}, notHeld}
@@ -211,6 +185,44 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 		}
 	}
 	return billing.Hold{}, fmt.Errorf("taking a hold on %s: balance kept changing after %d attempts", req.Plan, casAttempts)
+}
+
+// takeFrom plans taking amount from the fields, first to last, as they
+// were read: a field that covers the rest gives it under a $gte condition;
+// one that does not is drained to exactly zero (its $inc is the double read)
+// under an equality condition; fields not needed only keep what they had,
+// so the order "first field first" still holds when the update applies. It
+// returns the doubles to decrement by, the Nano taken and the conditions.
+func takeFrom(fields []string, vals []fieldValue, amount billing.Nano) ([]float64, []billing.Nano, bson.D) {
+	takes := make([]float64, len(fields))
+	taken := make([]billing.Nano, len(fields))
+	var conds bson.D
+	remaining := amount
+	for i, fv := range vals {
+		avail := billing.Nano(0)
+		if fv.v > 0 {
+			avail = billing.NanoFromUSD(fv.v)
+		}
+		var cond any
+		switch {
+		case remaining <= 0:
+			continue
+		case avail > remaining:
+			takes[i], taken[i] = remaining.USD(), remaining
+			cond = bson.D{{Key: "$gte", Value: remaining.USD()}}
+			remaining = 0
+		case avail > 0:
+			takes[i], taken[i] = fv.v, avail
+			cond = fv.v
+			remaining -= avail
+		case fv.present:
+			cond = fv.v
+		default:
+			cond = bson.D{{Key: "$exists", Value: false}}
+		}
+		conds = append(conds, bson.E{Key: fields[i], Value: cond})
+	}
+	return takes, taken, conds
 }
 
 // reserveUpdate takes taken[i] from fields[i] (as the exact doubles takes[i]
@@ -403,34 +415,8 @@ func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.
 		if hd == nil {
 			return s.readReceipt(ctx, h.User, h.RequestID)
 		}
-		filter := bson.D{{Key: "_id", Value: h.User}, held}
-		takes := make([]float64, len(fields))
-		taken := make([]billing.Nano, len(fields))
-		remaining := extra
-		for i, fv := range vals {
-			avail := billing.Nano(0)
-			if fv.v > 0 {
-				avail = billing.NanoFromUSD(fv.v)
-			}
-			var cond any
-			switch {
-			case remaining <= 0:
-				continue
-			case avail > remaining:
-				takes[i], taken[i] = remaining.USD(), remaining
-				cond = bson.D{{Key: "$gte", Value: remaining.USD()}}
-				remaining = 0
-			case avail > 0:
-				takes[i], taken[i] = fv.v, avail
-				cond = fv.v
-				remaining -= avail
-			case fv.present:
-				cond = fv.v
-			default:
-				cond = bson.D{{Key: "$exists", Value: false}}
-			}
-			filter = append(filter, bson.E{Key: fields[i], Value: cond})
-		}
+		takes, taken, conds := takeFrom(fields, vals, extra)
+		filter := append(bson.D{{Key: "_id", Value: h.User}, held}, conds...)
 		ok, err := apply(filter, takes, taken)
 		if err != nil || ok {
 			return rc, ok, err
