@@ -179,6 +179,7 @@ func (r *results) summarize() {
 	}
 	// The round-trip time at every fixed rate, to set each added latency
 	// against the database round trips it contains.
+	gwOnly(fmt.Sprintf("database round-trip time p50 during the SSE first-byte phase (%d streams/s)", c.SSERate), "ms", 2, phSSETTFB, func(p *phase) float64 { return p.DB.RTTP50Ms })
 	for _, rate := range c.Rates {
 		ph := fmt.Sprintf("%s%d", phRate, rate)
 		gwOnly(fmt.Sprintf("database round-trip time p50 at %d req/s (at the counting proxy)", rate), "ms", 2, ph, func(p *phase) float64 { return p.DB.RTTP50Ms })
