@@ -232,7 +232,11 @@ type Attempt struct {
 
 // UsageCounters are the per-key counters kept beside a billed request.
 type UsageCounters struct {
-	UserKey        string // user_keys._id, empty when the key is not in user_keys
+	// UserKey is user_keys._id, empty when the key is not in user_keys.
+	// That _id is the client's API key itself, so it is never encoded
+	// (json:"-"): a settlement journaled to disk does not carry it, and a
+	// settlement replayed after a crash skips that one counter.
+	UserKey        string `json:"-"`
 	UpstreamKeyID  string // openhands_keys._id, empty for static keys
 	WeightedTokens int64  // added to user_keys.tokensUsed
 	RawTokens      int64  // input+output, added to openhands_keys.tokensUsed

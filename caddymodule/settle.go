@@ -163,11 +163,12 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 			done = append(done, s)
 			continue
 		}
-		receipts[s.Hold.User] = append(receipts[s.Hold.User], s.Hold.RequestID)
 		if applied && s.Bill {
 			counters = append(counters, s.Counters)
 		}
 		if !s.Bill {
+			// A release: no log row, its receipt can go.
+			receipts[s.Hold.User] = append(receipts[s.Hold.User], s.Hold.RequestID)
 			done = append(done, s)
 			continue
 		}
@@ -182,11 +183,13 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 		if err := e.store.InsertRequestLogs(ctx, logs); err != nil {
 			// The receipts stay: the retry finds them and writes the rows.
 			for _, s := range logged {
-				delete(receipts, s.Hold.User)
 				e.failed(s, err)
 			}
 			logged = nil
 		}
+	}
+	for _, s := range logged {
+		receipts[s.Hold.User] = append(receipts[s.Hold.User], s.Hold.RequestID)
 	}
 	// The receipts go with the user's next hold (no write of their own), or
 	// after clearDelay when none comes.

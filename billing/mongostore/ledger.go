@@ -18,7 +18,7 @@ import (
 // these fields.
 //
 //   - llmHolds.<requestId>: an outstanding hold, packed in one string
-//     (billing.EncodeHold; sub-documents, holdDoc, are still read).
+//     (billing.EncodeHold).
 //   - llmHeld: the number of outstanding holds, so the sweeper finds them.
 //   - llmDone.<requestId>: the receipt of a settled hold whose request log
 //     row is not confirmed yet, packed (billing.EncodeReceipt).
@@ -36,29 +36,6 @@ const (
 	fDoneCount = "llmDoneN"
 	fNet       = "llmNet"
 )
-
-type holdDoc struct {
-	Amt    []int64       `bson:"amt"`
-	Fields []string      `bson:"fields"`
-	Input  int64         `bson:"input"`
-	At     time.Time     `bson:"at"`
-	Exp    time.Time     `bson:"exp"`
-	Owner  string        `bson:"owner"`
-	Log    bson.ObjectID `bson:"log"`
-	Model  string        `bson:"model,omitempty"`
-	KeyID  string        `bson:"key,omitempty"`
-}
-
-type receiptDoc struct {
-	Log       bson.ObjectID `bson:"log"`
-	Fields    []string      `bson:"fields"`
-	Taken     []int64       `bson:"taken"`
-	Cost      int64         `bson:"cost"`
-	Charged   int64         `bson:"charged"`
-	Shortfall int64         `bson:"shortfall"`
-	By        string        `bson:"by"`
-	At        time.Time     `bson:"at"`
-}
 
 // validRequestID keeps a request id usable as a document field name.
 func validRequestID(id string) error {
@@ -303,38 +280,24 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, h
 	return vals, held, nil
 }
 
-// decodeHold reads a hold as stored: packed (billing.EncodeHold), or a
-// sub-document as the first version of this module wrote it.
+// decodeHold reads a hold as the store writes it (billing.EncodeHold).
 func decodeHold(v bson.RawValue) (billing.Hold, error) {
-	if str, ok := v.StringValueOK(); ok {
-		return billing.DecodeHold(str)
+	str, ok := v.StringValueOK()
+	if !ok {
+		return billing.Hold{}, fmt.Errorf("hold is %s, not a packed string", v.Type)
 	}
-	var d holdDoc
-	if err := v.Unmarshal(&d); err != nil {
-		return billing.Hold{}, err
-	}
-	h := billing.Hold{Taken: fromNanos(d.Amt), Input: billing.Nano(d.Input), Owner: d.Owner, At: d.At, Expires: d.Exp,
-		LogID: billing.LogID(d.Log), Model: d.Model, KeyID: d.KeyID}
-	p, err := billing.ParseCreditPlan(d.Fields)
-	if err != nil {
-		return billing.Hold{}, err
-	}
-	h.Plan = p
-	return h, nil
+	return billing.DecodeHold(str)
 }
 
-// decodeReceipt reads a receipt as stored: packed, or a sub-document.
+// decodeReceipt reads a receipt as the store writes it (billing.EncodeReceipt).
 func decodeReceipt(rid string, v bson.RawValue) (billing.Receipt, error) {
-	if str, ok := v.StringValueOK(); ok {
-		r, _, err := billing.DecodeReceipt(str)
-		r.RequestID = rid
-		return r, err
+	str, ok := v.StringValueOK()
+	if !ok {
+		return billing.Receipt{}, fmt.Errorf("receipt is %s, not a packed string", v.Type)
 	}
-	var d receiptDoc
-	if err := v.Unmarshal(&d); err != nil {
-		return billing.Receipt{}, err
-	}
-	return receiptFromDoc(rid, &d), nil
+	r, _, err := billing.DecodeReceipt(str)
+	r.RequestID = rid
+	return r, err
 }
 
 // Settle releases the hold and charges the cost, in one conditional update
@@ -483,14 +446,6 @@ func (s *Store) readReceipt(ctx context.Context, user, rid string) (billing.Rece
 		return billing.Receipt{}, false, fmt.Errorf("reading a receipt: %w", err)
 	}
 	return rc, false, nil
-}
-
-func receiptFromDoc(rid string, d *receiptDoc) billing.Receipt {
-	return billing.Receipt{
-		RequestID: rid, LogID: billing.LogID(d.Log), Fields: d.Fields, Taken: fromNanos(d.Taken),
-		Cost: billing.Nano(d.Cost), Charged: billing.Nano(d.Charged), Shortfall: billing.Nano(d.Shortfall),
-		By: billing.SettleSource(d.By), At: d.At,
-	}
 }
 
 // ClearReceipts drops the receipts of requests whose log rows are written,

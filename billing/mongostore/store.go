@@ -177,34 +177,6 @@ type fieldValue struct {
 	present bool
 }
 
-func (s *Store) readFields(ctx context.Context, user string, fields []string) ([]fieldValue, error) {
-	proj := bson.D{}
-	for _, f := range fields {
-		proj = append(proj, bson.E{Key: f, Value: 1})
-	}
-	var doc bson.M
-	err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: user}}, options.FindOne().SetProjection(proj)).Decode(&doc)
-	if errors.Is(err, mongo.ErrNoDocuments) {
-		return nil, billing.ErrUserNotFound
-	}
-	if err != nil {
-		return nil, fmt.Errorf("reading balance: %w", err)
-	}
-	out := make([]fieldValue, len(fields))
-	for i, f := range fields {
-		raw, ok := doc[f]
-		if !ok || raw == nil {
-			continue
-		}
-		v, ok := toFloat(raw)
-		if !ok {
-			return nil, fmt.Errorf("balance field %s has type %T, want a number", f, raw)
-		}
-		out[i] = fieldValue{v: v, present: true}
-	}
-	return out, nil
-}
-
 func toFloat(v any) (float64, bool) {
 	switch n := v.(type) {
 	case float64:
@@ -217,21 +189,6 @@ func toFloat(v any) (float64, bool) {
 		return float64(n), true
 	}
 	return 0, false
-}
-
-// Balance returns the spendable total of the plan's fields.
-func (s *Store) Balance(ctx context.Context, user string, plan billing.CreditPlan) (billing.Nano, error) {
-	vals, err := s.readFields(ctx, user, plan.Fields())
-	if err != nil {
-		return 0, err
-	}
-	var total billing.Nano
-	for _, fv := range vals {
-		if fv.v > 0 {
-			total += billing.NanoFromUSD(fv.v)
-		}
-	}
-	return total, nil
 }
 
 type keyDoc struct {
