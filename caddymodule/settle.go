@@ -470,21 +470,25 @@ func (e *engine) resolve(ctx context.Context, q billing.OrphanQuery) {
 		if rc != nil && rc.Cost == 0 && rc.Charged == 0 {
 			// A hold released without a charge (the request failed): it
 			// has no log row to write.
-			if err := e.store.ClearReceipts(ctx, h.User, []string{h.RequestID}); err != nil {
-				e.log().Warn("clearing a swept receipt failed", zap.String("request_id", h.RequestID), zap.Error(err))
-			}
+			e.clears.addExact(h.User, []string{h.RequestID}, time.Now())
 			continue
 		}
+		// Each orphan has its own time: a lock left by a killed process
+		// (IsolationShared) can hold one user up to its lease.
+		opCtx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
 		if rc == nil {
-			r, applied, err := e.store.Settle(ctx, billing.SettleRequest{Hold: h, Cost: policy.Cost(h), By: billing.SettledBySweeper})
+			r, applied, err := e.store.Settle(opCtx, billing.SettleRequest{Hold: h, Cost: policy.Cost(h), By: billing.SettledBySweeper})
 			if errors.Is(err, billing.ErrNoHold) {
+				cancel()
 				continue
 			}
 			if err != nil {
+				cancel()
 				e.log().Warn("resolving an orphaned hold failed", zap.String("request_id", h.RequestID), zap.Error(err))
 				continue
 			}
 			if r.By != billing.SettledBySweeper {
+				cancel()
 				continue // its own settlement got there first
 			}
 			if applied {
@@ -495,7 +499,9 @@ func (e *engine) resolve(ctx context.Context, q billing.OrphanQuery) {
 			rc = &r
 		}
 		row := orphanLog(h, *rc, policy)
-		if err := e.store.InsertRequestLogs(ctx, []billing.RequestLog{row}); err != nil {
+		err := e.store.InsertRequestLogs(opCtx, []billing.RequestLog{row})
+		cancel()
+		if err != nil {
 			e.log().Warn("writing the log row of a swept hold failed", zap.String("request_id", h.RequestID), zap.Error(err))
 			continue
 		}
@@ -503,9 +509,9 @@ func (e *engine) resolve(ctx context.Context, q billing.OrphanQuery) {
 			e.log().Warn("wrote the missing log row of a settled request", zap.String("request_id", h.RequestID),
 				zap.String("user", h.User), zap.String("charged", rc.Charged.String()))
 		}
-		if err := e.store.ClearReceipts(ctx, h.User, []string{h.RequestID}); err != nil {
-			e.log().Warn("clearing a swept receipt failed", zap.String("request_id", h.RequestID), zap.Error(err))
-		}
+		// Dropped by the flusher, which retries until the database takes
+		// it (a lock left by a killed process can hold the user a while).
+		e.clears.addExact(h.User, []string{h.RequestID}, time.Now())
 	}
 }
 
@@ -540,9 +546,21 @@ type receiptClears struct {
 type userClears struct {
 	ids   []string
 	since time.Time
+	// exact: some of the receipts may be dropped by another process too
+	// (a swept hold's, which every instance's sweeper may resolve), so they
+	// go only through ClearReceipts, which drops what still exists, never
+	// with a hold, whose update counts them as dropped.
+	exact bool
 }
 
-func (c *receiptClears) add(user string, ids []string, now time.Time) {
+func (c *receiptClears) add(user string, ids []string, now time.Time) { c.put(user, ids, now, false) }
+
+// addExact is add for receipts another process may drop as well.
+func (c *receiptClears) addExact(user string, ids []string, now time.Time) {
+	c.put(user, ids, now, true)
+}
+
+func (c *receiptClears) put(user string, ids []string, now time.Time, exact bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.m == nil {
@@ -554,6 +572,7 @@ func (c *receiptClears) add(user string, ids []string, now time.Time) {
 		c.m[user] = uc
 	}
 	uc.ids = append(uc.ids, ids...)
+	uc.exact = uc.exact || exact
 }
 
 // take removes and returns the user's receipts to drop.
@@ -561,7 +580,7 @@ func (c *receiptClears) take(user string) []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	uc := c.m[user]
-	if uc == nil {
+	if uc == nil || uc.exact {
 		return nil
 	}
 	delete(c.m, user)
@@ -569,13 +588,13 @@ func (c *receiptClears) take(user string) []string {
 }
 
 // due removes and returns the receipts waiting longer than clearDelay.
-func (c *receiptClears) due(now time.Time, all bool) map[string][]string {
+func (c *receiptClears) due(now time.Time, all bool) map[string]*userClears {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := map[string][]string{}
+	out := map[string]*userClears{}
 	for user, uc := range c.m {
 		if all || now.Sub(uc.since) >= clearDelay {
-			out[user] = uc.ids
+			out[user] = uc
 			delete(c.m, user)
 		}
 	}
@@ -590,11 +609,11 @@ func (e *engine) flushClears(all bool) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
 	defer cancel()
-	for user, ids := range due {
-		if err := e.store.ClearReceipts(ctx, user, ids); err != nil {
+	for user, uc := range due {
+		if err := e.store.ClearReceipts(ctx, user, uc.ids); err != nil {
 			// Tried again with the next hold or flush; past receiptAge the
 			// sweeper drops them too.
-			e.clears.add(user, ids, time.Now())
+			e.clears.put(user, uc.ids, time.Now(), uc.exact)
 			if !all {
 				e.log().Warn("clearing settlement receipts failed; will retry", zap.String("user", user), zap.Error(err))
 			}
