@@ -78,6 +78,10 @@ type config struct {
 	PGBin        string `json:"-"`
 	PGConf       string `json:"pg_conf"`
 
+	Profile        string `json:"-"`
+	ProfileRate    int    `json:"-"`
+	ProfileSeconds int    `json:"-"`
+
 	Caddy   string `json:"-"`
 	Repo    string `json:"-"`
 	Models  string `json:"-"`
@@ -117,6 +121,9 @@ func runMain(args []string) error {
 	fs.StringVar(&c.DB, "db", "postgresql", "FerretDB backend: postgresql or sqlite")
 	fs.StringVar(&c.PGBin, "pg-bin", "", "folder of the PostgreSQL server binaries (default: found under /usr/lib/postgresql)")
 	fs.StringVar(&c.PGConf, "pg-conf", "", "extra PostgreSQL settings, name=value, comma-separated (default: the stock settings)")
+	fs.StringVar(&c.Profile, "profile", "", "instead of the rounds, write Caddy CPU profiles (pprof) of each site at -profile-rate into this folder")
+	fs.IntVar(&c.ProfileRate, "profile-rate", 300, "rate (req/s, non-stream) of the -profile phases")
+	fs.IntVar(&c.ProfileSeconds, "profile-seconds", 15, "length of each -profile phase, seconds")
 	fs.StringVar(&c.Caddy, "caddy", "", "Caddy binary with the llm_billing module (scripts/bench.sh builds one with ./xcaddy.sh)")
 	fs.StringVar(&c.Repo, "repo", "..", "the repository checkout (for examples/ and version info)")
 	fs.StringVar(&c.Models, "models", "", "models file of the gateway site (default <repo>/examples/models-chat.json)")

@@ -3,7 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"math"
+	"net/http"
+	"os"
+	"path/filepath"
 	"sort"
 	"time"
 
@@ -542,6 +546,9 @@ func (h *harness) runAll() error {
 			p.Kind, p.BeforeMedian, p.BeforeMax, p.BeforeOps, p.AfterMedian, p.AfterMax, p.AfterOps)
 	}
 
+	if cfg.Profile != "" {
+		return h.profiles()
+	}
 	for round := 1; round <= cfg.Rounds; round++ {
 		logf("round %d of %d", round, cfg.Rounds)
 		sites := order(round)
@@ -735,4 +742,57 @@ func (h *harness) memBigStream(round int, site string) (*phase, error) {
 	}
 	p.Mem = m
 	return p, nil
+}
+
+// profiles writes one CPU profile of the Caddy process per site, each taken
+// from Caddy's admin endpoint (/debug/pprof/profile) while that site alone
+// gets -profile-rate non-stream requests per second. The figures of the
+// phases are reported as usual.
+func (h *harness) profiles() error {
+	cfg := h.cfg
+	if err := os.MkdirAll(cfg.Profile, 0o755); err != nil {
+		return err
+	}
+	for _, site := range []string{sitePlain, siteGW} {
+		path := filepath.Join(cfg.Profile, fmt.Sprintf("caddy-%s-%d.pprof", site, cfg.ProfileRate))
+		d := time.Duration(cfg.ProfileSeconds) * time.Second
+		got := make(chan error, 1)
+		go func() {
+			got <- fetch(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", h.admin, cfg.ProfileSeconds), path)
+		}()
+		s := reqSpec{site: site}
+		p, err := h.measured(1, fmt.Sprintf("profile%d", cfg.ProfileRate), site, func() ([]outcome, time.Duration) {
+			return h.attack(s, cfg.ProfileRate, cfg.SatConcurrency, d+500*time.Millisecond)
+		})
+		if err != nil {
+			return err
+		}
+		if err := <-got; err != nil {
+			return fmt.Errorf("profile of %s: %w", site, err)
+		}
+		h.res.Phases = append(h.res.Phases, p)
+		logf("  %-8s %6d ok, %d failed, p50 %.2f ms, caddy %.0f µs/req -> %s", site, p.OK, p.Failed, p.P50Ms, p.CPUPerReq["caddy"], path)
+	}
+	return nil
+}
+
+// fetch writes the body of a GET of url to path.
+func fetch(url, path string) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

@@ -170,9 +170,12 @@ type Ledger interface {
 	// (the receipt is then the earlier one, possibly the sweeper's). It
 	// returns ErrNoHold when the hold and its receipt are both gone.
 	Settle(ctx context.Context, req SettleRequest) (r Receipt, applied bool, err error)
-	// SettleMany settles several holds of one user and plan at once, each
-	// with a cost within its hold, in one write: all or nothing. It returns
-	// ErrNotAllHeld when one of the holds is already settled.
+	// SettleMany settles several holds at once, each with a cost within
+	// its hold: the holds of one user and plan in one write, all or none of
+	// them, and the writes of several users in as few round trips as the
+	// store can. It returns ErrNotAllHeld when one of the holds was already
+	// settled; the holds of other users may then have been settled, so the
+	// caller settles each request again with Settle, which recognises them.
 	SettleMany(ctx context.Context, reqs []SettleRequest) ([]Receipt, error)
 	// ClearReceipts drops receipts whose request log rows are written.
 	ClearReceipts(ctx context.Context, user string, requestIDs []string) error

@@ -32,7 +32,9 @@ type engine struct {
 
 	auth       *authCache
 	keys       billing.KeyPool
-	countersMu sync.Mutex
+	countersMu sync.Mutex // one counters write at a time
+	usageMu    sync.Mutex
+	usage      []billing.UsageCounters // waiting for the next flushUsage
 
 	// boot identifies this process's holds: Caddy's instance id and a
 	// random suffix, so that a restarted process is a new owner.
@@ -45,6 +47,8 @@ type engine struct {
 	retryMu      sync.Mutex
 	retry        []*settlement
 	clears       receiptClears
+	waiting      waitingSettlements
+	hurry        chan struct{} // ends the collector's linger
 
 	// settings, replaced by each config that provisions the app
 	authTTL     atomic.Int64 // nanoseconds
@@ -114,6 +118,7 @@ func newEngineWithStore(store billing.Store) *engine {
 		jobs:    make(chan *settlement, settleQueue),
 		batches: make(chan []*settlement, settleWorkers),
 		marks:   make(chan keyMark, 256),
+		hurry:   make(chan struct{}, 1),
 		stop:    make(chan struct{}),
 	}
 	e.authTTL.Store(int64(defaultAuthTTL))
@@ -281,6 +286,7 @@ func (e *engine) Destruct() error {
 			zap.Int("pending", e.pendingRetries()))
 	}
 	e.flushClears(true)
+	e.flushUsage()
 	if sp := e.spool.Load(); sp != nil {
 		if err := sp.Close(); err != nil {
 			e.log().Error("closing the settlement spool failed", zap.Error(err))
@@ -314,13 +320,44 @@ func describeConnectErr(err error, uri string) error {
 	return fmt.Errorf("invalid mongodb_uri: %w", err)
 }
 
-// addUsage writes the key counters of settled requests in one bulk write
-// per collection. Workers write one batch at a time: FerretDB does not
-// isolate concurrent updates of one document (see mongostore.Isolation).
-func (e *engine) addUsage(ctx context.Context, counters []billing.UsageCounters) error {
+// usageFlushAt is how many settled requests' counters make a flush before
+// the timer's.
+const usageFlushAt = 4096
+
+// addUsage queues the key counters of settled requests for the next
+// flushUsage (every clearDelay/2, at usageFlushAt, and at shutdown): the
+// user_keys and openhands_keys counters are statistics, so one write per
+// key per half second replaces one per batch, as the legacy batcher did
+// every 100 ms.
+func (e *engine) addUsage(counters []billing.UsageCounters) {
+	e.usageMu.Lock()
+	e.usage = append(e.usage, counters...)
+	full := len(e.usage) >= usageFlushAt
+	e.usageMu.Unlock()
+	if full {
+		e.flushUsage()
+	}
+}
+
+// flushUsage writes the queued counters in one bulk write per collection.
+// One flush at a time: FerretDB does not isolate concurrent updates of one
+// document (see mongostore.Isolation). A failed write is not retried, so
+// that a write that half applied is never counted twice.
+func (e *engine) flushUsage() {
 	e.countersMu.Lock()
 	defer e.countersMu.Unlock()
-	return e.store.AddUsage(ctx, counters)
+	e.usageMu.Lock()
+	batch := e.usage
+	e.usage = nil
+	e.usageMu.Unlock()
+	if len(batch) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
+	defer cancel()
+	if err := e.store.AddUsage(ctx, batch); err != nil {
+		e.log().Warn("writing usage counters failed", zap.Int("requests", len(batch)), zap.Error(err))
+	}
 }
 
 func (e *engine) cleanSpares(now time.Time) {

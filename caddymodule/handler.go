@@ -158,6 +158,11 @@ const (
 
 var started = time.Now()
 
+// refusedWait is the longest a hold refused for want of credit waits for
+// the user's earlier settlements in this process before it is asked again
+// (a settlement lingers settleLinger, then takes a database round trip).
+const refusedWait = 500 * time.Millisecond
+
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	var api billing.API
@@ -327,10 +332,15 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p 
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
 	hold, err := eng.store.Reserve(ctx, req)
+	var ie *billing.InsufficientError
+	if errors.As(err, &ie) && eng.awaitUser(ctx, p.User, refusedWait) {
+		// The user's own earlier requests still hold credit their
+		// settlements will give back: once they are settled, ask again.
+		hold, err = eng.store.Reserve(ctx, req)
+	}
 	if err != nil && len(req.Clear) > 0 {
 		eng.clears.add(p.User, req.Clear, time.Now())
 	}
-	var ie *billing.InsufficientError
 	switch {
 	case err == nil:
 		return hold, nil

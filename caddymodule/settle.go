@@ -30,12 +30,13 @@ type settlement struct {
 
 	logger   *zap.Logger
 	journal  bool // appended to the spool
+	queued   bool // counted in the engine's waiting settlements
 	failures int
 }
 
 const (
 	settleBatch      = 256
-	settleLinger     = 20 * time.Millisecond
+	settleLinger     = 50 * time.Millisecond
 	retryMin         = 500 * time.Millisecond
 	retryMax         = 15 * time.Second
 	sweepInterval    = 15 * time.Second
@@ -59,6 +60,7 @@ func (e *engine) submit(s *settlement) {
 			s.journal = true
 		}
 	}
+	e.waiting.add(s)
 	e.mu.RLock()
 	if !e.closed {
 		select {
@@ -74,9 +76,10 @@ func (e *engine) submit(s *settlement) {
 
 // collectLoop gathers queued settlements into batches: what arrives within
 // settleLinger of the first, up to settleBatch. A batch costs one insert of
-// log rows, one write of usage counters, and one balance write per user and
-// plan, so at any load a larger batch means fewer writes per request; the
-// linger only delays work that is already off the request path.
+// log rows and one command with a balance write per user and plan (usage
+// counters go every half second), so at any load a larger batch means fewer
+// writes per request; the linger only delays work that is already off the
+// request path.
 func (e *engine) collectLoop() {
 	defer e.workers.Done()
 	defer close(e.batches)
@@ -94,6 +97,8 @@ func (e *engine) collectLoop() {
 				batch = append(batch, s)
 			case <-t.C:
 				break fill
+			case <-e.hurry:
+				break fill // a hold waits for this user's settlements
 			}
 		}
 		t.Stop()
@@ -109,9 +114,10 @@ func (e *engine) settleLoop() {
 	}
 }
 
-// settleBatch settles each hold (one conditional update each), then writes
-// the batch's log rows in one insert, drops the receipts, adds the
-// counters, and marks the journal. A settlement the database refused is
+// settleBatch settles the holds (one command for the batch, or one
+// conditional update each), then writes the batch's log rows in one insert,
+// queues the receipts' drop and the counters, and marks the journal in one
+// write. A settlement the database refused is
 // kept for retry; nothing is dropped.
 func (e *engine) settleBatch(batch []*settlement) {
 	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
@@ -197,74 +203,137 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 		e.clears.add(user, ids, time.Now())
 	}
 	if len(counters) > 0 {
-		if err := e.addUsage(ctx, counters); err != nil {
-			e.log().Warn("writing usage counters failed", zap.Int("requests", len(counters)), zap.Error(err))
-		}
+		e.addUsage(counters)
 	}
 	for _, s := range logged {
 		s.logBilled()
 		done = append(done, s)
 	}
 	if sp := e.spool.Load(); sp != nil {
+		ids := make([]string, 0, len(done))
 		for _, s := range done {
 			if s.journal {
-				if err := sp.Done(s.Hold.RequestID); err != nil {
-					e.log().Warn("marking a settlement done in the spool failed", zap.String("request_id", s.Hold.RequestID), zap.Error(err))
-				}
+				ids = append(ids, s.Hold.RequestID)
 			}
 		}
+		if err := sp.DoneAll(ids); err != nil {
+			// Replayed at the next start, and recognised as settled.
+			e.log().Warn("marking settlements done in the spool failed", zap.Int("count", len(ids)), zap.Error(err))
+		}
 	}
+	e.waiting.done(done)
 }
 
 func (s *settlement) request() billing.SettleRequest {
 	return billing.SettleRequest{Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: billing.SettledByRequest}
 }
 
-// settleMerged settles in one write per user the settlements of a batch
-// that share a user and a plan and whose cost is within their hold: under
-// load the queue holds several per user, and this divides the balance
-// writes by as many. What it cannot settle this way is left out of the
-// result and settled one by one.
+// settleMerged settles the settlements of a batch whose cost is within
+// their hold with one SettleMany: one conditional write per user and plan
+// (under load the queue holds several per user), all sent to the database
+// in one command. What it cannot settle this way is left out of the result
+// and settled one by one, which recognises what SettleMany did settle.
 func (e *engine) settleMerged(ctx context.Context, batch []*settlement) map[*settlement]billing.Receipt {
-	if len(batch) < 2 {
-		return nil
-	}
-	groups := map[string][]*settlement{}
-	var order []string
+	var (
+		group []*settlement
+		reqs  []billing.SettleRequest
+	)
 	for _, s := range batch {
 		if s.failures > 0 || s.Cost > s.Hold.Amount() {
 			continue // a retry may be half done, and costs above the hold need the pool
 		}
-		k := s.Hold.User + "\x00" + s.Hold.Plan.String()
-		if groups[k] == nil {
-			order = append(order, k)
-		}
-		groups[k] = append(groups[k], s)
+		group = append(group, s)
+		reqs = append(reqs, s.request())
 	}
-	var out map[*settlement]billing.Receipt
-	for _, k := range order {
-		g := groups[k]
-		if len(g) < 2 {
-			continue
-		}
-		reqs := make([]billing.SettleRequest, len(g))
-		for i, s := range g {
-			reqs[i] = s.request()
-		}
-		opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
-		rcs, err := e.store.SettleMany(opCtx, reqs)
-		cancel()
-		if err != nil {
-			continue // one by one, which handles every case
-		}
-		if out == nil {
-			out = make(map[*settlement]billing.Receipt, len(batch))
-		}
-		for i, s := range g {
-			out[s] = rcs[i]
-		}
+	if len(group) < 2 {
+		return nil // Settle costs the same and says more
+	}
+	opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+	rcs, err := e.store.SettleMany(opCtx, reqs)
+	cancel()
+	if err != nil {
+		return nil // one by one, which handles every case
+	}
+	out := make(map[*settlement]billing.Receipt, len(group))
+	for i, s := range group {
+		out[s] = rcs[i]
 	}
 	return out
+}
+
+// waitingSettlements counts, per user, the settlements submitted and not
+// yet settled, so that a hold refused for want of credit can first wait
+// for the user's own earlier requests to give back the rest of their holds.
+type waitingSettlements struct {
+	mu     sync.Mutex
+	users  map[string]int
+	change chan struct{} // closed and replaced whenever settlements finish
+}
+
+func (w *waitingSettlements) add(s *settlement) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.users == nil {
+		w.users = map[string]int{}
+		w.change = make(chan struct{})
+	}
+	w.users[s.Hold.User]++
+	s.queued = true
+}
+
+func (w *waitingSettlements) done(ss []*settlement) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n := 0
+	for _, s := range ss {
+		if !s.queued {
+			continue // replayed from the spool: never counted
+		}
+		s.queued = false
+		n++
+		if w.users[s.Hold.User]--; w.users[s.Hold.User] <= 0 {
+			delete(w.users, s.Hold.User)
+		}
+	}
+	if n > 0 {
+		close(w.change)
+		w.change = make(chan struct{})
+	}
+}
+
+// pending returns how many of the user's settlements are waiting, and a
+// channel closed when some settlement finishes.
+func (w *waitingSettlements) pending(user string) (int, <-chan struct{}) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.users[user], w.change
+}
+
+// awaitUser waits, at most d, until none of the user's settlements is
+// waiting; it reports whether there were any to wait for. It tells the
+// collector not to linger.
+func (e *engine) awaitUser(ctx context.Context, user string, d time.Duration) bool {
+	n, change := e.waiting.pending(user)
+	if n == 0 {
+		return false
+	}
+	select {
+	case e.hurry <- struct{}{}:
+	default:
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for n > 0 {
+		select {
+		case <-change:
+		case <-t.C:
+			return true
+		case <-ctx.Done():
+			return true
+		}
+		n, change = e.waiting.pending(user)
+	}
+	return true
 }
 
 // failed keeps a settlement the database did not take for the retry loop.
@@ -355,8 +424,18 @@ func (e *engine) replaySpool(recs []spool.Record) {
 }
 
 func (s *settlement) logBilled() {
-	l := s.logger
-	fields := []zap.Field{
+	// One line per request, as Caddy's own reverse_proxy logs its round
+	// trips: at DEBUG (the request log row is the record), and at WARN
+	// when part of the cost could not be charged.
+	lvl, msg := zap.DebugLevel, "billed"
+	if s.Log.ShortfallNano > 0 {
+		lvl, msg = zap.WarnLevel, "billed with shortfall"
+	}
+	ce := s.logger.Check(lvl, msg)
+	if ce == nil {
+		return
+	}
+	ce.Write(
 		zap.String("request_id", s.Log.RequestID),
 		zap.String("site", s.Site),
 		zap.String("credit_field", s.Log.CreditField),
@@ -375,12 +454,7 @@ func (s *settlement) logBilled() {
 		zap.String("shortfall", billing.Nano(s.Log.ShortfallNano).String()),
 		zap.String("usage_source", s.Log.UsageSource),
 		zap.String("end_reason", s.Log.EndReason),
-	}
-	if s.Log.ShortfallNano > 0 {
-		l.Warn("billed with shortfall", fields...)
-		return
-	}
-	l.Info("billed", fields...)
+	)
 }
 
 // sweepLoop sends this process's heartbeat and resolves holds left by dead
@@ -629,6 +703,7 @@ func (e *engine) clearLoop() {
 			return
 		case <-time.After(clearDelay / 2):
 			e.flushClears(false)
+			e.flushUsage()
 		}
 	}
 }

@@ -462,6 +462,47 @@ func (s *Spool) Done(id string) error {
 	return nil
 }
 
+// DoneAll is Done for several records with one write: what the settlement
+// worker calls once per batch. Ids not pending are skipped.
+func (s *Spool) DoneAll(ids []string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	s.buf = s.buf[:0]
+	es := make([]entry, 0, len(ids))
+	done := make([]string, 0, len(ids))
+	seen := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		e, ok := s.pending[id]
+		if !ok || seen[id] {
+			continue
+		}
+		seen[id] = true
+		s.buf = appendFrame(s.buf, kindDone, e.seq, id, nil)
+		es = append(es, e)
+		done = append(done, id)
+	}
+	if len(done) == 0 {
+		return nil
+	}
+	_, rotated, err := s.write(s.buf)
+	if err != nil {
+		return fmt.Errorf("spool: done (%d records): %w", len(done), err)
+	}
+	for i, id := range done {
+		delete(s.pending, id)
+		s.unlive(es[i])
+	}
+	if rotated {
+		s.rebalance(forwardBudget)
+	} else {
+		s.collect()
+	}
+	return nil
+}
+
 // Pending returns the number of records appended (in this run or an
 // earlier one) and not done.
 func (s *Spool) Pending() int {

@@ -162,6 +162,38 @@ func TestAppendDoneReopen(t *testing.T) {
 	closeT(t, s)
 }
 
+// DoneAll marks several records in one write; unknown and repeated ids
+// are skipped, as with Done.
+func TestDoneAll(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "spool")
+	s, _ := openT(t, dir, Options{})
+	for _, id := range ids("r", 6) {
+		appendT(t, s, id)
+	}
+	if err := s.DoneAll([]string{"r0", "r2", "r2", "unknown", "r5"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DoneAll(nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.Pending(); n != 3 {
+		t.Fatalf("Pending = %d, want 3", n)
+	}
+	closeT(t, s)
+	s, recs := openT(t, dir, Options{})
+	checkRecs(t, recs, []string{"r1", "r3", "r4"})
+	if err := s.DoneAll([]string{"r1", "r3", "r4"}); err != nil {
+		t.Fatal(err)
+	}
+	closeT(t, s)
+	if segs := segFiles(t, dir); len(segs) != 0 {
+		t.Fatalf("segments left with nothing pending: %v", segs)
+	}
+	if err := s.DoneAll([]string{"r1"}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("DoneAll after Close: %v, want ErrClosed", err)
+	}
+}
+
 func TestCloseWithoutDoneThenReopen(t *testing.T) {
 	dir := t.TempDir()
 	s, _ := openT(t, dir, Options{})

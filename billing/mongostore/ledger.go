@@ -592,35 +592,104 @@ var (
 	_ billing.Sweeper = (*Store)(nil)
 )
 
-// SettleMany settles several holds of one user and one plan, each with a
-// cost its hold covers, in one conditional update that applies only while
-// every one of the holds exists. It returns billing.ErrNotAllHeld, moving
-// nothing, when one of them is gone (settled before: the caller settles
-// them one by one).
+// SettleMany settles several holds, each with a cost its hold covers. The
+// holds of one user and plan are settled by one conditional update that
+// applies only while every one of them exists, and the updates of all the
+// users go to the database in one command (with IsolationShared, one
+// update per user under its lock). It returns billing.ErrNotAllHeld when an
+// update did not apply because one of its holds was gone (settled before);
+// the other users' updates may have applied, so the caller settles each
+// request with Settle, which recognises what this call did settle.
 func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([]billing.Receipt, error) {
 	if len(reqs) == 0 {
 		return nil, nil
 	}
-	user, plan := reqs[0].Hold.User, reqs[0].Hold.Plan
+	type group struct {
+		user string
+		idx  []int
+	}
+	var groups []*group
+	byKey := map[string]*group{}
+	for i, req := range reqs {
+		k := req.Hold.User + "\x00" + req.Hold.Plan.String()
+		g := byKey[k]
+		if g == nil {
+			g = &group{user: req.Hold.User}
+			byKey[k] = g
+			groups = append(groups, g)
+		}
+		g.idx = append(g.idx, i)
+	}
+	out := make([]billing.Receipt, len(reqs))
+	now := s.now()
+	filters := make([]bson.D, len(groups))
+	updates := make([]bson.D, len(groups))
+	users := make([]string, len(groups))
+	for gi, g := range groups {
+		f, u, err := settleGroup(reqs, g.idx, out, now)
+		if err != nil {
+			return nil, err
+		}
+		filters[gi], updates[gi], users[gi] = f, u, g.user
+	}
+	coll := s.db.Collection(CollUsers)
+	if Isolation(s.isolation.Load()) == IsolationShared || len(groups) == 1 {
+		all := true
+		for gi := range groups {
+			unlock, err := s.lockUser(ctx, users[gi])
+			if err != nil {
+				return nil, err
+			}
+			r, err := coll.UpdateOne(ctx, filters[gi], updates[gi])
+			unlock()
+			if err != nil {
+				return nil, fmt.Errorf("settling holds: %w", err)
+			}
+			all = all && r.MatchedCount == 1
+		}
+		if !all {
+			return nil, billing.ErrNotAllHeld
+		}
+		return out, nil
+	}
+	models := make([]mongo.WriteModel, len(groups))
+	for gi := range groups {
+		models[gi] = mongo.NewUpdateOneModel().SetFilter(filters[gi]).SetUpdate(updates[gi])
+	}
+	unlock := s.local.lockAll(users)
+	r, err := coll.BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
+	unlock()
+	if err != nil {
+		return nil, fmt.Errorf("settling holds: %w", err)
+	}
+	if r.MatchedCount != int64(len(groups)) {
+		return nil, billing.ErrNotAllHeld
+	}
+	return out, nil
+}
+
+// settleGroup builds the conditional update settling reqs[idx...], holds
+// of one user and plan, and fills their receipts in out.
+func settleGroup(reqs []billing.SettleRequest, idx []int, out []billing.Receipt, now time.Time) (filter, update bson.D, err error) {
+	user, plan := reqs[idx[0]].Hold.User, reqs[idx[0]].Hold.Plan
 	fields := plan.Fields()
 	if len(fields) == 0 {
-		return nil, errors.New("settling holds without their credit plan")
+		return nil, nil, errors.New("settling holds without their credit plan")
 	}
-	filter := bson.D{{Key: "_id", Value: user}}
+	filter = bson.D{{Key: "_id", Value: user}}
 	deltas := make([]billing.Nano, len(fields))
 	var charged billing.Nano
 	var weighted, input, output int64
-	unset := bson.D{}
-	set := bson.D{}
-	out := make([]billing.Receipt, len(reqs))
-	now := s.now()
-	for i, req := range reqs {
+	unset := make(bson.D, 0, len(idx))
+	set := make(bson.D, 0, len(idx))
+	for _, i := range idx {
+		req := reqs[i]
 		h := req.Hold
 		if err := validRequestID(h.RequestID); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		if h.User != user || h.Plan.String() != plan.String() || len(h.Taken) != len(fields) || req.Cost < 0 || req.Cost > h.Amount() {
-			return nil, errors.New("settling holds of several users or plans, or a cost above its hold, at once")
+		if len(h.Taken) != len(fields) || req.Cost < 0 || req.Cost > h.Amount() {
+			return nil, nil, errors.New("settling a hold without its credit plan, or with a cost above the hold, in a batch")
 		}
 		keep := make([]billing.Nano, len(fields))
 		rest := req.Cost
@@ -639,7 +708,7 @@ func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([
 		unset = append(unset, bson.E{Key: fHolds + "." + h.RequestID, Value: ""})
 		set = append(set, bson.E{Key: fDone + "." + h.RequestID, Value: billing.EncodeReceipt(out[i], plan)})
 	}
-	inc := bson.D{{Key: fHeld, Value: -int64(len(reqs))}, {Key: fDoneCount, Value: int64(len(reqs))}}
+	inc := bson.D{{Key: fHeld, Value: -int64(len(idx))}, {Key: fDoneCount, Value: int64(len(idx))}}
 	for j, f := range fields {
 		if deltas[j] != 0 {
 			inc = append(inc, bson.E{Key: f, Value: deltas[j].USD()}, bson.E{Key: fNet + "." + f, Value: int64(deltas[j])})
@@ -657,19 +726,5 @@ func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([
 	if output > 0 {
 		inc = append(inc, bson.E{Key: "totalOutputTokens", Value: output})
 	}
-	unlock, err := s.lockUser(ctx, user)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-	r, err := s.db.Collection(CollUsers).UpdateOne(ctx, filter, bson.D{
-		{Key: "$inc", Value: inc}, {Key: "$unset", Value: unset}, {Key: "$set", Value: set},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("settling holds: %w", err)
-	}
-	if r.MatchedCount != 1 {
-		return nil, billing.ErrNotAllHeld
-	}
-	return out, nil
+	return filter, bson.D{{Key: "$inc", Value: inc}, {Key: "$unset", Value: unset}, {Key: "$set", Value: set}}, nil
 }

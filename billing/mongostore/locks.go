@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -44,13 +45,37 @@ const lockLease = 15 * time.Second
 // stripes serialises writes to one document with a fixed set of mutexes.
 type stripes struct {
 	seed maphash.Seed
-	mu   [256]sync.Mutex
+	mu   [1024]sync.Mutex
+}
+
+func (s *stripes) index(key string) int {
+	return int(maphash.String(s.seed, key) % uint64(len(s.mu)))
 }
 
 func (s *stripes) lock(key string) func() {
-	m := &s.mu[maphash.String(s.seed, key)%uint64(len(s.mu))]
+	m := &s.mu[s.index(key)]
 	m.Lock()
 	return m.Unlock
+}
+
+// lockAll locks the stripes of every key, each once and in index order, so
+// that two callers of lockAll (or one of lock) never wait for each other in
+// a cycle.
+func (s *stripes) lockAll(keys []string) func() {
+	idx := make([]int, 0, len(keys))
+	for _, k := range keys {
+		idx = append(idx, s.index(k))
+	}
+	slices.Sort(idx)
+	idx = slices.Compact(idx)
+	for _, i := range idx {
+		s.mu[i].Lock()
+	}
+	return func() {
+		for _, i := range slices.Backward(idx) {
+			s.mu[i].Unlock()
+		}
+	}
 }
 
 // lockUser serialises the balance writes of one user: in this process

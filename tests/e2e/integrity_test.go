@@ -158,6 +158,32 @@ func TestConcurrentStreamsNeverOverspend(t *testing.T) {
 	}
 }
 
+// One client sends requests one after the other, each with a worst-case
+// hold far above the balance, so each hold takes the whole balance. The
+// next request comes while the last one's settlement is still queued: its
+// hold waits for that settlement to give back the unused part instead of
+// being refused, so the balance serves exactly as many requests as it can
+// pay for, then 402.
+func TestSequentialRequestsUseWhatTheLastGaveBack(t *testing.T) {
+	prices := loadPrices(t, "models-chat.json")
+	c := call{"", "anthropic", true, "ant-text"}
+	cost := prices["claude-sonnet-4-5"].cost(c.expected())
+	u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 5 * cost})
+	var o outcome
+	for i := 0; i < 7; i++ {
+		fire(t, chatURL, key, antStream(32000), "0ms", &o)
+	}
+	st := waitSettled(t, u.ID, int(o.ok.Load()), "creditsNew")
+	t.Logf("7 requests in sequence: %d admitted, %d refused (402)", o.ok.Load(), o.refused.Load())
+	if o.ok.Load() != 5 || o.refused.Load() != 2 {
+		t.Errorf("admitted %d, refused %d; want 5 and 2", o.ok.Load(), o.refused.Load())
+	}
+	checkMoney(t, st, billing.NanoFromUSD(5*cost), o.ok.Load(), "creditsNew")
+	if st.Balance != 0 || st.Shortfall != 0 {
+		t.Errorf("balance left %s, shortfall %s; want 0 and 0", st.Balance, st.Shortfall)
+	}
+}
+
 // The database stops for 10 seconds in the middle of traffic. Requests that
 // cannot take a hold fail closed (503, nothing sent upstream); streams that
 // had their hold finish, and their settlements wait for the database. When

@@ -410,3 +410,59 @@ func TestSettleMany(t *testing.T) {
 		t.Fatalf("moved again: %v", b2)
 	}
 }
+
+// Holds of several users settle in one command; when one user's update
+// cannot apply (a hold settled before), the others still do, and Settle
+// then recognises each of them.
+func TestSettleManyUsers(t *testing.T) {
+	for _, iso := range []mongostore.Isolation{mongostore.IsolationProcess, mongostore.IsolationShared} {
+		t.Run(fmt.Sprint("isolation", iso), func(t *testing.T) { testSettleManyUsers(t, iso) })
+	}
+}
+
+func testSettleManyUsers(t *testing.T, iso mongostore.Isolation) {
+	s, db := open(t)
+	s.SetIsolation(iso)
+	ctx := context.Background()
+	users := []string{"u1", "u2", "u3"}
+	for _, u := range users {
+		if err := seed.Insert(ctx, db, seed.User{ID: u, Active: true, Migration: true, CreditsNew: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var reqs []billing.SettleRequest
+	for i := 0; i < 6; i++ {
+		u := users[i%3]
+		h, err := s.Reserve(ctx, holdReq(fmt.Sprint("mu", i), u, newPlan, usd(0.2), 0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		reqs = append(reqs, billing.SettleRequest{Hold: h, Cost: usd(0.01 * float64(i+1)), Usage: billing.Usage{Input: 1, Output: 1}, By: billing.SettledByRequest})
+	}
+	// u2's first hold is settled on its own first.
+	if _, applied, err := s.Settle(ctx, reqs[1]); err != nil || !applied {
+		t.Fatalf("settle one: %v %v", applied, err)
+	}
+	if _, err := s.SettleMany(ctx, reqs); !errors.Is(err, billing.ErrNotAllHeld) {
+		t.Fatalf("settle many: %v, want ErrNotAllHeld", err)
+	}
+	// u1 and u3 were settled by that call; u2's second hold was not.
+	for i, want := range []bool{false, false, false, false, true, false} {
+		rc, applied, err := s.Settle(ctx, reqs[i])
+		if err != nil || applied != want || rc.Charged != reqs[i].Cost {
+			t.Fatalf("settle %d after: %+v applied %v (want %v), %v", i, rc, applied, want, err)
+		}
+	}
+	for i, u := range users {
+		b, _ := seed.Balances(ctx, db, u)
+		st := readState(t, db, u)
+		spent := reqs[i].Cost + reqs[i+3].Cost
+		if usd(b["creditsNew"]) != usd(1)-spent || st.Held != 0 || st.DoneN != 2 || st.Net["creditsNew"] != -int64(spent) {
+			t.Fatalf("%s: balances %v, state %+v, want spent %v", u, b, st, spent)
+		}
+	}
+	// All settled now: nothing moves again.
+	if _, err := s.SettleMany(ctx, reqs); !errors.Is(err, billing.ErrNotAllHeld) {
+		t.Fatalf("settle many again: %v", err)
+	}
+}
