@@ -111,7 +111,7 @@ func runMain(args []string) error {
 	fs.IntVar(&c.BigStreamMB, "big-stream-mb", 100, "size of the one big stream, MiB")
 	fs.IntVar(&c.BigEventKB, "big-event-kb", 16, "size of each event of the big stream, KiB")
 	fs.IntVar(&c.Probes, "probes", 10, "sequential requests per kind for the before/after-first-byte database round trips")
-	fs.DurationVar(&c.ProbeQuiet, "probe-quiet", time.Second, "database silence that ends a probe request's window")
+	fs.DurationVar(&c.ProbeQuiet, "probe-quiet", 1600*time.Millisecond, "database silence that ends a probe request's window (longer than the gateway's background writes: counters every 500 ms, receipts after 1-1.5 s)")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 90*time.Second, "longest wait for settlements after a gateway phase")
 	fs.IntVar(&c.Users, "users", 32, "seeded users (keys); requests go round-robin over them")
 	fs.IntVar(&c.UpstreamKeys, "upstream-keys", 4, "upstream keys in the pool")
@@ -156,7 +156,7 @@ func runMain(args []string) error {
 		quick := map[string]string{
 			"rounds": "1", "warmup": "1s", "sat-duration": "2s", "rate-duration": "2s",
 			"sse-duration": "2s", "sse-sat-duration": "2s", "streams": "50", "stream-hold": "2s",
-			"big-stream-mb": "32", "probes": "3", "probe-quiet": "500ms", "drain-timeout": "45s",
+			"big-stream-mb": "32", "probes": "3", "drain-timeout": "45s",
 		}
 		for name, v := range quick {
 			if !explicit[name] {

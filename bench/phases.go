@@ -547,7 +547,10 @@ func (h *harness) runAll() error {
 	}
 
 	if cfg.Profile != "" {
-		return h.profiles()
+		if err := h.profiles(); err != nil {
+			return err
+		}
+		return h.measureRoundTrips()
 	}
 	for round := 1; round <= cfg.Rounds; round++ {
 		logf("round %d of %d", round, cfg.Rounds)
@@ -597,6 +600,25 @@ func (h *harness) runAll() error {
 				return err
 			}
 		}
+	}
+	return h.measureRoundTrips()
+}
+
+// measureRoundTrips measures the driver's CPU per round trip at each fixed
+// rate (see rtCost).
+func (h *harness) measureRoundTrips() error {
+	rates := h.cfg.Rates
+	if h.cfg.Profile != "" {
+		rates = []int{h.cfg.ProfileRate}
+	}
+	logf("MongoDB Go driver CPU per round trip (harness client, paced)")
+	for _, rate := range rates {
+		rc, err := h.roundTripCost(rate, h.cfg.RateDuration)
+		if err != nil {
+			return fmt.Errorf("round-trip cost at %d/s: %w", rate, err)
+		}
+		h.res.RTCost = append(h.res.RTCost, rc)
+		logf("  %4d/s: %d round trips, %.0f µs CPU each (idle %.0f µs/op subtracted), p50 %.2f ms", rate, rc.Ops, rc.CPUPerOp, rc.IdleShare, rc.P50Ms)
 	}
 	return nil
 }

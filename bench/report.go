@@ -30,6 +30,7 @@ type results struct {
 	Flags   map[string]string `json:"config"`
 	Config  config            `json:"-"`
 	Probes  []*probe          `json:"db_probes"`
+	RTCost  []*rtCost         `json:"driver_round_trip_cost"`
 	Phases  []*phase          `json:"phases"`
 	Summary []row             `json:"summary"`
 }
@@ -184,6 +185,20 @@ func (r *results) summarize() {
 		ph := fmt.Sprintf("%s%d", phRate, rate)
 		gwOnly(fmt.Sprintf("database round-trip time p50 at %d req/s (at the counting proxy)", rate), "ms", 2, ph, func(p *phase) float64 { return p.DB.RTTP50Ms })
 		gwOnly(fmt.Sprintf("database round-trip time p99 at %d req/s", rate), "ms", 2, ph, func(p *phase) float64 { return p.DB.RTTP99Ms })
+	}
+
+	// The driver's CPU per round trip, and what the gateway's Caddy CPU
+	// is beyond the round trips it made, at the same rates.
+	for _, rc := range r.RTCost {
+		rows = append(rows, row{Figure: fmt.Sprintf("MongoDB Go driver CPU per database round trip, %d round trips/s (harness client, idle subtracted)", rc.Rate),
+			Unit: "µs", Gateway: fp(rc.CPUPerOp), digits: 0})
+		ph := fmt.Sprintf("%s%d", phRate, rc.Rate)
+		pl, gw := r.pick(ph, sitePlain, cpu("caddy")), r.pick(ph, siteGW, cpu("caddy"))
+		ops := r.pick(ph, siteGW, func(p *phase) float64 { return p.DB.OpsPerReq })
+		if !math.IsNaN(pl) && !math.IsNaN(gw) && !math.IsNaN(ops) {
+			rows = append(rows, row{Figure: fmt.Sprintf("Caddy CPU per non-stream request at %d req/s beyond plain Caddy and the round trips it made (%.2f × driver cost)", rc.Rate, ops),
+				Unit: "µs", Gateway: fp(gw - pl - ops*rc.CPUPerOp), digits: 0})
+		}
 	}
 
 	mib := func(f func(*memStats) float64) func(*phase) float64 {

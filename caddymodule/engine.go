@@ -413,7 +413,8 @@ func (e *engine) applyIsolation() {
 			cancel()
 			if err == nil {
 				if !ferret {
-					ms.SetIsolation(mongostore.IsolationProcess)
+					// MongoDB isolates every document update: no lock.
+					ms.SetIsolation(mongostore.IsolationAtomic)
 				}
 				e.log().Info("balance write isolation", zap.Bool("ferretdb", ferret), zap.Bool("cross_instance_locks", ferret))
 				return

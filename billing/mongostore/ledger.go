@@ -595,8 +595,10 @@ var (
 // SettleMany settles several holds, each with a cost its hold covers. The
 // holds of one user and plan are settled by one conditional update that
 // applies only while every one of them exists, and the updates of all the
-// users go to the database in one command (with IsolationShared, one
-// update per user under its lock). It returns billing.ErrNotAllHeld when an
+// users go to the database in one command with IsolationAtomic (with the
+// other isolations, one update per user under its lock: one command would
+// hold every user's lock for its whole length and stall their holds). It
+// returns billing.ErrNotAllHeld when an
 // update did not apply because one of its holds was gone (settled before);
 // the other users' updates may have applied, so the caller settles each
 // request with Settle, which recognises what this call did settle.
@@ -633,7 +635,7 @@ func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([
 		filters[gi], updates[gi], users[gi] = f, u, g.user
 	}
 	coll := s.db.Collection(CollUsers)
-	if Isolation(s.isolation.Load()) == IsolationShared || len(groups) == 1 {
+	if Isolation(s.isolation.Load()) != IsolationAtomic || len(groups) == 1 {
 		all := true
 		for gi := range groups {
 			unlock, err := s.lockUser(ctx, users[gi])
@@ -656,9 +658,7 @@ func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([
 	for gi := range groups {
 		models[gi] = mongo.NewUpdateOneModel().SetFilter(filters[gi]).SetUpdate(updates[gi])
 	}
-	unlock := s.local.lockAll(users)
 	r, err := coll.BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
-	unlock()
 	if err != nil {
 		return nil, fmt.Errorf("settling holds: %w", err)
 	}

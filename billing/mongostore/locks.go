@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"hash/maphash"
 	"math/rand/v2"
-	"slices"
 	"sync"
 	"time"
 
@@ -37,6 +36,12 @@ const (
 	// instances sharing FerretDB are exact. It costs two more round trips
 	// per balance write.
 	IsolationShared
+	// IsolationAtomic takes no lock at all: for a database that applies
+	// every single-document update atomically and in isolation (MongoDB),
+	// where the conditional updates are exact by themselves. SettleMany
+	// then sends the updates of several users in one command. What
+	// isolation auto picks when the server is not FerretDB.
+	IsolationAtomic
 )
 
 // lockLease is how long a shared lock lives if its holder dies with it.
@@ -45,7 +50,7 @@ const lockLease = 15 * time.Second
 // stripes serialises writes to one document with a fixed set of mutexes.
 type stripes struct {
 	seed maphash.Seed
-	mu   [1024]sync.Mutex
+	mu   [256]sync.Mutex
 }
 
 func (s *stripes) index(key string) int {
@@ -58,31 +63,16 @@ func (s *stripes) lock(key string) func() {
 	return m.Unlock
 }
 
-// lockAll locks the stripes of every key, each once and in index order, so
-// that two callers of lockAll (or one of lock) never wait for each other in
-// a cycle.
-func (s *stripes) lockAll(keys []string) func() {
-	idx := make([]int, 0, len(keys))
-	for _, k := range keys {
-		idx = append(idx, s.index(k))
-	}
-	slices.Sort(idx)
-	idx = slices.Compact(idx)
-	for _, i := range idx {
-		s.mu[i].Lock()
-	}
-	return func() {
-		for _, i := range slices.Backward(idx) {
-			s.mu[i].Unlock()
-		}
-	}
-}
-
 // lockUser serialises the balance writes of one user: in this process
-// always, across processes with IsolationShared.
+// (IsolationProcess), across processes too (IsolationShared), or not at all
+// (IsolationAtomic).
 func (s *Store) lockUser(ctx context.Context, user string) (func(), error) {
+	iso := Isolation(s.isolation.Load())
+	if iso == IsolationAtomic {
+		return func() {}, nil
+	}
 	unlockLocal := s.local.lock(user)
-	if Isolation(s.isolation.Load()) != IsolationShared {
+	if iso != IsolationShared {
 		return unlockLocal, nil
 	}
 	locks := s.db.Collection(CollLocks)
