@@ -618,7 +618,7 @@ func (h *harness) measureRoundTrips() error {
 			return fmt.Errorf("round-trip cost at %d/s: %w", rate, err)
 		}
 		h.res.RTCost = append(h.res.RTCost, rc)
-		logf("  %4d/s: %d round trips, %.0f µs CPU each (idle %.0f µs/op subtracted), p50 %.2f ms", rate, rc.Ops, rc.CPUPerOp, rc.IdleShare, rc.P50Ms)
+		logf("  %4d/s: %d round trips, %.0f µs CPU each (idle %.0f µs/op subtracted; %.0f µs back to back), p50 %.2f ms (%.2f ms through the proxy)", rate, rc.Ops, rc.CPUPerOp, rc.IdleShare, rc.BackToBack, rc.P50Ms, rc.ProxiedP50Ms)
 	}
 	return nil
 }

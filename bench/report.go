@@ -190,14 +190,16 @@ func (r *results) summarize() {
 	// The driver's CPU per round trip, and what the gateway's Caddy CPU
 	// is beyond the round trips it made, at the same rates.
 	for _, rc := range r.RTCost {
-		rows = append(rows, row{Figure: fmt.Sprintf("MongoDB Go driver CPU per database round trip, %d round trips/s (harness client, idle subtracted)", rc.Rate),
-			Unit: "µs", Gateway: fp(rc.CPUPerOp), digits: 0})
+		rows = append(rows, row{Figure: fmt.Sprintf("MongoDB Go driver CPU per database round trip, paced at %d/s / back to back (harness client, idle subtracted)", rc.Rate),
+			Unit: "µs", Text: [2]string{"–", fmt.Sprintf("%.0f / %.0f", rc.CPUPerOp, rc.BackToBack)}})
+		rows = append(rows, row{Figure: fmt.Sprintf("database round-trip time p50 seen by that client at %d/s: straight to FerretDB / through the counting proxy", rc.Rate),
+			Unit: "ms", Text: [2]string{"–", fmt.Sprintf("%.2f / %.2f", rc.P50Ms, rc.ProxiedP50Ms)}})
 		ph := fmt.Sprintf("%s%d", phRate, rc.Rate)
 		pl, gw := r.pick(ph, sitePlain, cpu("caddy")), r.pick(ph, siteGW, cpu("caddy"))
 		ops := r.pick(ph, siteGW, func(p *phase) float64 { return p.DB.OpsPerReq })
 		if !math.IsNaN(pl) && !math.IsNaN(gw) && !math.IsNaN(ops) {
-			rows = append(rows, row{Figure: fmt.Sprintf("Caddy CPU per non-stream request at %d req/s beyond plain Caddy and the round trips it made (%.2f × driver cost)", rc.Rate, ops),
-				Unit: "µs", Gateway: fp(gw - pl - ops*rc.CPUPerOp), digits: 0})
+			rows = append(rows, row{Figure: fmt.Sprintf("Caddy CPU per non-stream request at %d req/s beyond plain Caddy and its %.2f round trips priced back to back (an upper bound of the module's own CPU)", rc.Rate, ops),
+				Unit: "µs", Gateway: fp(gw - pl - ops*rc.BackToBack), digits: 0})
 		}
 	}
 

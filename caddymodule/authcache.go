@@ -2,44 +2,74 @@ package caddymodule
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
 )
 
-// authCache keeps successful key lookups for a short time, so that a busy
-// key costs no database round trip. Refusals are not cached: a key that was
-// just created or re-activated works at once. The raw key is only ever a map
-// key in memory; it is never logged.
+// authCache keeps successful key lookups for a short time (auth_cache_ttl),
+// so that a busy key costs no database round trip. An entry hit in the
+// second half of its life is looked up again in the background (one lookup
+// at a time per key), so a key in steady use never waits for the database,
+// while a key that was revoked stops working within the TTL as before (or
+// sooner, when a background lookup sees it refused). Refusals are not
+// cached: a key that was just created or re-activated works at once. The
+// raw key is only ever a map key in memory; it is never logged.
 type authCache struct {
 	mu      sync.RWMutex
-	entries map[string]authEntry
+	entries map[string]*authEntry
 }
 
 type authEntry struct {
-	p       billing.Principal
-	expires time.Time
+	p          billing.Principal
+	refreshAt  time.Time
+	expires    time.Time
+	refreshing atomic.Bool
 }
 
 func newAuthCache() *authCache {
-	return &authCache{entries: make(map[string]authEntry)}
+	return &authCache{entries: make(map[string]*authEntry)}
 }
 
-// get returns a live entry. It does not allocate.
-func (c *authCache) get(key string, now time.Time) (billing.Principal, bool) {
+// get returns a live entry, and whether the caller should look the key up
+// again in the background (it is then the only one told so until put or
+// unmark). It does not allocate.
+func (c *authCache) get(key string, now time.Time) (p billing.Principal, ok, refresh bool) {
 	c.mu.RLock()
-	e, ok := c.entries[key]
+	e := c.entries[key]
 	c.mu.RUnlock()
-	if !ok || !now.Before(e.expires) {
-		return billing.Principal{}, false
+	if e == nil || !now.Before(e.expires) {
+		return billing.Principal{}, false, false
 	}
-	return e.p, true
+	refresh = !now.Before(e.refreshAt) && e.refreshing.CompareAndSwap(false, true)
+	return e.p, true, refresh
 }
 
-func (c *authCache) put(key string, p billing.Principal, expires time.Time) {
+// put stores a lookup made at now, live for ttl.
+func (c *authCache) put(key string, p billing.Principal, now time.Time, ttl time.Duration) {
+	e := &authEntry{p: p, refreshAt: now.Add(ttl / 2), expires: now.Add(ttl)}
 	c.mu.Lock()
-	c.entries[key] = authEntry{p: p, expires: expires}
+	c.entries[key] = e
 	c.mu.Unlock()
+}
+
+// drop forgets a key (a background lookup found it refused).
+func (c *authCache) drop(key string) {
+	c.mu.Lock()
+	delete(c.entries, key)
+	c.mu.Unlock()
+}
+
+// unmark lets the next hit start a background lookup again (this one
+// failed for a reason other than a refusal).
+func (c *authCache) unmark(key string) {
+	c.mu.RLock()
+	e := c.entries[key]
+	c.mu.RUnlock()
+	if e != nil {
+		e.refreshing.Store(false)
+	}
 }
 
 // sweep drops expired entries.

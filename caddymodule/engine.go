@@ -60,16 +60,17 @@ type engine struct {
 	errCooldown atomic.Int64 // nanoseconds, 5xx and transport errors
 	logger      atomic.Pointer[zap.Logger]
 
-	jobs      chan *settlement
-	batches   chan []*settlement
-	marks     chan keyMark
-	mu        sync.RWMutex // guards closed against sends
-	closed    bool
-	inflight  sync.WaitGroup
-	workers   sync.WaitGroup
-	startOnce sync.Once
-	stop      chan struct{}
-	loadMu    sync.Mutex
+	jobs       chan *settlement
+	batches    chan []*settlement
+	marks      chan keyMark
+	mu         sync.RWMutex // guards closed against sends
+	closed     bool
+	inflight   sync.WaitGroup
+	background sync.WaitGroup // background key lookups
+	workers    sync.WaitGroup
+	startOnce  sync.Once
+	stop       chan struct{}
+	loadMu     sync.Mutex
 }
 
 const (
@@ -234,7 +235,10 @@ func (e *engine) pickKey() (billing.UpstreamKey, error) {
 // authenticate resolves a key through the cache.
 func (e *engine) authenticate(ctx context.Context, key string) (billing.Principal, error) {
 	now := time.Now()
-	if p, ok := e.auth.get(key, now); ok {
+	if p, ok, refresh := e.auth.get(key, now); ok {
+		if refresh {
+			e.refreshAuth(key)
+		}
 		return p, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
@@ -244,9 +248,38 @@ func (e *engine) authenticate(ctx context.Context, key string) (billing.Principa
 		return p, err
 	}
 	if ttl := time.Duration(e.authTTL.Load()); ttl > 0 {
-		e.auth.put(key, p, now.Add(ttl))
+		e.auth.put(key, p, now, ttl)
 	}
 	return p, nil
+}
+
+// refreshAuth looks a cached key up again off the request path.
+func (e *engine) refreshAuth(key string) {
+	e.mu.RLock()
+	if e.closed {
+		e.mu.RUnlock()
+		return
+	}
+	e.background.Add(1)
+	e.mu.RUnlock()
+	go func() {
+		defer e.background.Done()
+		now := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+		defer cancel()
+		p, err := e.store.Authenticate(ctx, key)
+		var ae *billing.AuthError
+		switch {
+		case err == nil:
+			if ttl := time.Duration(e.authTTL.Load()); ttl > 0 {
+				e.auth.put(key, p, now, ttl)
+			}
+		case errors.As(err, &ae):
+			e.auth.drop(key)
+		default:
+			e.auth.unmark(key)
+		}
+	}()
 }
 
 // begin registers an in-flight request; the returned function must be
@@ -274,6 +307,7 @@ func (e *engine) Destruct() error {
 	}
 	e.mu.Unlock()
 	e.startOnce.Do(func() {}) // never start after this
+	waitTimeout(&e.background, dbTimeout)
 	// Workers were possibly never started (validate): drain here then.
 	for s := range e.jobs {
 		e.settleBatch([]*settlement{s})

@@ -255,10 +255,10 @@ func BenchmarkAuthCacheHit(b *testing.B) {
 	c := newAuthCache()
 	now := time.Now()
 	key := "sk-trollllm-" + strings.Repeat("cd", 32)
-	c.put(key, billing.Principal{User: "u"}, now.Add(time.Hour))
+	c.put(key, billing.Principal{User: "u"}, now, time.Hour)
 	b.ReportAllocs()
 	for i := 0; i < b.N; i++ {
-		if _, ok := c.get(key, now); !ok {
+		if _, ok, _ := c.get(key, now); !ok {
 			b.Fatal("miss")
 		}
 	}
@@ -268,11 +268,71 @@ func TestAuthCacheHitDoesNotAllocate(t *testing.T) {
 	c := newAuthCache()
 	now := time.Now()
 	key := "sk-trollllm-" + strings.Repeat("cd", 32)
-	c.put(key, billing.Principal{User: "u"}, now.Add(time.Hour))
+	c.put(key, billing.Principal{User: "u"}, now, time.Hour)
 	if n := testing.AllocsPerRun(1000, func() { c.get(key, now) }); n != 0 {
 		t.Errorf("a cache hit allocates %v times", n)
 	}
-	if _, ok := c.get(key, now.Add(2*time.Hour)); ok {
+	if _, ok, _ := c.get(key, now.Add(2*time.Hour)); ok {
 		t.Error("an expired entry was returned")
+	}
+}
+
+// In the second half of its life an entry is still served, and exactly one
+// caller is told to look the key up again; after unmark the next one is.
+func TestAuthCacheRefreshAhead(t *testing.T) {
+	c := newAuthCache()
+	now := time.Now()
+	c.put("k", billing.Principal{User: "u"}, now, time.Minute)
+	if _, ok, refresh := c.get("k", now.Add(10*time.Second)); !ok || refresh {
+		t.Fatalf("young entry: ok %v refresh %v", ok, refresh)
+	}
+	later := now.Add(40 * time.Second)
+	if p, ok, refresh := c.get("k", later); !ok || !refresh || p.User != "u" {
+		t.Fatalf("old entry: ok %v refresh %v", ok, refresh)
+	}
+	if _, ok, refresh := c.get("k", later); !ok || refresh {
+		t.Fatalf("second hit while refreshing: ok %v refresh %v", ok, refresh)
+	}
+	c.unmark("k")
+	if _, _, refresh := c.get("k", later); !refresh {
+		t.Fatal("after unmark no refresh")
+	}
+	c.put("k", billing.Principal{User: "u2"}, later, time.Minute)
+	if p, ok, refresh := c.get("k", later.Add(time.Second)); !ok || refresh || p.User != "u2" {
+		t.Fatalf("refreshed entry: %v %v %v", p, ok, refresh)
+	}
+	c.drop("k")
+	if _, ok, _ := c.get("k", later); ok {
+		t.Fatal("dropped entry served")
+	}
+}
+
+// A key hit in the second half of its cache life is looked up again off
+// the request path: the hit is served from the cache, and a key the
+// background lookup finds refused is forgotten.
+func TestAuthRefreshInBackground(t *testing.T) {
+	fs := &fakeStore{key: "sk-good"}
+	e := newEngineWithStore(fs)
+	e.authTTL.Store(int64(time.Hour))
+	ctx := context.Background()
+	if _, err := e.authenticate(ctx, "sk-good"); err != nil {
+		t.Fatal(err)
+	}
+	// Age the entry into its second half.
+	e.auth.put("sk-good", billing.Principal{User: "u1"}, time.Now().Add(-40*time.Minute), time.Hour)
+	reads := fs.authRead.Load()
+	fs.key = "sk-other" // revoked in the database
+	if p, err := e.authenticate(ctx, "sk-good"); err != nil || p.User != "u1" {
+		t.Fatalf("stale hit: %v %v", p, err)
+	}
+	waitTimeout(&e.background, 5*time.Second)
+	if got := fs.authRead.Load() - reads; got != 1 {
+		t.Fatalf("%d background lookups, want 1", got)
+	}
+	if _, ok, _ := e.auth.get("sk-good", time.Now()); ok {
+		t.Fatal("a key refused by the background lookup is still cached")
+	}
+	if _, err := e.authenticate(ctx, "sk-good"); err == nil {
+		t.Fatal("revoked key accepted")
 	}
 }

@@ -199,6 +199,9 @@ func TestUsageCounters(t *testing.T) {
 	if err := seed.Insert(ctx, db, seed.UserKey{Key: key, User: nu.ID, Active: true}); err != nil {
 		t.Fatal(err)
 	}
+	// The counters are written every 500 ms: let earlier tests' land
+	// before the baseline is read.
+	time.Sleep(1200 * time.Millisecond)
 	var before bson.M
 	if err := db.Collection("openhands_keys").FindOne(ctx, bson.D{{Key: "_id", Value: seed.DemoUpstreamKeyID}}).Decode(&before); err != nil {
 		t.Fatal(err)
@@ -207,19 +210,24 @@ func TestUsageCounters(t *testing.T) {
 	c.do(t, chatURL, key, "claude-haiku-4-5", uniq(t, "req"))
 	l := waitLogs(t, nu.ID, 1)[0]
 
-	var uk bson.M
-	if err := db.Collection("user_keys").FindOne(ctx, bson.D{{Key: "_id", Value: key}}).Decode(&uk); err != nil {
-		t.Fatal(err)
+	var uk, after bson.M
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		uk, after = nil, nil
+		if err := db.Collection("user_keys").FindOne(ctx, bson.D{{Key: "_id", Value: key}}).Decode(&uk); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Collection("openhands_keys").FindOne(ctx, bson.D{{Key: "_id", Value: seed.DemoUpstreamKeyID}}).Decode(&after); err != nil {
+			t.Fatal(err)
+		}
+		if (num(t, uk, "requestsCount") >= 1 && num(t, after, "requestsCount") > num(t, before, "requestsCount")) || time.Now().After(deadline) {
+			break
+		}
 	}
 	if num(t, uk, "tokensUsed") != num(t, l, "tokensUsed") || num(t, uk, "requestsCount") != 1 {
 		t.Errorf("user_keys counters %v, log tokensUsed %v", uk, l["tokensUsed"])
 	}
 	if _, ok := uk["lastUsedAt"].(bson.DateTime); !ok {
 		t.Errorf("user_keys.lastUsedAt = %v", uk["lastUsedAt"])
-	}
-	var after bson.M
-	if err := db.Collection("openhands_keys").FindOne(ctx, bson.D{{Key: "_id", Value: seed.DemoUpstreamKeyID}}).Decode(&after); err != nil {
-		t.Fatal(err)
 	}
 	raw := num(t, l, "inputTokens") + num(t, l, "outputTokens")
 	if num(t, after, "requestsCount")-num(t, before, "requestsCount") != 1 || num(t, after, "tokensUsed")-num(t, before, "tokensUsed") != raw {
