@@ -2,7 +2,7 @@
 # Runs every check CI runs, in order: formatting, go vet, the plugin's unit
 # tests, the end-to-end suite (real Caddy in-process, embedded FerretDB, the
 # stand-in upstream, the official SDK clients), then the xcaddy build and a
-# `caddy validate` of Caddyfile.example with that binary.
+# `caddy validate` and `caddy fmt` check of Caddyfile.example with that binary.
 #
 #   ./scripts/test.sh                 # everything
 #   SKIP_XCADDY=1 ./scripts/test.sh   # without the xcaddy build
@@ -40,5 +40,12 @@ if [ "${SKIP_XCADDY:-0}" != 1 ]; then
 	# An unreachable database on purpose: validation must not need it.
 	MONGODB_URI="mongodb://127.0.0.1:1" MONGODB_DB_NAME=fproxy LLM_MODELS_DIR="$models" \
 		timeout 60 "$root/caddy" validate --config Caddyfile.example --adapter caddyfile
+	step "caddy fmt Caddyfile.example"
+	# Users copy it: it must be in the form `caddy fmt` writes.
+	"$root/caddy" fmt --diff Caddyfile.example >/dev/null 2>&1 || {
+		"$root/caddy" fmt --diff Caddyfile.example || true
+		echo "Caddyfile.example is not formatted: run caddy fmt --overwrite Caddyfile.example" >&2
+		exit 1
+	}
 fi
 step "all checks passed"
