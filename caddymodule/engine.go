@@ -232,25 +232,26 @@ func (e *engine) pickKey() (billing.UpstreamKey, error) {
 	return e.keys.Pick(time.Now())
 }
 
-// authenticate resolves a key through the cache.
-func (e *engine) authenticate(ctx context.Context, key string) (billing.Principal, error) {
+// authenticate resolves a key through the cache. refresh is true when the
+// caller must start refreshAuth(key): the key came from the cache in the
+// second half of its life. The caller starts it once the request's own
+// round trips are over (when the answer starts), so that the lookup never
+// competes with the hold for the database.
+func (e *engine) authenticate(ctx context.Context, key string) (p billing.Principal, refresh bool, err error) {
 	now := time.Now()
 	if p, ok, refresh := e.auth.get(key, now); ok {
-		if refresh {
-			e.refreshAuth(key)
-		}
-		return p, nil
+		return p, refresh, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
-	p, err := e.store.Authenticate(ctx, key)
+	p, err = e.store.Authenticate(ctx, key)
 	if err != nil {
-		return p, err
+		return p, false, err
 	}
 	if ttl := time.Duration(e.authTTL.Load()); ttl > 0 {
 		e.auth.put(key, p, now, ttl)
 	}
-	return p, nil
+	return p, false, nil
 }
 
 // refreshAuth looks a cached key up again off the request path.

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -201,7 +202,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		aerr.write(w, api)
 		return nil
 	}
-	p, err := eng.authenticate(r.Context(), key)
+	p, refresh, err := eng.authenticate(r.Context(), key)
+	var startRefresh func()
+	if refresh {
+		// The key is looked up again in the background once the answer
+		// starts, or when the request ends, whichever comes first.
+		var once sync.Once
+		startRefresh = func() { once.Do(func() { eng.refreshAuth(key) }) }
+		defer startRefresh()
+	}
 	if err != nil {
 		var ae *billing.AuthError
 		if errors.As(err, &ae) {
@@ -265,6 +274,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	r.Header.Set("Accept-Encoding", "identity")
 
 	m := newMeter(w, api)
+	m.onStart = startRefresh
 	pr := &proxied{start: start, principal: p, key: key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
 		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body)}
 	if h.ClientDisconnect != DisconnectStop {

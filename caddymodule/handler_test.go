@@ -31,10 +31,17 @@ type fakeStore struct {
 	mu       sync.Mutex
 	logs     []billing.RequestLog
 	authRead atomic.Int64
+	// authStarted, when not nil, gets a value (if it has room) at every
+	// key lookup.
+	authStarted chan struct{}
 }
 
 func (f *fakeStore) Authenticate(_ context.Context, key string) (billing.Principal, error) {
 	f.authRead.Add(1)
+	select {
+	case f.authStarted <- struct{}{}:
+	default:
+	}
 	if key != f.key {
 		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthInvalid}
 	}
@@ -104,7 +111,7 @@ func newTestHandler(tb testing.TB) (*Handler, *fakeStore) {
 		tb.Fatal(err)
 	}
 	plan, _ := billing.ParseCreditPlan([]string{"creditsNew"})
-	fs := &fakeStore{key: "sk-trollllm-" + strings.Repeat("ab", 32)}
+	fs := &fakeStore{key: "sk-trollllm-" + strings.Repeat("ab", 32), authStarted: make(chan struct{}, 1)}
 	eng := newEngineWithStore(fs)
 	// The pool is set here, not loaded by the refresher: a test that sets
 	// its own keys must not race with a load.
@@ -315,16 +322,21 @@ func TestAuthRefreshInBackground(t *testing.T) {
 	e := newEngineWithStore(fs)
 	e.authTTL.Store(int64(time.Hour))
 	ctx := context.Background()
-	if _, err := e.authenticate(ctx, "sk-good"); err != nil {
-		t.Fatal(err)
+	if _, refresh, err := e.authenticate(ctx, "sk-good"); err != nil || refresh {
+		t.Fatal(refresh, err)
 	}
 	// Age the entry into its second half.
 	e.auth.put("sk-good", billing.Principal{User: "u1"}, time.Now().Add(-40*time.Minute), time.Hour)
 	reads := fs.authRead.Load()
 	fs.key = "sk-other" // revoked in the database
-	if p, err := e.authenticate(ctx, "sk-good"); err != nil || p.User != "u1" {
-		t.Fatalf("stale hit: %v %v", p, err)
+	p, refresh, err := e.authenticate(ctx, "sk-good")
+	if err != nil || p.User != "u1" || !refresh {
+		t.Fatalf("stale hit: %v %v %v", p, refresh, err)
 	}
+	if _, again, _ := e.authenticate(ctx, "sk-good"); again {
+		t.Fatal("a second hit was told to refresh too")
+	}
+	e.refreshAuth("sk-good")
 	waitTimeout(&e.background, 5*time.Second)
 	if got := fs.authRead.Load() - reads; got != 1 {
 		t.Fatalf("%d background lookups, want 1", got)
@@ -332,7 +344,54 @@ func TestAuthRefreshInBackground(t *testing.T) {
 	if _, ok, _ := e.auth.get("sk-good", time.Now()); ok {
 		t.Fatal("a key refused by the background lookup is still cached")
 	}
-	if _, err := e.authenticate(ctx, "sk-good"); err == nil {
+	if _, _, err := e.authenticate(ctx, "sk-good"); err == nil {
 		t.Fatal("revoked key accepted")
 	}
+}
+
+// TestAuthRefreshAfterTheAnswerStarts: the background lookup of a key in
+// the second half of its cache life starts once the answer does, so that it
+// never competes with the request's hold for the database; and it starts
+// even when the request ends without an answer from the upstream.
+func TestAuthRefreshAfterTheAnswerStarts(t *testing.T) {
+	h, fs := newTestHandler(t)
+	h.eng.authTTL.Store(int64(time.Hour))
+	age := func() {
+		h.eng.auth.put(fs.key, billing.Principal{User: "u1", Role: "user"}, time.Now().Add(-40*time.Minute), time.Hour)
+	}
+	age()
+	json := upstream(false, 0)
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		// The hold has been taken; the lookup must not have started.
+		select {
+		case <-fs.authStarted:
+			t.Error("the background key lookup started before the answer")
+		case <-time.After(100 * time.Millisecond):
+		}
+		return json.ServeHTTP(w, r)
+	})
+	rec := httptest.NewRecorder()
+	if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next); err != nil || rec.Code != 200 {
+		t.Fatalf("%v %d %s", err, rec.Code, rec.Body)
+	}
+	select {
+	case <-fs.authStarted:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no background key lookup after the answer")
+	}
+	waitTimeout(&h.eng.background, 5*time.Second)
+
+	// No answer at all (the upstream handler fails): the lookup still runs.
+	age()
+	fail := caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error {
+		return caddyhttp.Error(http.StatusBadGateway, io.ErrUnexpectedEOF)
+	})
+	rec = httptest.NewRecorder()
+	_ = h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), fail)
+	select {
+	case <-fs.authStarted:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no background key lookup after a request without an answer")
+	}
+	waitTimeout(&h.eng.background, 5*time.Second)
 }

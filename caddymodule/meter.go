@@ -35,6 +35,8 @@ type meter struct {
 	// to the end for its usage, and not written anywhere.
 	drain bool
 	gone  atomic.Bool
+	// onStart, when set, runs when the first final status is written.
+	onStart func()
 }
 
 var scanners = sync.Pool{New: func() any { return billing.NewSSEScanner(billing.OpenAI) }}
@@ -63,6 +65,10 @@ func (m *meter) WriteHeader(code int) {
 		}
 	}
 	m.ResponseWriterWrapper.WriteHeader(code)
+	if m.onStart != nil && code >= 200 {
+		m.onStart()
+		m.onStart = nil
+	}
 }
 
 // Write forwards p, then feeds the copy to the usage reader.
