@@ -244,7 +244,9 @@ func (e *engine) authenticate(ctx context.Context, key string) (p billing.Princi
 	}
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
+	t0 := time.Now()
 	p, err = e.store.Authenticate(ctx, key)
+	observeDB(opKeyLookup, t0)
 	if err != nil {
 		return p, false, err
 	}
@@ -269,6 +271,7 @@ func (e *engine) refreshAuth(key string) {
 		ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
 		defer cancel()
 		p, err := e.store.Authenticate(ctx, key)
+		observeDB(opKeyLookup, now)
 		var ae *billing.AuthError
 		switch {
 		case err == nil:
@@ -390,7 +393,10 @@ func (e *engine) flushUsage() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
 	defer cancel()
-	if err := e.store.AddUsage(ctx, batch); err != nil {
+	t0 := time.Now()
+	err := e.store.AddUsage(ctx, batch)
+	observeDB(opUsage, t0)
+	if err != nil {
 		e.log().Warn("writing usage counters failed", zap.Int("requests", len(batch)), zap.Error(err))
 	}
 }

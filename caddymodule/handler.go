@@ -94,6 +94,9 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // Provision loads the model catalogue and attaches to the llm_billing app.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %v", err)
+	}
 	plan, err := billing.ParseCreditPlan(h.CreditFields)
 	if err != nil {
 		return fmt.Errorf("credit_field: %v", err)
@@ -341,12 +344,16 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p 
 	}
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
+	t0 := time.Now()
 	hold, err := eng.store.Reserve(ctx, req)
+	observeDB(opHold, t0)
 	var ie *billing.InsufficientError
 	if errors.As(err, &ie) && eng.awaitUser(ctx, p.User, refusedWait) {
 		// The user's own earlier requests still hold credit their
 		// settlements will give back: once they are settled, ask again.
+		t0 = time.Now()
 		hold, err = eng.store.Reserve(ctx, req)
+		observeDB(opHold, t0)
 	}
 	if err != nil && len(req.Clear) > 0 {
 		eng.clears.add(p.User, req.Clear, time.Now())

@@ -149,7 +149,9 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 			rc, applied = m, true
 		} else {
 			opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+			t0 := time.Now()
 			rc, applied, err = e.store.Settle(opCtx, s.request())
+			observeDB(opSettle, t0)
 			cancel()
 		}
 		switch {
@@ -186,7 +188,10 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 		logged = append(logged, s)
 	}
 	if len(logs) > 0 {
-		if err := e.store.InsertRequestLogs(ctx, logs); err != nil {
+		t0 := time.Now()
+		err := e.store.InsertRequestLogs(ctx, logs)
+		observeDB(opRequestLogs, t0)
+		if err != nil {
 			// The receipts stay: the retry finds them and writes the rows.
 			for _, s := range logged {
 				e.failed(s, err)
@@ -249,7 +254,9 @@ func (e *engine) settleMerged(ctx context.Context, batch []*settlement) map[*set
 		return nil // Settle costs the same and says more
 	}
 	opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+	t0 := time.Now()
 	rcs, err := e.store.SettleMany(opCtx, reqs)
+	observeDB(opSettle, t0)
 	cancel()
 	if err != nil {
 		return nil // one by one, which handles every case

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -103,4 +104,53 @@ func reload(t *testing.T) []byte {
 		t.Fatalf("POST /llm_billing/reload: %d %s", resp.StatusCode, raw)
 	}
 	return raw
+}
+
+// metricValue reads one sample of Caddy's admin /metrics (text format).
+func metricValue(t *testing.T, series string) (float64, string) {
+	t.Helper()
+	resp, err := http.Get(adminURL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET /metrics: %d %s", resp.StatusCode, raw)
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+			return f, string(raw)
+		}
+	}
+	return 0, string(raw)
+}
+
+// The database wait of every hold is in Caddy's own /metrics, and nothing
+// secret is.
+func TestDatabaseMetrics(t *testing.T) {
+	const holds = `caddy_llm_billing_database_duration_seconds_count{operation="hold"}`
+	before, _ := metricValue(t, holds)
+	nu, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 10})
+	c := call{"anthropic json", "anthropic", false, "ant-text"}
+	c.do(t, chatURL, key, "claude-haiku-4-5", uniq(t, "req"))
+	waitLogs(t, nu.ID, 1)
+	after, raw := metricValue(t, holds)
+	if after < before+1 {
+		t.Fatalf("hold count %v -> %v after a request\n%s", before, after, raw)
+	}
+	for _, op := range []string{"settle", "request_logs"} {
+		if n, _ := metricValue(t, `caddy_llm_billing_database_duration_seconds_count{operation="`+op+`"}`); n < 1 {
+			t.Errorf("no %s observed", op)
+		}
+	}
+	for _, secret := range []string{key, env.UpstreamKey} {
+		if strings.Contains(raw, secret) {
+			t.Fatal("key material in /metrics")
+		}
+	}
 }
