@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"io"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -161,5 +162,29 @@ func TestCaddyfileAdapts(t *testing.T) {
 		if static != strings.Contains(string(out), `"upstream_keys":["k1","k2"]`) {
 			t.Errorf("static %v: %s", static, out)
 		}
+	}
+}
+
+// The histogram quantile interpolates inside the bucket as Prometheus'
+// histogram_quantile does, and a phase's histogram is the difference of
+// two scrapes.
+func TestHistoQuantile(t *testing.T) {
+	before := histo{count: 10, sum: 0.01, bounds: []float64{.001, .002, .004}, cum: []uint64{10, 10, 10}}
+	after := histo{count: 30, sum: 0.05, bounds: []float64{.001, .002, .004}, cum: []uint64{10, 20, 30}}
+	d := after.since(before)
+	if d.count != 20 || d.cum[0] != 0 || d.cum[1] != 10 || d.cum[2] != 20 {
+		t.Fatalf("since: %+v", d)
+	}
+	if got := d.quantileMs(0.5); math.Abs(got-2) > 1e-9 {
+		t.Errorf("p50 %v ms, want 2", got)
+	}
+	if got := d.quantileMs(0.75); math.Abs(got-3) > 1e-9 {
+		t.Errorf("p75 %v ms, want 3", got)
+	}
+	if got := d.meanMs(); math.Abs(got-2) > 1e-9 {
+		t.Errorf("mean %v ms, want 2", got)
+	}
+	if !math.IsNaN((histo{}).quantileMs(0.5)) {
+		t.Error("an empty histogram has a p50")
 	}
 }

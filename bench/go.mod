@@ -8,6 +8,8 @@ replace github.com/trollllm/caddy-llm-billing/tests => ../tests
 
 require (
 	github.com/FerretDB/FerretDB v1.24.2
+	github.com/prometheus/client_model v0.6.3
+	github.com/prometheus/common v0.71.0
 	github.com/trollllm/caddy-llm-billing v0.0.0
 	github.com/trollllm/caddy-llm-billing/tests v0.0.0-00010101000000-000000000000
 	github.com/tsenart/vegeta/v12 v12.13.0
@@ -44,8 +46,6 @@ require (
 	github.com/ncruces/go-strftime v1.0.0 // indirect
 	github.com/pmezard/go-difflib v1.0.1-0.20181226105442-5d4384ee4fb2 // indirect
 	github.com/prometheus/client_golang v1.24.1 // indirect
-	github.com/prometheus/client_model v0.6.3 // indirect
-	github.com/prometheus/common v0.71.0 // indirect
 	github.com/prometheus/procfs v0.22.0 // indirect
 	github.com/remyoudompheng/bigfft v0.0.0-20230129092748-24d4a6f8daec // indirect
 	github.com/rs/dnscache v0.0.0-20230804202142-fc85eb664529 // indirect

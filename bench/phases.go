@@ -70,6 +70,13 @@ type dbStats struct {
 	RTTP99Ms       float64        `json:"rtt_p99_ms"`
 	ByCommand      map[string]int `json:"by_command"`
 	RequestLogDocs int            `json:"request_log_docs_inserted"`
+
+	// The holds as the gateway timed them (its /metrics histogram): from
+	// before the driver sends the command until it has the reply, so the
+	// driver's own time and the counting proxy's hop are in.
+	Holds      uint64  `json:"holds"`
+	HoldP50Ms  float64 `json:"hold_p50_ms"`
+	HoldMeanMs float64 `json:"hold_mean_ms"`
 }
 
 type memStats struct {
@@ -124,6 +131,13 @@ func (h *harness) measured(round int, name, site string, load func() ([]outcome,
 		}
 	}
 	h.proxy.take()
+	var hold0 histo
+	if site == siteGW {
+		var err error
+		if hold0, err = h.dbWait("hold"); err != nil {
+			return nil, err
+		}
+	}
 	s0 := h.snap()
 	outs, wall := load()
 	loadEnd := time.Now()
@@ -164,7 +178,12 @@ func (h *harness) measured(round int, name, site string, load func() ([]outcome,
 	}
 	p.DB = dbSummary(ops, p.OK)
 	if site == siteGW {
-		var err error
+		hold1, err := h.dbWait("hold")
+		if err != nil {
+			return nil, err
+		}
+		d := hold1.since(hold0)
+		p.DB.Holds, p.DB.HoldP50Ms, p.DB.HoldMeanMs = d.count, d.quantileMs(0.5), d.meanMs()
 		if p.Billing, err = h.checkBilling(ctx, outs, before); err != nil {
 			return nil, err
 		}

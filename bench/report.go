@@ -186,6 +186,23 @@ func (r *results) summarize() {
 		gwOnly(fmt.Sprintf("database round-trip time p50 at %d req/s (at the counting proxy)", rate), "ms", 2, ph, func(p *phase) float64 { return p.DB.RTTP50Ms })
 		gwOnly(fmt.Sprintf("database round-trip time p99 at %d req/s", rate), "ms", 2, ph, func(p *phase) float64 { return p.DB.RTTP99Ms })
 	}
+	// The hold as the gateway waited for it (driver and proxy hop in), and
+	// what the added latency is beyond it: the targets' "+ 0.5 ms".
+	holdRows := func(label, ph string, added func(*phase) float64) {
+		p50 := r.pick(ph, siteGW, func(p *phase) float64 { return p.DB.HoldP50Ms })
+		mean := r.pick(ph, siteGW, func(p *phase) float64 { return p.DB.HoldMeanMs })
+		if math.IsNaN(p50) {
+			return
+		}
+		rows = append(rows, row{Figure: "the hold as the gateway waited for it (its /metrics), p50 / mean, " + label, Unit: "ms",
+			Text: [2]string{"–", fmt.Sprintf("%.2f / %.2f", p50, mean)}})
+		pl, gw := r.pick(ph, sitePlain, added), r.pick(ph, siteGW, added)
+		rows = append(rows, row{Figure: "added p50 beyond that hold p50 (target ≤ 0.5), " + label, Unit: "ms", Gateway: fp(gw - pl - p50), digits: 2})
+	}
+	holdRows(fmt.Sprintf("SSE first byte at %d streams/s", c.SSERate), phSSETTFB, func(p *phase) float64 { return p.TTFBP50Ms })
+	for _, rate := range c.Rates {
+		holdRows(fmt.Sprintf("non-stream at %d req/s", rate), fmt.Sprintf("%s%d", phRate, rate), func(p *phase) float64 { return p.P50Ms })
+	}
 
 	// The driver's CPU per round trip, and what the gateway's Caddy CPU
 	// is beyond the round trips it made, at the same rates.
