@@ -115,6 +115,20 @@ type billingCheck struct {
 	ChargeErrors    int   `json:"charge_errors"`
 }
 
+// add sums o (when not nil) into b: the totals of the table.
+func (b *billingCheck) add(o *billingCheck) {
+	if o == nil {
+		return
+	}
+	b.Admitted += o.Admitted
+	b.Logged += o.Logged
+	b.Lost += o.Lost
+	b.Duplicates += o.Duplicates
+	b.Unexpected += o.Unexpected
+	b.ChargeErrors += o.ChargeErrors
+	b.ChargeMismatchN += o.ChargeMismatchN
+}
+
 func (b *billingCheck) ok() bool {
 	return b.Lost == 0 && b.Duplicates == 0 && b.ChargeMismatchN == 0 && b.ChargeErrors == 0
 }

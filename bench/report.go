@@ -136,7 +136,6 @@ func (r *results) summarize() {
 	p50 := func(p *phase) float64 { return p.P50Ms }
 	p99 := func(p *phase) float64 { return p.P99Ms }
 	cpu := func(k string) func(*phase) float64 { return func(p *phase) float64 { return p.CPUPerReq[k] } }
-	failRate := func(p *phase) float64 { return float64(p.Failed) }
 
 	both("non-stream: max req/s at saturation", "req/s", 0, phSat, rps)
 	both("non-stream: max req/s counting the settlement drain", "req/s", 0, phSat, settled)
@@ -251,30 +250,13 @@ func (r *results) summarize() {
 	// Totals over every phase, warm-ups included.
 	var tot billingCheck
 	for _, pr := range r.Probes {
-		if b := pr.Billing; b != nil {
-			tot.Admitted += b.Admitted
-			tot.Logged += b.Logged
-			tot.Lost += b.Lost
-			tot.Duplicates += b.Duplicates
-			tot.Unexpected += b.Unexpected
-			tot.ChargeErrors += b.ChargeErrors
-			tot.ChargeMismatchN += b.ChargeMismatchN
-		}
+		tot.add(pr.Billing)
 	}
 	failed := map[string]int{}
 	for _, p := range r.Phases {
 		failed[p.Site] += p.Failed
-		if b := p.Billing; b != nil {
-			tot.Admitted += b.Admitted
-			tot.Logged += b.Logged
-			tot.Lost += b.Lost
-			tot.Duplicates += b.Duplicates
-			tot.Unexpected += b.Unexpected
-			tot.ChargeErrors += b.ChargeErrors
-			tot.ChargeMismatchN += b.ChargeMismatchN
-		}
+		tot.add(p.Billing)
 	}
-	_ = failRate
 	rows = append(rows,
 		row{Figure: "failed requests, all phases (non-2xx, transport error or cut answer)", Unit: "requests", Text: [2]string{fmt.Sprint(failed[sitePlain]), fmt.Sprint(failed[siteGW])}},
 		row{Figure: "billing: admitted 2xx / request logs written", Unit: "requests", Text: [2]string{"–", fmt.Sprintf("%d / %d", tot.Admitted, tot.Logged)}},
