@@ -24,17 +24,27 @@ type keysView struct {
 	} `json:"keys"`
 }
 
-func adminKeys(t *testing.T) keysView {
+// adminGet reads a GET route of Caddy's admin API, which must answer 200.
+func adminGet(t *testing.T, path string) []byte {
 	t.Helper()
-	resp, err := http.Get(adminURL + "/llm_billing/keys")
+	resp, err := http.Get(adminURL + path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	raw, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET %s: %d %s", path, resp.StatusCode, raw)
+	}
+	return raw
+}
+
+func adminKeys(t *testing.T) keysView {
+	t.Helper()
+	raw := adminGet(t, "/llm_billing/keys")
 	var v keysView
-	if resp.StatusCode != 200 || json.Unmarshal(raw, &v) != nil {
-		t.Fatalf("GET /llm_billing/keys: %d %s", resp.StatusCode, raw)
+	if err := json.Unmarshal(raw, &v); err != nil {
+		t.Fatalf("GET /llm_billing/keys: %v %s", err, raw)
 	}
 	if strings.Contains(string(raw), env.UpstreamKey) || strings.Contains(string(raw), "apiKey") {
 		t.Fatalf("key material in the key status: %s", raw)
@@ -109,15 +119,7 @@ func reload(t *testing.T) []byte {
 // metricValue reads one sample of Caddy's admin /metrics (text format).
 func metricValue(t *testing.T, series string) (float64, string) {
 	t.Helper()
-	resp, err := http.Get(adminURL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != 200 {
-		t.Fatalf("GET /metrics: %d %s", resp.StatusCode, raw)
-	}
+	raw := adminGet(t, "/metrics")
 	for _, line := range strings.Split(string(raw), "\n") {
 		if v, ok := strings.CutPrefix(line, series+" "); ok {
 			f, err := strconv.ParseFloat(v, 64)
