@@ -243,10 +243,24 @@ type UsageCounters struct {
 	At             time.Time
 }
 
+// UsageBatch is one write of usage counters. Writer and Seq make it safe to
+// send again after an error that left its outcome unknown: a key document
+// keeps the Seq of the last batch of each Writer that reached it, and a
+// batch it already has adds nothing. That holds as long as a writer sends
+// its batches one at a time, each until it succeeds, before the next.
+type UsageBatch struct {
+	// Writer is stable for a gateway instance, across restarts (Caddy's
+	// instance id), so that a key document keeps one mark per instance.
+	Writer string
+	// Seq is unique among the writer's batches, across restarts.
+	Seq      string
+	Counters []UsageCounters
+}
+
 // Recorder writes request logs and usage counters.
 type Recorder interface {
 	InsertRequestLogs(ctx context.Context, logs []RequestLog) error
-	AddUsage(ctx context.Context, counters []UsageCounters) error
+	AddUsage(ctx context.Context, batch UsageBatch) error
 }
 
 // Store is everything the gateway needs from its database.

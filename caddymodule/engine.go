@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +37,12 @@ type engine struct {
 	countersMu sync.Mutex // one counters write at a time
 	usageMu    sync.Mutex
 	usage      []billing.UsageCounters // waiting for the next flushUsage
+	// usagePending is a counters batch whose write failed: it is sent
+	// again, unchanged, before any other (under countersMu). usageStuck
+	// says there is one, without the lock.
+	usagePending *billing.UsageBatch
+	usageSeq     uint64 // under countersMu
+	usageStuck   atomic.Bool
 
 	// boot identifies this process's holds: Caddy's instance id and a
 	// random suffix, so that a restarted process is a new owner.
@@ -324,7 +332,12 @@ func (e *engine) Destruct() error {
 			zap.Int("pending", e.pendingRetries()))
 	}
 	e.flushClears(true)
-	e.flushUsage()
+	if !e.flushUsage() {
+		// Statistics only: the charges and request logs are settled
+		// (or in the spool) whatever happens here.
+		e.log().Warn("database unreachable at shutdown; usage counters (user_keys, openhands_keys) not written",
+			zap.Int("requests", e.pendingUsage()))
+	}
 	if sp := e.spool.Load(); sp != nil {
 		if err := sp.Close(); err != nil {
 			e.log().Error("closing the settlement spool failed", zap.Error(err))
@@ -370,35 +383,76 @@ const usageFlushAt = 4096
 func (e *engine) addUsage(counters []billing.UsageCounters) {
 	e.usageMu.Lock()
 	e.usage = append(e.usage, counters...)
-	full := len(e.usage) >= usageFlushAt
+	// While a failed batch waits, the timer retries it: a settlement
+	// worker does not wait for the database for statistics.
+	full := len(e.usage) >= usageFlushAt && !e.usageStuck.Load()
 	e.usageMu.Unlock()
 	if full {
 		e.flushUsage()
 	}
 }
 
-// flushUsage writes the queued counters in one bulk write per collection.
-// One flush at a time: FerretDB does not isolate concurrent updates of one
-// document (see mongostore.Isolation). A failed write is not retried, so
-// that a write that half applied is never counted twice.
-func (e *engine) flushUsage() {
+// flushUsage writes the queued counters as one batch (one bulk write per
+// collection), after the batch that failed last time if any: batches go
+// one at a time and in order, each sent again unchanged until it is
+// written, so that one that half applied is finished, never counted twice
+// (see billing.UsageBatch). While the database refuses, counters wait in
+// memory; their number is bounded by the requests admitted meanwhile,
+// which stop when settlements back up. It reports whether everything
+// queued was written.
+func (e *engine) flushUsage() bool {
 	e.countersMu.Lock()
 	defer e.countersMu.Unlock()
+	if b := e.usagePending; b != nil {
+		if !e.writeUsage(*b) {
+			return false
+		}
+		e.usagePending = nil
+		e.usageStuck.Store(false)
+	}
 	e.usageMu.Lock()
-	batch := e.usage
+	counters := e.usage
 	e.usage = nil
 	e.usageMu.Unlock()
-	if len(batch) == 0 {
-		return
+	if len(counters) == 0 {
+		return true
 	}
+	e.usageSeq++
+	writer, run, _ := strings.Cut(e.boot, "/")
+	b := billing.UsageBatch{Writer: writer, Seq: run + "-" + strconv.FormatUint(e.usageSeq, 10), Counters: counters}
+	if !e.writeUsage(b) {
+		e.usagePending = &b
+		e.usageStuck.Store(true)
+		return false
+	}
+	return true
+}
+
+// writeUsage makes one attempt at writing a counters batch.
+func (e *engine) writeUsage(b billing.UsageBatch) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
 	defer cancel()
 	t0 := time.Now()
-	err := e.store.AddUsage(ctx, batch)
+	err := e.store.AddUsage(ctx, b)
 	observeDB(opUsage, t0)
 	if err != nil {
-		e.log().Warn("writing usage counters failed", zap.Int("requests", len(batch)), zap.Error(err))
+		e.log().Warn("writing usage counters failed; the batch is sent again", zap.Int("requests", len(b.Counters)), zap.Error(err))
+		return false
 	}
+	return true
+}
+
+// pendingUsage is how many settled requests' counters are not written yet.
+func (e *engine) pendingUsage() int {
+	e.usageMu.Lock()
+	n := len(e.usage)
+	e.usageMu.Unlock()
+	e.countersMu.Lock()
+	if e.usagePending != nil {
+		n += len(e.usagePending.Counters)
+	}
+	e.countersMu.Unlock()
+	return n
 }
 
 func (e *engine) cleanSpares(now time.Time) {

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -34,6 +35,15 @@ type fakeStore struct {
 	// authStarted, when not nil, gets a value (if it has room) at every
 	// key lookup.
 	authStarted chan struct{}
+	// usageFail is how many AddUsage calls fail from now (under mu);
+	// usageTries records every call.
+	usageFail  int
+	usageTries []usageTry
+}
+
+type usageTry struct {
+	batch   billing.UsageBatch
+	written bool
 }
 
 func (f *fakeStore) Authenticate(_ context.Context, key string) (billing.Principal, error) {
@@ -100,7 +110,19 @@ func (f *fakeStore) RotateUpstreamKey(context.Context, string, string) (string, 
 
 func (f *fakeStore) CleanUsedSpares(context.Context, time.Time) (int, error) { return 0, nil }
 
-func (f *fakeStore) AddUsage(context.Context, []billing.UsageCounters) error { return nil }
+func (f *fakeStore) AddUsage(_ context.Context, b billing.UsageBatch) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fail := f.usageFail > 0
+	if fail {
+		f.usageFail--
+	}
+	f.usageTries = append(f.usageTries, usageTry{b, !fail})
+	if fail {
+		return errors.New("connection reset by peer")
+	}
+	return nil
+}
 
 // newTestHandler returns a provisioned handler over a fake store, with its
 // engine started; the engine is drained when the test ends.
@@ -394,4 +416,47 @@ func TestAuthRefreshAfterTheAnswerStarts(t *testing.T) {
 		t.Fatal("no background key lookup after a request without an answer")
 	}
 	waitTimeout(&h.eng.background, 5*time.Second)
+}
+
+// A usage counters batch whose write failed is sent again, unchanged (same
+// Seq: the store can tell it already has it), before the counters queued
+// after it, which go in a batch of their own.
+func TestUsageBatchSentAgainUntilWritten(t *testing.T) {
+	h, fs := newTestHandler(t)
+	e := h.eng
+	fs.mu.Lock()
+	fs.usageFail = 1
+	fs.mu.Unlock()
+	e.addUsage([]billing.UsageCounters{{UpstreamKeyID: "k1", RawTokens: 10}})
+	if e.flushUsage() {
+		t.Fatal("a failed write reported as written")
+	}
+	e.addUsage([]billing.UsageCounters{{UpstreamKeyID: "k1", RawTokens: 5}})
+	if n := e.pendingUsage(); n != 2 {
+		t.Fatalf("%d counters pending, want 2", n)
+	}
+	if !e.flushUsage() {
+		t.Fatal("flush failed with the database back")
+	}
+	fs.mu.Lock()
+	tries := fs.usageTries
+	fs.mu.Unlock()
+	if len(tries) != 3 {
+		t.Fatalf("%d writes, want 3: %+v", len(tries), tries)
+	}
+	first, again, next := tries[0], tries[1], tries[2]
+	if first.written || !again.written || !next.written {
+		t.Fatalf("outcomes %+v", tries)
+	}
+	if again.batch.Seq != first.batch.Seq || again.batch.Writer != first.batch.Writer ||
+		len(again.batch.Counters) != 1 || again.batch.Counters[0].RawTokens != 10 {
+		t.Fatalf("the retry is not the same batch: %+v then %+v", first.batch, again.batch)
+	}
+	if next.batch.Seq == first.batch.Seq || next.batch.Writer != first.batch.Writer ||
+		len(next.batch.Counters) != 1 || next.batch.Counters[0].RawTokens != 5 {
+		t.Fatalf("the next batch: %+v", next.batch)
+	}
+	if e.pendingUsage() != 0 || e.usageStuck.Load() {
+		t.Fatal("counters still pending")
+	}
 }

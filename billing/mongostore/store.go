@@ -468,8 +468,15 @@ func (s *Store) InsertRequestLogs(ctx context.Context, logs []billing.RequestLog
 // AddUsage adds the usage counters the legacy proxy kept: user_keys
 // tokensUsed (weighted), requestsCount and lastUsedAt; openhands_keys
 // tokensUsed (input+output), requestsCount and lastUsedAt. Counters of the
-// same key are summed into one update.
-func (s *Store) AddUsage(ctx context.Context, counters []billing.UsageCounters) error {
+// same key are summed into one update, which also sets
+// llmUsage.<writer> to the batch's Seq and only applies to a document that
+// does not have that Seq yet: sending a batch again never counts it twice.
+func (s *Store) AddUsage(ctx context.Context, batch billing.UsageBatch) error {
+	if batch.Seq == "" {
+		return errors.New("adding usage: a batch needs a Seq")
+	}
+	mark := fUsage + "." + usageWriterField(batch.Writer)
+	counters := batch.Counters
 	type agg struct {
 		tokens, requests int64
 		last             time.Time
@@ -503,10 +510,10 @@ func (s *Store) AddUsage(ctx context.Context, counters []billing.UsageCounters) 
 		models := make([]mongo.WriteModel, 0, len(m))
 		for id, a := range m {
 			models = append(models, mongo.NewUpdateOneModel().
-				SetFilter(bson.D{{Key: "_id", Value: id}}).
+				SetFilter(bson.D{{Key: "_id", Value: id}, {Key: mark, Value: bson.D{{Key: "$ne", Value: batch.Seq}}}}).
 				SetUpdate(bson.D{
 					{Key: "$inc", Value: bson.D{{Key: "tokensUsed", Value: a.tokens}, {Key: "requestsCount", Value: a.requests}}},
-					{Key: "$set", Value: bson.D{{Key: "lastUsedAt", Value: a.last}}},
+					{Key: "$set", Value: bson.D{{Key: "lastUsedAt", Value: a.last}, {Key: mark, Value: batch.Seq}}},
 				}))
 		}
 		_, err := s.db.Collection(coll).BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
@@ -516,6 +523,22 @@ func (s *Store) AddUsage(ctx context.Context, counters []billing.UsageCounters) 
 		return nil
 	}
 	return errors.Join(write(CollUserKeys, userKeys), write(CollKeys, upKeys))
+}
+
+// fUsage holds, in a user_keys or openhands_keys document, the Seq of the
+// last usage batch of each writer that reached it.
+const fUsage = "llmUsage"
+
+// usageWriterField makes a writer name a field name: no dots, no leading $.
+func usageWriterField(w string) string {
+	if w == "" {
+		return "_"
+	}
+	w = strings.ReplaceAll(w, ".", "_")
+	if w[0] == '$' {
+		w = "_" + w[1:]
+	}
+	return w
 }
 
 // Interface guards.
