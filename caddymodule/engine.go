@@ -254,7 +254,7 @@ func (e *engine) authenticate(ctx context.Context, key string) (p billing.Princi
 	defer cancel()
 	t0 := time.Now()
 	p, err = e.store.Authenticate(ctx, key)
-	observeDB(opKeyLookup, t0)
+	observeDB(waitKeyLookup, t0)
 	if err != nil {
 		return p, false, err
 	}
@@ -279,7 +279,7 @@ func (e *engine) refreshAuth(key string) {
 		ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
 		defer cancel()
 		p, err := e.store.Authenticate(ctx, key)
-		observeDB(opKeyLookup, now)
+		observeDB(waitKeyLookup, now)
 		var ae *billing.AuthError
 		switch {
 		case err == nil:
@@ -434,7 +434,7 @@ func (e *engine) writeUsage(b billing.UsageBatch) bool {
 	defer cancel()
 	t0 := time.Now()
 	err := e.store.AddUsage(ctx, b)
-	observeDB(opUsage, t0)
+	observeDB(waitUsage, t0)
 	if err != nil {
 		e.log().Warn("writing usage counters failed; the batch is sent again", zap.Int("requests", len(b.Counters)), zap.Error(err))
 		return false

@@ -346,14 +346,14 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p 
 	defer cancel()
 	t0 := time.Now()
 	hold, err := eng.store.Reserve(ctx, req)
-	observeDB(opHold, t0)
+	observeDB(waitHold, t0)
 	var ie *billing.InsufficientError
 	if errors.As(err, &ie) && eng.awaitUser(ctx, p.User, refusedWait) {
 		// The user's own earlier requests still hold credit their
 		// settlements will give back: once they are settled, ask again.
 		t0 = time.Now()
 		hold, err = eng.store.Reserve(ctx, req)
-		observeDB(opHold, t0)
+		observeDB(waitHold, t0)
 	}
 	if err != nil && len(req.Clear) > 0 {
 		eng.clears.add(p.User, req.Clear, time.Now())

@@ -7,16 +7,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Database operation names: the operation label of
-// caddy_llm_billing_database_duration_seconds.
-const (
-	opKeyLookup   = "key_lookup"     // a key that was not in the cache (or its background refresh)
-	opHold        = "hold"           // the hold taken before forwarding
-	opSettle      = "settle"         // one settlement command (one user, or a batch of users)
-	opRequestLogs = "request_logs"   // one batched insert of request logs
-	opUsage       = "usage_counters" // one batched update of the usage counters
-)
-
 // dbDuration is process-wide: Caddy gives each config load a new registry,
 // so the collector is made once and registered with every registry (see
 // registerMetrics), and its values survive a reload.
@@ -35,14 +25,14 @@ var dbDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 	},
 }, []string{"operation"})
 
-// dbObservers are dbDuration's series, looked up once.
-var dbObservers = func() map[string]prometheus.Observer {
-	m := make(map[string]prometheus.Observer)
-	for _, op := range []string{opKeyLookup, opHold, opSettle, opRequestLogs, opUsage} {
-		m[op] = dbDuration.WithLabelValues(op)
-	}
-	return m
-}()
+// The series of dbDuration, one per operation.
+var (
+	waitKeyLookup   = dbDuration.WithLabelValues("key_lookup")     // a key not in the cache, or its background refresh
+	waitHold        = dbDuration.WithLabelValues("hold")           // the hold taken before forwarding
+	waitSettle      = dbDuration.WithLabelValues("settle")         // one settlement command (one user, or a batch of users)
+	waitRequestLogs = dbDuration.WithLabelValues("request_logs")   // one batched insert of request logs
+	waitUsage       = dbDuration.WithLabelValues("usage_counters") // one batched update of the usage counters
+)
 
 // registerMetrics registers the module's collectors with a config's
 // registry; registering them again (a second site, or a reload) is fine.
@@ -57,8 +47,8 @@ func registerMetrics(reg prometheus.Registerer) error {
 	return nil
 }
 
-// observeDB records how long a database operation started at start took.
-// It does not allocate.
-func observeDB(op string, start time.Time) {
-	dbObservers[op].Observe(time.Since(start).Seconds())
+// observeDB records on o how long a database operation started at start
+// took. It does not allocate.
+func observeDB(o prometheus.Observer, start time.Time) {
+	o.Observe(time.Since(start).Seconds())
 }

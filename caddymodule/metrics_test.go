@@ -22,7 +22,7 @@ func holdCount(t *testing.T, reg *prometheus.Registry) uint64 {
 		}
 		for _, m := range mf.GetMetric() {
 			for _, l := range m.GetLabel() {
-				if l.GetName() == "operation" && l.GetValue() == opHold {
+				if l.GetName() == "operation" && l.GetValue() == "hold" {
 					return m.GetHistogram().GetSampleCount()
 				}
 			}

@@ -151,7 +151,7 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 			opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
 			t0 := time.Now()
 			rc, applied, err = e.store.Settle(opCtx, s.request())
-			observeDB(opSettle, t0)
+			observeDB(waitSettle, t0)
 			cancel()
 		}
 		switch {
@@ -190,7 +190,7 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 	if len(logs) > 0 {
 		t0 := time.Now()
 		err := e.store.InsertRequestLogs(ctx, logs)
-		observeDB(opRequestLogs, t0)
+		observeDB(waitRequestLogs, t0)
 		if err != nil {
 			// The receipts stay: the retry finds them and writes the rows.
 			for _, s := range logged {
@@ -256,7 +256,7 @@ func (e *engine) settleMerged(ctx context.Context, batch []*settlement) map[*set
 	opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
 	t0 := time.Now()
 	rcs, err := e.store.SettleMany(opCtx, reqs)
-	observeDB(opSettle, t0)
+	observeDB(waitSettle, t0)
 	cancel()
 	if err != nil {
 		return nil // one by one, which handles every case
