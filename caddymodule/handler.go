@@ -370,6 +370,14 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p 
 		return billing.Hold{}, errInvalidKey
 	}
 	h.logger.Error("taking a hold failed; refusing the request", zap.String("user", p.User), zap.Error(err))
+	// The database may have taken the hold before the answer was lost: a
+	// release goes in the settlement queue (journaled, retried until the
+	// database is back), so a refused request never keeps credit, and is
+	// never charged by the sweeper when its lease ends.
+	eng.submit(&settlement{Unknown: true, logger: h.logger, Hold: billing.Hold{
+		RequestID: req.RequestID, User: req.User, Plan: req.Plan, Owner: req.Owner, At: req.At, Expires: req.Expires,
+		LogID: req.LogID, Model: req.Model, KeyID: req.KeyID,
+	}})
 	return billing.Hold{}, errUnavailable
 }
 

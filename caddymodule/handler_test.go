@@ -39,6 +39,13 @@ type fakeStore struct {
 	// usageTries records every call.
 	usageFail  int
 	usageTries []usageTry
+	// lostHolds is how many Reserve calls from now take their hold and
+	// then fail as if the answer was lost (under mu); held are those
+	// holds, until they are settled, and released the request ids settled
+	// without a cost.
+	lostHolds int
+	held      map[string]billing.Hold
+	released  []string
 }
 
 type usageTry struct {
@@ -60,11 +67,33 @@ func (f *fakeStore) Authenticate(_ context.Context, key string) (billing.Princip
 
 func (f *fakeStore) Reserve(_ context.Context, r billing.HoldRequest) (billing.Hold, error) {
 	f.holds.Add(1)
-	return billing.Hold{RequestID: r.RequestID, User: r.User, Plan: r.Plan, Taken: []billing.Nano{r.Want},
-		Input: r.Input, Owner: r.Owner, At: r.At, Expires: r.Expires, LogID: r.LogID}, nil
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if h, ok := f.held[r.RequestID]; ok {
+		return h, nil // idempotent, as the real store
+	}
+	h := billing.Hold{RequestID: r.RequestID, User: r.User, Plan: r.Plan, Taken: []billing.Nano{r.Want},
+		Input: r.Input, Owner: r.Owner, At: r.At, Expires: r.Expires, LogID: r.LogID}
+	if f.lostHolds > 0 {
+		f.lostHolds--
+		if f.held == nil {
+			f.held = map[string]billing.Hold{}
+		}
+		f.held[r.RequestID] = h
+		return billing.Hold{}, errors.New("taking a hold: connection(127.0.0.1:27017) incomplete read of message header: EOF")
+	}
+	return h, nil
 }
 
 func (f *fakeStore) Settle(_ context.Context, r billing.SettleRequest) (billing.Receipt, bool, error) {
+	f.mu.Lock()
+	if h, ok := f.held[r.Hold.RequestID]; ok {
+		if r.Cost == 0 && len(r.Hold.Taken) == 1 && r.Hold.Taken[0] == h.Taken[0] {
+			delete(f.held, r.Hold.RequestID)
+			f.released = append(f.released, r.Hold.RequestID)
+		}
+	}
+	f.mu.Unlock()
 	if r.Cost > 0 {
 		f.charges.Add(1)
 		f.charged.Add(int64(r.Cost))
@@ -458,5 +487,43 @@ func TestUsageBatchSentAgainUntilWritten(t *testing.T) {
 	}
 	if e.pendingUsage() != 0 || e.usageStuck.Load() {
 		t.Fatal("counters still pending")
+	}
+}
+
+// A hold the database took while its answer was lost: the request is
+// refused (503), and the hold is found and given back in full once the
+// database answers, never left for the sweeper to charge.
+func TestHoldWithLostAnswerIsReleased(t *testing.T) {
+	h, fs := newTestHandler(t)
+	fs.mu.Lock()
+	fs.lostHolds = 1
+	fs.mu.Unlock()
+	rec := httptest.NewRecorder()
+	if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), upstream(false, 0)); err != nil {
+		t.Fatal(err)
+	}
+	if rec.Code != http.StatusServiceUnavailable {
+		t.Fatalf("status %d, want 503: %s", rec.Code, rec.Body)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		fs.mu.Lock()
+		left, released := len(fs.held), len(fs.released)
+		fs.mu.Unlock()
+		if left == 0 && released == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 10s: %d holds left, %d released; want 0 and 1", left, released)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if fs.charges.Load() != 0 {
+		t.Fatalf("%d charges for a refused request", fs.charges.Load())
+	}
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	if len(fs.logs) != 0 {
+		t.Fatalf("a refused request has %d log rows", len(fs.logs))
 	}
 }

@@ -19,11 +19,15 @@ import (
 // counters. It is journaled in the spool before it is queued, so that it
 // survives the process and is replayed until the database has it.
 type settlement struct {
-	Hold     billing.Hold          `json:"hold"`
-	Cost     billing.Nano          `json:"cost"`
-	Usage    billing.Usage         `json:"usage"`
-	Weighted int64                 `json:"weighted"`
-	Bill     bool                  `json:"bill"` // false: a release (no answer was billed), no log row
+	Hold     billing.Hold  `json:"hold"`
+	Cost     billing.Nano  `json:"cost"`
+	Usage    billing.Usage `json:"usage"`
+	Weighted int64         `json:"weighted"`
+	Bill     bool          `json:"bill"` // false: a release (no answer was billed), no log row
+	// Unknown: a release whose hold was asked for and never answered (the
+	// database went away meanwhile), so Hold has no amounts and the hold
+	// may or may not exist; settleBatch looks it up first (findHold).
+	Unknown  bool                  `json:"unknown,omitempty"`
 	Log      billing.RequestLog    `json:"log"`
 	Counters billing.UsageCounters `json:"counters"`
 	Site     string                `json:"site"`
@@ -134,10 +138,23 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 		counters []billing.UsageCounters
 		done     []*settlement
 	)
-	merged := e.settleMerged(ctx, batch)
+	for _, s := range batch {
+		if s.Unknown && down == nil {
+			down = e.findHold(ctx, s)
+		}
+	}
+	var merged map[*settlement]billing.Receipt
+	if down == nil {
+		merged = e.settleMerged(ctx, batch)
+	}
 	for _, s := range batch {
 		if down != nil {
 			e.failed(s, down)
+			continue
+		}
+		if s.Unknown {
+			// There was no hold, nor credit to take one: nothing to give back.
+			done = append(done, s)
 			continue
 		}
 		var (
@@ -229,6 +246,32 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 	e.waiting.done(done)
 }
 
+// findHold turns an Unknown release into a plain one. Reserve is idempotent
+// by request id, so asking again, for a zero hold, returns the hold the
+// unanswered request took, or takes an empty one; the release then gives
+// back exactly what was taken. When there is no hold and no credit to hold
+// (or no user), the release stays Unknown: there is nothing to give back.
+// An error means the database is still away: the release waits for the
+// retry like any other settlement.
+func (e *engine) findHold(ctx context.Context, s *settlement) error {
+	h := s.Hold
+	opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+	defer cancel()
+	held, err := e.store.Reserve(opCtx, billing.HoldRequest{
+		RequestID: h.RequestID, User: h.User, Plan: h.Plan, Owner: h.Owner, At: h.At, Expires: h.Expires,
+		LogID: h.LogID, Model: h.Model, KeyID: h.KeyID,
+	})
+	var ie *billing.InsufficientError
+	switch {
+	case err == nil:
+		s.Hold, s.Unknown = held, false
+	case errors.As(err, &ie), errors.Is(err, billing.ErrUserNotFound):
+	default:
+		return err
+	}
+	return nil
+}
+
 func (s *settlement) request() billing.SettleRequest {
 	return billing.SettleRequest{Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: billing.SettledByRequest}
 }
@@ -244,8 +287,8 @@ func (e *engine) settleMerged(ctx context.Context, batch []*settlement) map[*set
 		reqs  []billing.SettleRequest
 	)
 	for _, s := range batch {
-		if s.failures > 0 || s.Cost > s.Hold.Amount() {
-			continue // a retry may be half done, and costs above the hold need the pool
+		if s.Unknown || s.failures > 0 || s.Cost > s.Hold.Amount() {
+			continue // no hold to settle; a retry may be half done; costs above the hold need the pool
 		}
 		group = append(group, s)
 		reqs = append(reqs, s.request())

@@ -468,3 +468,42 @@ func testSettleManyUsers(t *testing.T, iso mongostore.Isolation) {
 		t.Fatalf("settle many again: %v", err)
 	}
 }
+
+// The gateway finds a hold whose answer was lost by asking again for a
+// zero hold with the same request id: it gets the hold that was taken, or
+// an empty one, and releasing it restores the balance exactly.
+func TestZeroHoldFindsTheHoldTaken(t *testing.T) {
+	s, db := open(t)
+	ctx := context.Background()
+	if err := seed.Insert(ctx, db, seed.User{ID: "z", Active: true, Migration: true, CreditsNew: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Reserve(ctx, holdReq("lost", "z", newPlan, usd(0.4), usd(0.01))); err != nil {
+		t.Fatal(err)
+	}
+	for _, rid := range []string{"lost", "never-taken"} {
+		h, err := s.Reserve(ctx, holdReq(rid, "z", newPlan, 0, 0))
+		want := usd(0.4)
+		if rid == "never-taken" {
+			want = 0
+		}
+		if err != nil || h.Amount() != want {
+			t.Fatalf("%s: zero hold %+v, %v; want the amount %s", rid, h, err, want)
+		}
+		if _, _, err := s.Settle(ctx, billing.SettleRequest{Hold: h, By: billing.SettledByRequest}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, _ := seed.Balances(ctx, db, "z")
+	if st := readState(t, db, "z"); b["creditsNew"] != 1 || st.Held != 0 || st.Net["creditsNew"] != 0 {
+		t.Errorf("after the releases: creditsNew %v, %+v; want 1 and nothing held", b["creditsNew"], st)
+	}
+	// A user with nothing to hold and no hold: refused, nothing to release.
+	if err := seed.Insert(ctx, db, seed.User{ID: "empty", Active: true, Migration: true}); err != nil {
+		t.Fatal(err)
+	}
+	var ie *billing.InsufficientError
+	if _, err := s.Reserve(ctx, holdReq("none", "empty", newPlan, 0, 0)); !errors.As(err, &ie) {
+		t.Errorf("zero hold on an empty balance: %v, want InsufficientError", err)
+	}
+}
