@@ -31,6 +31,12 @@ type Model struct {
 	// legacy default for Reasoning: low 2000, medium 5000, high and none 10000.
 	ThinkingBudget int
 
+	// ContextWindow is "context_window": the most tokens the model takes in
+	// and gives out in one request, DefaultContextWindow when absent. It
+	// bounds a request's input for its hold and the usage an upstream can
+	// report for it.
+	ContextWindow int64
+
 	Price Price // the four prices and billing_multiplier, in integer units
 
 	// UpstreamIDs is "upstream_model_id" (a string or an array of strings):
@@ -157,6 +163,7 @@ type modelJSON struct {
 	Type            string          `json:"type"`
 	Reasoning       string          `json:"reasoning"`
 	ThinkingBudget  *int            `json:"thinking_budget"`
+	ContextWindow   *int64          `json:"context_window"`
 	InputPrice      *float64        `json:"input_price_per_mtok"`
 	OutputPrice     *float64        `json:"output_price_per_mtok"`
 	CacheWritePrice *float64        `json:"cache_write_price_per_mtok"`
@@ -168,6 +175,15 @@ type modelJSON struct {
 	UpstreamWeights []int           `json:"upstream_model_weights"`
 }
 
+// DefaultContextWindow is a model's context window when its entry sets
+// none: 1 Mi tokens, the largest window of the models the legacy files list.
+// MaxContextWindow bounds the field, so that token counts within a window
+// can never overflow a price computation or a counter.
+const (
+	DefaultContextWindow = 1 << 20
+	MaxContextWindow     = 1 << 30
+)
+
 // ParseCatalogue parses a legacy goproxy config JSON document and validates
 // its "models". Unknown fields, at the top level and in models, are ignored.
 //
@@ -177,7 +193,7 @@ type modelJSON struct {
 // (the legacy proxy silently charged 3 and 15 USD, so a typo could make a
 // model cheap); a negative or absurd (above 1,000,000 USD/Mtok) price; a
 // billing_multiplier that is negative, above 1000 or rounds to 0 ppm; a
-// negative thinking_budget; an empty upstream_model_id, or
+// negative thinking_budget; a context_window outside 1..MaxContextWindow; an empty upstream_model_id, or
 // upstream_model_weights that do not give one positive weight per upstream id.
 //
 // Prices are rounded to the nearest micro-USD per million tokens and the
@@ -269,6 +285,15 @@ func parseModel(i int, raw json.RawMessage) (*Model, error) {
 		return m, fmt.Errorf("thinking_budget must not be negative, got %d", *j.ThinkingBudget)
 	default:
 		m.ThinkingBudget = *j.ThinkingBudget
+	}
+
+	switch {
+	case j.ContextWindow == nil:
+		m.ContextWindow = DefaultContextWindow
+	case *j.ContextWindow < 1 || *j.ContextWindow > MaxContextWindow:
+		return m, fmt.Errorf("context_window must be between 1 and %d tokens, got %d", MaxContextWindow, *j.ContextWindow)
+	default:
+		m.ContextWindow = *j.ContextWindow
 	}
 
 	if m.UpstreamIDs, err = upstreamIDs(j.UpstreamModelID, m.ID); err != nil {

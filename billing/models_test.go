@@ -2,12 +2,16 @@ package billing
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 func loadExample(t *testing.T, name string) *Catalogue {
@@ -378,4 +382,22 @@ func TestLookupAndPickUpstreamDoNotAllocate(t *testing.T) {
 		t.Fatalf("Lookup+PickUpstream allocate %v times per run", allocs)
 	}
 	_ = sink
+}
+
+func TestContextWindow(t *testing.T) {
+	const entry = `{"models":[{"id":"m","input_price_per_mtok":1,"output_price_per_mtok":2%s}]}`
+	c, err := ParseCatalogue([]byte(fmt.Sprintf(entry, "")))
+	require.NoError(t, err)
+	m, _ := c.Lookup("m")
+	assert.EqualValues(t, DefaultContextWindow, m.ContextWindow)
+
+	c, err = ParseCatalogue([]byte(fmt.Sprintf(entry, `,"context_window":200000`)))
+	require.NoError(t, err)
+	m, _ = c.Lookup("m")
+	assert.EqualValues(t, 200000, m.ContextWindow)
+
+	for _, bad := range []string{`0`, `-1`, `1073741825`, `"big"`} {
+		_, err = ParseCatalogue([]byte(fmt.Sprintf(entry, `,"context_window":`+bad)))
+		assert.Error(t, err, bad)
+	}
 }
