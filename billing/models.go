@@ -96,6 +96,7 @@ type Catalogue struct {
 	models []*Model
 	byName map[string]*Model // ids and aliases
 	list   []byte            // the /v1/models body
+	one    map[string][]byte // the /v1/models/{id} bodies, by id and alias
 }
 
 // Lookup returns the model whose id or one of whose id_aliases is exactly
@@ -118,6 +119,15 @@ func (c *Catalogue) Models() []*Model {
 // with the models in file order and aliases not listed. The slice is shared
 // and must not be modified.
 func (c *Catalogue) ListJSON() []byte { return c.list }
+
+// ModelJSON returns the /v1/models/{id} body of the model whose id or alias
+// is name: its entry of ListJSON, {"id":"<id>","object":"model",...}, which
+// names the model by its id even when asked by an alias. The slice is shared
+// and must not be modified.
+func (c *Catalogue) ModelJSON(name string) ([]byte, bool) {
+	b, ok := c.one[name]
+	return b, ok
+}
 
 // Limits and legacy constants of the config format.
 const (
@@ -237,6 +247,10 @@ func ParseCatalogue(data []byte) (*Catalogue, error) {
 		}
 	}
 	c.list = listJSON(c.models)
+	c.one = make(map[string][]byte, len(c.byName))
+	for name, m := range c.byName {
+		c.one[name] = modelJSON1(m)
+	}
 	return c, nil
 }
 
@@ -402,20 +416,35 @@ func upstreamIDs(raw json.RawMessage, id string) ([]string, error) {
 	return ids, nil
 }
 
+// modelEntry is one model as /v1/models lists it.
+type modelEntry struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+}
+
+func entryOf(m *Model) modelEntry {
+	return modelEntry{ID: m.ID, Object: "model", Created: m.Created, OwnedBy: "trollLLM"}
+}
+
+// modelJSON1 builds one model's /v1/models/{id} body.
+func modelJSON1(m *Model) []byte {
+	b, err := json.Marshal(entryOf(m))
+	if err != nil {
+		panic("billing: marshalling a model: " + err.Error()) // strings and ints only
+	}
+	return b
+}
+
 // listJSON builds the legacy /v1/models body.
 func listJSON(models []*Model) []byte {
-	type entry struct {
-		ID      string `json:"id"`
-		Object  string `json:"object"`
-		Created int64  `json:"created"`
-		OwnedBy string `json:"owned_by"`
-	}
 	body := struct {
-		Object string  `json:"object"`
-		Data   []entry `json:"data"`
-	}{Object: "list", Data: make([]entry, len(models))}
+		Object string       `json:"object"`
+		Data   []modelEntry `json:"data"`
+	}{Object: "list", Data: make([]modelEntry, len(models))}
 	for i, m := range models {
-		body.Data[i] = entry{ID: m.ID, Object: "model", Created: m.Created, OwnedBy: "trollLLM"}
+		body.Data[i] = entryOf(m)
 	}
 	b, err := json.Marshal(body)
 	if err != nil {

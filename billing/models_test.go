@@ -1,6 +1,7 @@
 package billing
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -400,4 +401,21 @@ func TestContextWindow(t *testing.T) {
 		_, err = ParseCatalogue([]byte(fmt.Sprintf(entry, `,"context_window":`+bad)))
 		assert.Error(t, err, bad)
 	}
+}
+
+func TestModelJSON(t *testing.T) {
+	c := loadExample(t, "models-chat.json")
+	var list struct {
+		Data []json.RawMessage `json:"data"`
+	}
+	require.NoError(t, json.Unmarshal(c.ListJSON(), &list))
+	for i, m := range c.Models() {
+		for _, name := range append([]string{m.ID}, m.Aliases...) {
+			b, ok := c.ModelJSON(name)
+			require.True(t, ok, name)
+			assert.JSONEq(t, string(list.Data[i]), string(b), name)
+		}
+	}
+	_, ok := c.ModelJSON("no-such-model")
+	assert.False(t, ok)
 }

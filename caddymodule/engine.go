@@ -33,6 +33,7 @@ type engine struct {
 	store  billing.Store
 
 	auth       *authCache
+	health     dbHealth // the last database ping, for /health
 	keys       billing.KeyPool
 	countersMu sync.Mutex // one counters write at a time
 	usageMu    sync.Mutex

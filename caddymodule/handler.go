@@ -5,7 +5,6 @@ import (
 	"context"
 	crand "crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -169,24 +168,14 @@ const refusedWait = 500 * time.Millisecond
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	var api billing.API
-	switch r.URL.Path {
-	case "/v1/chat/completions":
-		api = billing.OpenAI
-	case "/v1/messages":
-		api = billing.Anthropic
-	case "/v1/models":
-		writeJSON(w, http.StatusOK, h.cat.ListJSON())
+	setCORS(w, r)
+	if r.Method == http.MethodOptions {
+		preflight(w)
 		return nil
-	case "/health":
-		b, _ := json.Marshal(map[string]any{"status": "healthy", "timestamp": time.Now().UTC().Format(time.RFC3339), "uptime": time.Since(started).Seconds()})
-		writeJSON(w, http.StatusOK, b)
-		return nil
-	case "/":
-		writeJSON(w, http.StatusOK, rootBody)
-		return nil
-	default:
-		errNotFound.write(w, billing.OpenAI)
+	}
+	ep, api := route(r.URL.Path)
+	if ep != epChat && ep != epMessages && ep != epCountTokens {
+		h.serveInfo(w, r, ep)
 		return nil
 	}
 	if r.Method != http.MethodPost {
@@ -259,6 +248,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if err != nil {
 		errInvalidJSON.write(w, api)
 		return nil
+	}
+
+	if ep == epCountTokens {
+		return h.countTokens(w, r, next, upKey, fwd)
 	}
 
 	done, ok := eng.begin()

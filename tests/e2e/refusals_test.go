@@ -204,7 +204,8 @@ func TestOtherPathsAndMethods(t *testing.T) {
 		{http.MethodGet, "/v1/chat/completions", 405, "/v1/chat/completions"},
 		{http.MethodGet, "/v1/messages", 405, "/v1/messages"},
 		{http.MethodPost, "/v1/completions", 404, "/v1/chat/completions"},
-		{http.MethodPost, "/v1/messages/count_tokens", 404, "/v1/chat/completions"},
+		{http.MethodGet, "/v1/models/a/b", 404, "/v1/chat/completions"},
+		{http.MethodGet, "/v1/messages/count_tokens", 405, "/v1/messages"},
 		{http.MethodGet, "/admin", 404, "/v1/chat/completions"},
 	} {
 		testID := uniq(t, "req")

@@ -57,6 +57,9 @@ const (
 const (
 	PathMessages        = "/v1/messages"
 	PathChatCompletions = "/v1/chat/completions"
+	// PathCountTokens answers {"input_tokens": n} with n = CountTokens(body),
+	// as Anthropic's token counting endpoint does, after the same key checks.
+	PathCountTokens = "/v1/messages/count_tokens"
 )
 
 // StatusBudget is the X-Standin-Status (and SetKeyStatus) value that
@@ -249,7 +252,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	var api string
 	switch {
-	case r.Method == http.MethodPost && r.URL.Path == PathMessages:
+	case r.Method == http.MethodPost && (r.URL.Path == PathMessages || r.URL.Path == PathCountTokens):
 		api = fixtures.Anthropic
 	case r.Method == http.MethodPost && r.URL.Path == PathChatCompletions:
 		api = fixtures.OpenAI
@@ -282,6 +285,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		panic(http.ErrAbortHandler) // net/http closes the connection, no answer
 	default:
 		writeStatus(w, api, st, key)
+		return
+	}
+
+	if r.URL.Path == PathCountTokens {
+		countTokens(w, body)
 		return
 	}
 
@@ -613,4 +621,17 @@ func writeStatus(w http.ResponseWriter, api, st, key string) {
 		return
 	}
 	writeLiteLLMError(w, status, errorMessage(status), openAIErrorType(status))
+}
+
+// CountTokens is the stand-in's token count of a count_tokens request body:
+// one token per four bytes, at least one.
+func CountTokens(body []byte) int { return len(body)/4 + 1 }
+
+func countTokens(w http.ResponseWriter, body []byte) {
+	if !json.Valid(body) {
+		writeLiteLLMError(w, http.StatusBadRequest, "Invalid JSON payload", "invalid_request_error")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	fmt.Fprintf(w, `{"input_tokens":%d}`, CountTokens(body))
 }
