@@ -272,6 +272,10 @@ type Store interface {
 	Recorder
 }
 
+// FriendKeyPrefix starts every friend key (sk-trollllm-friend- and 64 hex
+// digits): the owner's key for a friend, with per-model spending limits.
+const FriendKeyPrefix = "sk-trollllm-friend-"
+
 // MaskKey returns a key shortened for logs: its first 8 and last 4
 // characters. Keys of 16 characters or fewer are fully masked.
 func MaskKey(key string) string {

@@ -84,6 +84,13 @@ func errBodyTooLarge(limit int64) *apiError {
 		oaiType: "invalid_request_error", antType: "request_too_large"}
 }
 
+// errRateLimited is the legacy 429, with the real wait.
+func errRateLimited(retryAfter int64) *apiError {
+	return &apiError{status: http.StatusTooManyRequests,
+		message: fmt.Sprintf("Rate limit exceeded. Please retry after %d seconds.", retryAfter),
+		oaiType: "rate_limit_error", oaiCode: "rate_limit_exceeded", antType: "rate_limit_error"}
+}
+
 func errBadRequest(msg string) *apiError {
 	return &apiError{status: http.StatusBadRequest, message: msg, oaiType: "invalid_request_error", antType: "invalid_request_error"}
 }

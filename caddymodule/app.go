@@ -100,8 +100,14 @@ type App struct {
 	// "auto" (the default) picks shared on FerretDB, process otherwise.
 	Isolation string `json:"isolation,omitempty"`
 
+	// RateLimit sets the request rate limits, per client key by its kind
+	// and per client IP. Absent: the legacy limits per key (user 2000,
+	// friend 60, other 300 per minute) and none per IP.
+	RateLimit *RateLimits `json:"rate_limit,omitempty"`
+
 	eng     *engine
 	poolKey string
+	limits  *rateLimiter
 	logger  *zap.Logger
 }
 
@@ -142,6 +148,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("upstream_keys: key %d: %v", i, err)
 		}
 		static = append(static, billing.UpstreamKey{ID: fmt.Sprintf("static-%d", i), APIKey: v, Status: "healthy"})
+	}
+
+	if err := a.provisionRateLimits(); err != nil {
+		return err
 	}
 
 	sum := sha256.Sum256([]byte(uri + "\x00" + db))
@@ -213,6 +223,28 @@ func (a *App) Provision(ctx caddy.Context) error {
 	return nil
 }
 
+// provisionRateLimits checks the limits and attaches to the pooled buckets.
+func (a *App) provisionRateLimits() error {
+	rl := a.RateLimit
+	if rl == nil {
+		rl = new(RateLimits)
+	}
+	if err := rl.Validate(); err != nil {
+		return err
+	}
+	state, err := acquireLimiters()
+	if err != nil {
+		return err
+	}
+	a.limits = &rateLimiter{state: state,
+		user:   limitOrDefault(rl.User, defaultUserLimit),
+		friend: limitOrDefault(rl.Friend, defaultFriendLimit),
+		other:  limitOrDefault(rl.Other, defaultOtherLimit),
+		ip:     limitOrDefault(rl.IP, RateLimit{}),
+	}
+	return nil
+}
+
 // Start starts the shared background work (once per engine).
 func (a *App) Start() error {
 	a.eng.start()
@@ -225,6 +257,10 @@ func (a *App) Stop() error { return nil }
 // Cleanup releases the engine; the last release drains pending settlements
 // and disconnects.
 func (a *App) Cleanup() error {
+	if a.limits != nil {
+		_, _ = rateLimitPool.Delete(rateLimitPoolKey)
+		a.limits = nil
+	}
 	if a.poolKey == "" {
 		return nil
 	}

@@ -38,6 +38,12 @@ func init() {
 //		orphan_policy        charge_input | charge_hold | release   # default charge_input
 //		spool_dir            <dir>        # settlement journal; default in Caddy's data dir
 //		isolation            auto | process | shared   # default auto
+//		rate_limit {                      # requests per window; 0 turns a limit off
+//			user   <events> [<window>]    # sk-troll* keys; default 2000 1m
+//			friend <events> [<window>]    # sk-trollllm-friend-* keys; default 60 1m
+//			other  <events> [<window>]    # any other key; default 300 1m
+//			ip     <events> [<window>]    # per client IP, before auth; default off
+//		}
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the option name
@@ -148,6 +154,15 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			default:
 				return d.Errf("isolation: unknown mode %q (want auto, process or shared)", a.Isolation)
 			}
+		case "rate_limit":
+			if a.RateLimit != nil {
+				return d.Errf("rate_limit already specified")
+			}
+			rl, err := parseRateLimits(d)
+			if err != nil {
+				return err
+			}
+			a.RateLimit = rl
 		case "upstream_keys":
 			keys := d.RemainingArgs()
 			if len(keys) == 0 {
@@ -159,6 +174,51 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// parseRateLimits parses the rate_limit block; the window defaults to 1m.
+func parseRateLimits(d *caddyfile.Dispenser) (*RateLimits, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	rl := new(RateLimits)
+	for d.NextBlock(1) {
+		kind := d.Val()
+		var dst **RateLimit
+		switch kind {
+		case kindUser:
+			dst = &rl.User
+		case kindFriend:
+			dst = &rl.Friend
+		case kindOther:
+			dst = &rl.Other
+		case kindIP:
+			dst = &rl.IP
+		default:
+			return nil, d.Errf("rate_limit: unknown kind '%s' (want user, friend, other or ip)", kind)
+		}
+		if *dst != nil {
+			return nil, d.Errf("rate_limit: %s already specified", kind)
+		}
+		args := d.RemainingArgs()
+		if len(args) < 1 || len(args) > 2 {
+			return nil, d.ArgErr()
+		}
+		n, err := strconv.Atoi(args[0])
+		if err != nil {
+			return nil, d.Errf("rate_limit %s: events must be a whole number, got %q", kind, args[0])
+		}
+		l := &RateLimit{Events: n, Window: caddy.Duration(time.Minute)}
+		if len(args) == 2 {
+			w, err := caddy.ParseDuration(args[1])
+			if err != nil {
+				return nil, d.Errf("rate_limit %s: window: %v", kind, err)
+			}
+			l.Window = caddy.Duration(w)
+		}
+		*dst = l
+	}
+	return rl, nil
 }
 
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {

@@ -77,6 +77,7 @@ type Handler struct {
 	DrainTimeout caddy.Duration `json:"drain_timeout,omitempty"`
 
 	eng    *engine
+	limits *rateLimiter
 	plan   billing.CreditPlan
 	cat    *billing.Catalogue
 	logger *zap.Logger
@@ -146,6 +147,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	// Keep the engine itself: it outlives this config generation's app.
 	h.eng = app.(*App).eng
+	h.limits = app.(*App).limits
 	return nil
 }
 
@@ -184,6 +186,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	start := time.Now()
 	eng := h.eng
+	if !h.limits.allowIP(w, r, api) {
+		return nil
+	}
 
 	key, aerr := clientKey(r)
 	// The client's key never goes further than this handler. (Caddy's access
@@ -212,6 +217,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.logger.Error("authenticating key failed", zap.String("key", billing.MaskKey(key)), zap.Error(err))
 		errUnavailable.write(w, api)
 		return nil
+	}
+	if !h.limits.allowKey(w, api, key) {
+		return nil // neither forwarded nor billed
 	}
 
 	body, aerr := h.readBody(w, r)

@@ -34,6 +34,15 @@ var (
 	waitUsage       = dbDuration.WithLabelValues("usage_counters") // one batched update of the usage counters
 )
 
+// rateLimited counts the requests refused by a rate limit, by the limit's
+// kind (user, friend, other, ip).
+var rateLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
+	Namespace: "caddy",
+	Subsystem: "llm_billing",
+	Name:      "rate_limited_total",
+	Help:      "Requests refused by a rate limit, by kind (user, friend, other, ip).",
+}, []string{"kind"})
+
 // registerMetrics registers the module's collectors with a config's
 // registry; registering them again (a second site, or a reload) is fine.
 func registerMetrics(reg prometheus.Registerer) error {
@@ -41,8 +50,10 @@ func registerMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	var are prometheus.AlreadyRegisteredError
-	if err := reg.Register(dbDuration); err != nil && !errors.As(err, &are) {
-		return err
+	for _, c := range []prometheus.Collector{dbDuration, rateLimited} {
+		if err := reg.Register(c); err != nil && !errors.As(err, &are) {
+			return err
+		}
 	}
 	return nil
 }
