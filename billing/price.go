@@ -19,6 +19,21 @@ import (
 type Price struct {
 	Input, Output, CacheWrite, CacheRead int64 // micro-USD per million tokens (equal to pico-USD per token)
 	Multiplier                           int64 // billing multiplier in parts per million (1.02 → 1_020_000)
+	// Factor is a site's price_factor in parts per million (0.4 → 400_000),
+	// applied to Cost and not to WeightedTokens, as the legacy discount
+	// was; 0 means none. See WithFactor.
+	Factor int64
+}
+
+// MaxFactor bounds a price factor: 1000×, in parts per million.
+const MaxFactor = 1000 * 1_000_000
+
+// WithFactor returns p with its cost scaled by factor parts per million.
+// The factor multiplies the exact cost before the one rounding of Cost, so
+// a discounted request is rounded once, up, like any other.
+func (p Price) WithFactor(factor int64) Price {
+	p.Factor = factor
+	return p
 }
 
 // Cost returns what one request with usage u is charged.
@@ -41,7 +56,9 @@ type Price struct {
 // upstream and input − cacheHit − cacheWrite for any other upstream; that
 // subtraction is not applied here because Usage is already normalised per API
 // so that Input excludes every cached token. The legacy priority-line
-// discount (×0.4 for glm-4.6) is not part of a Price.
+// discount (×0.4 for glm-4.6) is a site's price_factor: with Factor set the
+// exact cost is E·Factor in units of 10^-24 USD, rounded up to a whole Nano
+// the same way.
 func (p Price) Cost(u Usage) Nano {
 	var x u192
 	x.addMul(nonNeg(u.Input), nonNeg(p.Input))
@@ -49,7 +66,14 @@ func (p Price) Cost(u Usage) Nano {
 	x.addMul(nonNeg(u.CacheWrite), nonNeg(p.CacheWrite))
 	x.addMul(nonNeg(u.CacheRead), nonNeg(p.CacheRead))
 	x = x.mul(nonNeg(p.Multiplier))
-	q, rem := x.divRem(nanoPerUSD)
+	div := uint64(nanoPerUSD)
+	if p.Factor > 0 {
+		// Below 2^158 so far; a factor up to MaxFactor (< 2^30) keeps it
+		// below 2^192.
+		x = x.mul(uint64(min(p.Factor, MaxFactor)))
+		div *= 1_000_000
+	}
+	q, rem := x.divRem(div)
 	n := q.int64Sat()
 	if rem != 0 && n < math.MaxInt64 {
 		n++

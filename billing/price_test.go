@@ -5,6 +5,8 @@ import (
 	"math/big"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
 )
 
 // The prod price lists of the legacy doc, section 5, in integer units
@@ -313,4 +315,25 @@ func BenchmarkCost(b *testing.B) {
 		sink += chatOpus.Cost(u)
 	}
 	_ = sink
+}
+
+func TestCostWithFactor(t *testing.T) {
+	p := Price{Input: 3_000_000, Output: 15_000_000, CacheWrite: 3_750_000, CacheRead: 300_000, Multiplier: 1_020_000}
+	u := Usage{Input: 1000, Output: 500, CacheWrite: 2000, CacheRead: 10000}
+	// (3000 + 7500 + 7500 + 3000) µUSD × 1.02 = $0.02142, and ×0.4 = $0.008568 exactly.
+	assert.Equal(t, Nano(21_420_000), p.Cost(u))
+	assert.Equal(t, Nano(8_568_000), p.WithFactor(400_000).Cost(u))
+	assert.Equal(t, p.WeightedTokens(u), p.WithFactor(400_000).WeightedTokens(u), "the factor is not in the weighted tokens")
+	assert.Equal(t, p.Cost(u), p.WithFactor(1_000_000).Cost(u))
+
+	// One rounding, up, after the factor: 2.5 nano ×0.4 is exactly 1 nano;
+	// rounding before the factor would charge ceil(ceil(2.5)·0.4) = 2.
+	one := Price{Input: 2500, Output: 1, Multiplier: 1_000_000}
+	assert.Equal(t, Nano(3), one.Cost(Usage{Input: 1}))
+	assert.Equal(t, Nano(1), one.WithFactor(400_000).Cost(Usage{Input: 1}))
+	assert.Equal(t, Nano(1), one.WithFactor(1).Cost(Usage{Input: 1}), "never free")
+
+	// Extreme values neither overflow nor wrap.
+	huge := Price{Input: math.MaxInt64, Output: math.MaxInt64, CacheWrite: math.MaxInt64, CacheRead: math.MaxInt64, Multiplier: 1000 * 1_000_000}
+	assert.Equal(t, Nano(math.MaxInt64), huge.WithFactor(MaxFactor).Cost(Usage{Input: math.MaxInt64, Output: math.MaxInt64, CacheWrite: math.MaxInt64, CacheRead: math.MaxInt64}))
 }

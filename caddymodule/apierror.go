@@ -62,20 +62,21 @@ func (e *apiError) write(w http.ResponseWriter, api billing.API) {
 func (e *apiError) Error() string { return e.message }
 
 var (
-	errAuthRequired = &apiError{status: http.StatusUnauthorized, message: "Authorization header is required", oaiType: "invalid_request_error", antType: "authentication_error"}
-	errAuthFormat   = &apiError{status: http.StatusUnauthorized, message: "Invalid authorization header format", oaiType: "invalid_request_error", antType: "authentication_error"}
-	errInvalidKey   = &apiError{status: http.StatusUnauthorized, message: "Invalid API key", oaiType: "authentication_error", antType: "authentication_error"}
-	errRevoked      = &apiError{status: http.StatusUnauthorized, message: "API key has been revoked", oaiType: "authentication_error", antType: "authentication_error"}
-	errExpired      = &apiError{status: http.StatusPaymentRequired, message: "Credits have expired. Please purchase new credits.", oaiType: "insufficient_quota", oaiCode: "credits_expired", antType: "credits_expired"}
-	errMigration    = &apiError{status: http.StatusForbidden, message: "Migration required: please visit https://trollllm.xyz/dashboard to migrate your account to the new billing rate (1000→2500 VNĐ/$)", oaiType: "migration_required", oaiCode: "migration_required", antType: "migration_required"}
-	errReadBody     = &apiError{status: http.StatusBadRequest, message: "Failed to read request body", oaiType: "invalid_request_error", antType: "invalid_request_error"}
-	errInvalidJSON  = &apiError{status: http.StatusBadRequest, message: "Invalid JSON", oaiType: "invalid_request_error", antType: "invalid_request_error"}
-	errNoModel      = &apiError{status: http.StatusBadRequest, message: "model is required", oaiType: "invalid_request_error", antType: "invalid_request_error"}
-	errMethod       = &apiError{status: http.StatusMethodNotAllowed, message: "Method not allowed", oaiType: "invalid_request_error", antType: "invalid_request_error"}
-	errNotFound     = &apiError{status: http.StatusNotFound, message: "Not found", oaiType: "invalid_request_error", antType: "not_found_error"}
-	errNoKey        = &apiError{status: http.StatusServiceUnavailable, message: "Service temporarily unavailable. Please try again later.", oaiType: "server_error", antType: "api_error"}
-	errUnavailable  = &apiError{status: http.StatusServiceUnavailable, message: "Billing is temporarily unavailable. Please try again later.", oaiType: "server_error", antType: "api_error"}
-	errUpstream     = &apiError{status: http.StatusBadGateway, message: "Request to upstream service failed", oaiType: "upstream_error", antType: "api_error"}
+	errAuthRequired   = &apiError{status: http.StatusUnauthorized, message: "Authorization header is required", oaiType: "invalid_request_error", antType: "authentication_error"}
+	errAuthFormat     = &apiError{status: http.StatusUnauthorized, message: "Invalid authorization header format", oaiType: "invalid_request_error", antType: "authentication_error"}
+	errInvalidKey     = &apiError{status: http.StatusUnauthorized, message: "Invalid API key", oaiType: "authentication_error", antType: "authentication_error"}
+	errRevoked        = &apiError{status: http.StatusUnauthorized, message: "API key has been revoked", oaiType: "authentication_error", antType: "authentication_error"}
+	errExpired        = &apiError{status: http.StatusPaymentRequired, message: "Credits have expired. Please purchase new credits.", oaiType: "insufficient_quota", oaiCode: "credits_expired", antType: "credits_expired"}
+	errMigration      = &apiError{status: http.StatusForbidden, message: "Migration required: please visit https://trollllm.xyz/dashboard to migrate your account to the new billing rate (1000→2500 VNĐ/$)", oaiType: "migration_required", oaiCode: "migration_required", antType: "migration_required"}
+	errReadBody       = &apiError{status: http.StatusBadRequest, message: "Failed to read request body", oaiType: "invalid_request_error", antType: "invalid_request_error"}
+	errInvalidJSON    = &apiError{status: http.StatusBadRequest, message: "Invalid JSON", oaiType: "invalid_request_error", antType: "invalid_request_error"}
+	errNoModel        = &apiError{status: http.StatusBadRequest, message: "model is required", oaiType: "invalid_request_error", antType: "invalid_request_error"}
+	errMethod         = &apiError{status: http.StatusMethodNotAllowed, message: "Method not allowed", oaiType: "invalid_request_error", antType: "invalid_request_error"}
+	errNotFound       = &apiError{status: http.StatusNotFound, message: "Not found", oaiType: "invalid_request_error", antType: "not_found_error"}
+	errNoKey          = &apiError{status: http.StatusServiceUnavailable, message: "Service temporarily unavailable. Please try again later.", oaiType: "server_error", antType: "api_error"}
+	errUnavailable    = &apiError{status: http.StatusServiceUnavailable, message: "Billing is temporarily unavailable. Please try again later.", oaiType: "server_error", antType: "api_error"}
+	errPriorityDenied = &apiError{status: http.StatusForbidden, message: "vui long lien he qua discord de duoc tham gia line uu tien", oaiType: "insufficient_permissions", oaiCode: "priority_line_access_denied", antType: "forbidden"}
+	errUpstream       = &apiError{status: http.StatusBadGateway, message: "Request to upstream service failed", oaiType: "upstream_error", antType: "api_error"}
 )
 
 func errBodyTooLarge(limit int64) *apiError {

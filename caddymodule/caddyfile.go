@@ -244,6 +244,11 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		default_max_tokens <n>          # output a hold assumes without max_tokens; default 4096
 //		client_disconnect  drain | stop # default drain
 //		drain_timeout      <duration>   # default 2m
+//		allow_roles        <role...>    # only users of these roles (the priority line)
+//		price_factor       <factor> {   # scale some requests' cost (the legacy GLM discount)
+//			upstream_models <pattern...> # on the chosen upstream model; default all
+//			except_models   <pattern...> # on the model's catalogue id
+//		}
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
@@ -315,11 +320,60 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("drain_timeout must be a positive duration, got %q", v)
 			}
 			h.DrainTimeout = caddy.Duration(dur)
+		case "allow_roles":
+			roles := d.RemainingArgs()
+			if len(roles) == 0 {
+				return d.ArgErr()
+			}
+			h.AllowRoles = append(h.AllowRoles, roles...)
+		case "price_factor":
+			if h.PriceFactor != nil {
+				return d.Errf("price_factor already specified")
+			}
+			pf, err := parsePriceFactor(d)
+			if err != nil {
+				return err
+			}
+			h.PriceFactor = pf
 		default:
 			return d.Errf("unrecognized llm_billing subdirective '%s'", name)
 		}
 	}
 	return nil
+}
+
+// parsePriceFactor parses `price_factor <factor> { upstream_models ...;
+// except_models ... }`.
+func parsePriceFactor(d *caddyfile.Dispenser) (*PriceFactor, error) {
+	var v string
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	v = d.Val()
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	f, err := strconv.ParseFloat(v, 64)
+	if err != nil {
+		return nil, d.Errf("price_factor: the factor must be a number, got %q", v)
+	}
+	pf := &PriceFactor{Factor: f}
+	for d.NextBlock(1) {
+		name := d.Val()
+		args := d.RemainingArgs()
+		if len(args) == 0 {
+			return nil, d.ArgErr()
+		}
+		switch name {
+		case "upstream_models":
+			pf.UpstreamModels = append(pf.UpstreamModels, args...)
+		case "except_models":
+			pf.ExceptModels = append(pf.ExceptModels, args...)
+		default:
+			return nil, d.Errf("price_factor: unrecognized option '%s' (want upstream_models or except_models)", name)
+		}
+	}
+	return pf, nil
 }
 
 func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {

@@ -76,6 +76,15 @@ type Handler struct {
 	// gone. Default: 2m.
 	DrainTimeout caddy.Duration `json:"drain_timeout,omitempty"`
 
+	// AllowRoles, when set, admits only users whose usersNew.role (trimmed,
+	// lower-cased) is listed: the priority line ("admin", "priority").
+	// Others get the legacy 403 after authentication, before anything is
+	// held; /v1/models then needs an admitted key too, as the legacy's did.
+	AllowRoles []string `json:"allow_roles,omitempty"`
+
+	// PriceFactor scales the price of some requests (see PriceFactor).
+	PriceFactor *PriceFactor `json:"price_factor,omitempty"`
+
 	eng    *engine
 	limits *rateLimiter
 	plan   billing.CreditPlan
@@ -141,6 +150,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.DrainTimeout == 0 {
 		h.DrainTimeout = caddy.Duration(DefaultDrainTimeout)
 	}
+	for i, role := range h.AllowRoles {
+		if h.AllowRoles[i] = strings.ToLower(strings.TrimSpace(role)); h.AllowRoles[i] == "" {
+			return errors.New("allow_roles: a role must not be empty")
+		}
+	}
+	if h.PriceFactor != nil {
+		if err := h.PriceFactor.Validate(); err != nil {
+			return err
+		}
+	}
 	app, err := ctx.App("llm_billing")
 	if err != nil {
 		return fmt.Errorf("llm_billing app: %v", err)
@@ -177,6 +196,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	ep, api := route(r.URL.Path)
 	if ep != epChat && ep != epMessages && ep != epCountTokens {
+		if (ep == epModels || ep == epModel) && !h.admitListing(w, r) {
+			return nil
+		}
 		h.serveInfo(w, r, ep)
 		return nil
 	}
@@ -218,6 +240,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		errUnavailable.write(w, api)
 		return nil
 	}
+	if !admits(h.AllowRoles, p.Role) {
+		errPriorityDenied.write(w, api) // before anything is held or counted
+		return nil
+	}
 	if !h.limits.allowKey(w, api, key) {
 		return nil // neither forwarded nor billed
 	}
@@ -252,6 +278,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	upstreamModel := model.PickUpstream(rand.Uint64())
+	model = h.PriceFactor.apply(model, upstreamModel) // the price this request is held and billed at
 	fwd, err := billing.RewriteRequest(api, body, info, upstreamModel)
 	if err != nil {
 		errInvalidJSON.write(w, api)

@@ -75,6 +75,12 @@ func loadPrices(t *testing.T, file string) map[string]price {
 // cost is the legacy formula in exact arithmetic, rounded up to a nano-USD:
 // (in·P_in + out·P_out + cw·P_cw + cr·P_cr) / 1e6 × multiplier.
 func (p price) cost(u fixtures.Usage) float64 {
+	return p.scaledCost(u, big.NewRat(1, 1))
+}
+
+// scaledCost is cost with the exact amount multiplied by factor before the
+// rounding up to a nano-USD (a site's price_factor).
+func (p price) scaledCost(u fixtures.Usage, factor *big.Rat) float64 {
 	sum := new(big.Rat)
 	for _, term := range []struct {
 		n int64
@@ -83,6 +89,7 @@ func (p price) cost(u fixtures.Usage) float64 {
 		sum.Add(sum, new(big.Rat).Mul(big.NewRat(term.n, 1), term.p))
 	}
 	sum.Mul(sum, p.mult)
+	sum.Mul(sum, factor)
 	sum.Quo(sum, big.NewRat(1_000_000, 1))
 	// ceil to nano-USD
 	nano := new(big.Rat).Mul(sum, big.NewRat(1_000_000_000, 1))

@@ -28,9 +28,10 @@ var (
 	chatURL  string // bills creditsNew
 	chat2URL string // bills credits then refCredits; 1 MiB body limit
 	deadURL  string // bills creditsNew; its upstream refuses connections
+	prioURL  string // the priority line: bills creditsNew, admin and priority roles, ×0.4 on glm-4.6
 	db       *mongo.Database
 	logFile  string // every Caddy log line of the run
-	ports    [3]int
+	ports    [4]int
 	deadPort int    // nothing listens there
 	adminURL string // Caddy's admin API
 )
@@ -58,13 +59,14 @@ func run(m *testing.M) int {
 	db = env.DB
 	logFile = filepath.Join(dir, "caddy.log")
 
-	ports = [3]int{freePort(), freePort(), freePort()}
+	ports = [4]int{freePort(), freePort(), freePort(), freePort()}
 	deadPort = freePort()
 	adminPort := freePort()
 	adminURL = fmt.Sprintf("http://127.0.0.1:%d", adminPort)
 	chatURL = fmt.Sprintf("http://127.0.0.1:%d", ports[0])
 	chat2URL = fmt.Sprintf("http://127.0.0.1:%d", ports[1])
 	deadURL = fmt.Sprintf("http://127.0.0.1:%d", ports[2])
+	prioURL = fmt.Sprintf("http://127.0.0.1:%d", ports[3])
 	if err := loadCaddy(caddyfile(configOpts{})); err != nil {
 		fmt.Fprintln(os.Stderr, "starting caddy:", err)
 		return 1
@@ -169,10 +171,24 @@ http://127.0.0.1:%[11]d {
 	}
 	reverse_proxy 127.0.0.1:%[12]d
 }
+
+http://127.0.0.1:%[15]d {
+	llm_billing {
+		credit_field creditsNew
+		models %[16]s
+		allow_roles admin priority
+		price_factor 0.4 {
+			upstream_models glm-4.6* glm4-6*
+			except_models *haiku*
+		}
+	}
+	reverse_proxy %[8]s
+}
 `, logFile, env.MongoURI, database, ttl, keys,
 		ports[0], examples("models-chat.json"), env.UpstreamURL,
 		ports[1], examples("models-chat2.json"),
-		ports[2], deadPort, strings.TrimPrefix(adminURL, "http://"), proxyOpts)
+		ports[2], deadPort, strings.TrimPrefix(adminURL, "http://"), proxyOpts,
+		ports[3], examples("models-priority.json"))
 }
 
 // loadCaddy adapts a Caddyfile and runs it in this process, as `caddy run`
