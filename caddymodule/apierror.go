@@ -38,8 +38,12 @@ type antBody struct {
 	} `json:"error"`
 }
 
-// write sends the error as JSON for api (OpenAI when api is zero).
+// write sends the error as JSON for api (OpenAI when api is zero), and
+// notes it for error_logs when w records refusals.
 func (e *apiError) write(w http.ResponseWriter, api billing.API) {
+	if rr, ok := w.(*refusalRecorder); ok {
+		rr.refusal = e
+	}
 	var body []byte
 	if api == billing.Anthropic {
 		var b antBody

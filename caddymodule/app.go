@@ -105,6 +105,10 @@ type App struct {
 	// friend 60, other 300 per minute) and none per IP.
 	RateLimit *RateLimits `json:"rate_limit,omitempty"`
 
+	// ErrorLogs is "on" (the default) to write the requests the gateway
+	// refuses to error_logs, in the legacy shape, or "off".
+	ErrorLogs string `json:"error_logs,omitempty"`
+
 	eng     *engine
 	poolKey string
 	limits  *rateLimiter
@@ -210,6 +214,12 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("isolation: unknown mode %q (want auto, process or shared)", iso)
 	}
 	a.eng.isolation.Store(&iso)
+	switch a.ErrorLogs {
+	case "", "on", "off":
+		a.eng.errorLogsOn.Store(a.ErrorLogs != "off")
+	default:
+		return fmt.Errorf("error_logs: want on or off, got %q", a.ErrorLogs)
+	}
 	dir := a.SpoolDir
 	if dir != "" {
 		if dir, err = repl.ReplaceOrErr(dir, true, true); err != nil {

@@ -38,6 +38,7 @@ func init() {
 //		orphan_policy        charge_input | charge_hold | release   # default charge_input
 //		spool_dir            <dir>        # settlement journal; default in Caddy's data dir
 //		isolation            auto | process | shared   # default auto
+//		error_logs           on | off     # refusals to error_logs; default on
 //		rate_limit {                      # requests per window; 0 turns a limit off
 //			user   <events> [<window>]    # sk-troll* keys; default 2000 1m
 //			friend <events> [<window>]    # sk-trollllm-friend-* keys; default 60 1m
@@ -153,6 +154,10 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			case "auto", "process", "shared":
 			default:
 				return d.Errf("isolation: unknown mode %q (want auto, process or shared)", a.Isolation)
+			}
+		case "error_logs":
+			if !d.AllArgs(&a.ErrorLogs) {
+				return d.ArgErr()
 			}
 		case "rate_limit":
 			if a.RateLimit != nil {

@@ -32,12 +32,16 @@ type engine struct {
 	client *mongo.Client // nil when the store is not MongoDB (tests)
 	store  billing.Store
 
-	auth       *authCache
-	health     dbHealth // the last database ping, for /health
-	keys       billing.KeyPool
-	countersMu sync.Mutex // one counters write at a time
-	usageMu    sync.Mutex
-	usage      []billing.UsageCounters // waiting for the next flushUsage
+	auth *authCache
+	// errorLogs queues refusals for error_logs (errorLogLoop writes them).
+	errorLogs        chan billing.ErrorLog
+	errorLogsDropped atomic.Int64
+	errorLogsOn      atomic.Bool
+	health           dbHealth // the last database ping, for /health
+	keys             billing.KeyPool
+	countersMu       sync.Mutex // one counters write at a time
+	usageMu          sync.Mutex
+	usage            []billing.UsageCounters // waiting for the next flushUsage
 	// usagePending is a counters batch whose write failed: it is sent
 	// again, unchanged, before any other (under countersMu). usageStuck
 	// says there is one, without the lock.
@@ -130,7 +134,10 @@ func newEngineWithStore(store billing.Store) *engine {
 		marks:   make(chan keyMark, 256),
 		hurry:   make(chan struct{}, 1),
 		stop:    make(chan struct{}),
+
+		errorLogs: make(chan billing.ErrorLog, errorLogQueue),
 	}
+	e.errorLogsOn.Store(true)
 	e.authTTL.Store(int64(defaultAuthTTL))
 	e.keyRefresh.Store(int64(defaultRefresh))
 	e.attempts.Store(defaultAttempts)
@@ -171,7 +178,8 @@ func (e *engine) start() {
 		for i := 0; i < settleWorkers; i++ {
 			go e.settleLoop()
 		}
-		e.workers.Add(5)
+		e.workers.Add(6)
+		go e.errorLogLoop()
 		go e.refreshLoop()
 		go e.markLoop()
 		go e.retryLoop()

@@ -202,6 +202,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.serveInfo(w, r, ep)
 		return nil
 	}
+	rr := &refusalRecorder{ResponseWriter: w}
+	w = rr
+	defer h.logRefusal(r, rr)
 	if r.Method != http.MethodPost {
 		errMethod.write(w, api)
 		return nil
@@ -217,6 +220,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// log records the request as it arrived: drop X-Api-Key there with a log
 	// filter, as Caddyfile.example does; Authorization is redacted by Caddy.)
 	r.Header.Del("X-Api-Key")
+	if key != "" {
+		rr.masked = billing.MaskKey(key)
+	}
 	if aerr != nil {
 		aerr.write(w, api)
 		return nil
@@ -240,6 +246,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		errUnavailable.write(w, api)
 		return nil
 	}
+	rr.user = p.User
 	if !admits(h.AllowRoles, p.Role) {
 		errPriorityDenied.write(w, api) // before anything is held or counted
 		return nil
