@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"math"
 	"strconv"
 	"time"
 
@@ -38,6 +39,7 @@ func init() {
 //		orphan_policy        charge_input | charge_hold | release   # default charge_input
 //		spool_dir            <dir>        # settlement journal; default in Caddy's data dir
 //		isolation            auto | process | shared   # default auto
+//		body_memory          <size>       # request bodies in flight, all sites; default 256MiB
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the option name
@@ -148,6 +150,16 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			default:
 				return d.Errf("isolation: unknown mode %q (want auto, process or shared)", a.Isolation)
 			}
+		case "body_memory":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(v)
+			if err != nil || n > math.MaxInt64 {
+				return d.Errf("body_memory: not a size: %q", v)
+			}
+			a.BodyMemory = int64(n)
 		case "upstream_keys":
 			keys := d.RemainingArgs()
 			if len(keys) == 0 {

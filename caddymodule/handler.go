@@ -147,6 +147,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	// Keep the engine itself: it outlives this config generation's app.
 	h.eng = app.(*App).eng
+	if mem := h.eng.bodies.limit.Load(); h.MaxBodySize > mem {
+		h.logger.Warn("max_body_size is above the llm_billing body_memory: larger bodies always get 503",
+			zap.Int64("max_body_size", h.MaxBodySize), zap.Int64("body_memory", mem))
+	}
 	return nil
 }
 
@@ -225,8 +229,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 
-	body, aerr := h.readBody(w, r)
+	// Nothing of the body is read for a user whose pool is empty.
+	if aerr := h.precheck(r.Context(), key, p, api); aerr != nil {
+		aerr.write(w, api)
+		return nil
+	}
+	body, held, aerr := readBody(r.Body, r.ContentLength, h.MaxBodySize, &eng.bodies)
+	// Counted until the request ends: reverse_proxy may replay the body.
+	defer eng.bodies.release(held)
 	if aerr != nil {
+		if aerr == errOverloaded {
+			w.Header().Set("Retry-After", "1")
+		}
 		aerr.write(w, api)
 		return nil
 	}
@@ -506,26 +520,6 @@ func clientKey(r *http.Request) (string, *apiError) {
 		return key, nil
 	}
 	return "", errAuthRequired
-}
-
-// readBody reads the request body up to the configured limit.
-func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
-	if r.ContentLength > h.MaxBodySize {
-		return nil, errBodyTooLarge(h.MaxBodySize)
-	}
-	var buf bytes.Buffer
-	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength))
-	}
-	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, h.MaxBodySize))
-	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return nil, errBodyTooLarge(h.MaxBodySize)
-		}
-		return nil, errReadBody
-	}
-	return buf.Bytes(), nil
 }
 
 // setBody replaces the request body with b, keeping the length consistent
