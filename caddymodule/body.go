@@ -53,15 +53,15 @@ func (b *bodyBudget) release(n int64) { b.used.Add(-n) }
 // body_memory: the client may retry shortly.
 var errOverloaded = &apiError{status: http.StatusServiceUnavailable,
 	message: "The gateway is busy with other large requests. Please retry shortly.",
-	oaiType: "server_error", oaiCode: "overloaded", antType: "overloaded_error"}
+	oaiType: "server_error", oaiCode: "overloaded", antType: "overloaded_error", retryAfter: "1"}
 
 // readBody reads a request body of at most limit bytes, counting its
 // buffer in budget before the bytes are read. With a known length
 // (contentLength ≥ 0) the buffer is exactly that long and filled once; a
 // body of unknown length (chunked) grows by doubling, each step counted
 // before it is allocated, up to limit+1 bytes, enough to tell that it is
-// too large. The buffer never exceeds limit+1 bytes and is never grown
-// twice for one length.
+// too large. The buffer never exceeds limit+1 bytes, and a body of known
+// length is allocated once.
 //
 // It returns the body and how many bytes stay counted in budget (the
 // caller releases them when it no longer needs the body, possibly on an
@@ -136,6 +136,17 @@ func readError(err error) *apiError {
 		return errBodyTooLarge(mbe.Limit)
 	}
 	return errReadBody
+}
+
+// admitBody runs the checks that come before the body, then reads it (see
+// precheck and readBody). The held bytes stay counted in the engine's
+// budget until the caller releases them, when the request ends, whatever
+// the answer.
+func (h *Handler) admitBody(r *http.Request, key string, p billing.Principal, api billing.API) (body []byte, held int64, aerr *apiError) {
+	if aerr := h.precheck(r.Context(), key, p, api); aerr != nil {
+		return nil, 0, aerr
+	}
+	return readBody(r.Body, r.ContentLength, h.MaxBodySize, &h.eng.bodies)
 }
 
 // precheck refuses, before the body is read, a user whose pool holds

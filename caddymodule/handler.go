@@ -229,18 +229,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 
-	// Nothing of the body is read for a user whose pool is empty.
-	if aerr := h.precheck(r.Context(), key, p, api); aerr != nil {
-		aerr.write(w, api)
-		return nil
-	}
-	body, held, aerr := readBody(r.Body, r.ContentLength, h.MaxBodySize, &eng.bodies)
-	// Counted until the request ends: reverse_proxy may replay the body.
+	// Nothing of the body is read for a user whose pool is empty; the
+	// body is counted until the request ends (reverse_proxy may replay it).
+	body, held, aerr := h.admitBody(r, key, p, api)
 	defer eng.bodies.release(held)
 	if aerr != nil {
-		if aerr == errOverloaded {
-			w.Header().Set("Retry-After", "1")
-		}
 		aerr.write(w, api)
 		return nil
 	}
