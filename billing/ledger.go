@@ -179,6 +179,11 @@ type Ledger interface {
 	SettleMany(ctx context.Context, reqs []SettleRequest) ([]Receipt, error)
 	// ClearReceipts drops receipts whose request log rows are written.
 	ClearReceipts(ctx context.Context, user string, requestIDs []string) error
+	// Balances reads the user's balance fields now, in one round trip,
+	// without a lock or a hold: for the pre-check of a user whose cached
+	// balance looks empty. It returns ErrUserNotFound when the user does
+	// not exist.
+	Balances(ctx context.Context, user string) (Balances, error)
 }
 
 // ErrNotAllHeld is returned by SettleMany when one of the holds is gone.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 )
@@ -111,6 +112,47 @@ type Principal struct {
 	// InUserKeys is true when the key is a user_keys document, whose usage
 	// counters are kept; false when it is usersNew.apiKey.
 	InUserKeys bool
+	// Balances are the user's balance fields as read with the key, so as
+	// old as the key cache's entry: good for a cheap pre-check only (the
+	// hold reads the balance afresh and is what decides).
+	Balances Balances
+}
+
+// Balances are the balance fields of a usersNew document, in nano-USD. A
+// missing or non-numeric field reads as 0.
+type Balances struct {
+	CreditsNew Nano
+	Credits    Nano
+	RefCredits Nano
+}
+
+// Field returns the named balance field; 0 for an unknown name.
+func (b Balances) Field(name string) Nano {
+	switch name {
+	case FieldCreditsNew:
+		return b.CreditsNew
+	case FieldCredits:
+		return b.Credits
+	case FieldRefCredits:
+		return b.RefCredits
+	}
+	return 0
+}
+
+// Pool returns what plan's fields hold together, a field below zero
+// counting as 0, as Reserve counts it (InsufficientError.Balance). It
+// saturates instead of overflowing.
+func (b Balances) Pool(plan CreditPlan) Nano {
+	var sum Nano
+	for _, f := range plan.Fields() {
+		if v := b.Field(f); v > 0 {
+			if sum > math.MaxInt64-v {
+				return math.MaxInt64
+			}
+			sum += v
+		}
+	}
+	return sum
 }
 
 // AuthFailure says why an API key was refused.

@@ -19,6 +19,8 @@ type apiError struct {
 	oaiCode string // OpenAI error.code, omitted when empty
 	antType string // Anthropic error.type
 	balance *float64
+	// retryAfter, when set, is sent as the Retry-After header.
+	retryAfter string
 }
 
 type oaiBody struct {
@@ -59,6 +61,9 @@ func (e *apiError) write(w http.ResponseWriter, api billing.API) {
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Del("Content-Encoding")
+	if e.retryAfter != "" {
+		h.Set("Retry-After", e.retryAfter)
+	}
 	w.WriteHeader(e.status)
 	_, _ = w.Write(body)
 }

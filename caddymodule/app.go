@@ -108,6 +108,12 @@ type App struct {
 	// ErrorLogs is "on" (the default) to write the requests the gateway
 	// refuses to error_logs, in the legacy shape, or "off".
 	ErrorLogs string `json:"error_logs,omitempty"`
+	// BodyMemory bounds, in bytes, the memory held by request bodies in
+	// flight, across all sites: a body is counted before it is read and
+	// until its request ends, and one that does not fit gets a 503
+	// (overloaded) without being read. The bound is kept across config
+	// reloads. Default: 256 MiB.
+	BodyMemory int64 `json:"body_memory,omitempty"`
 
 	eng     *engine
 	poolKey string
@@ -197,6 +203,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return errors.New("hold_lease must not be negative")
 	}
 	a.eng.holdLease.Store(int64(orDefault(time.Duration(a.HoldLease), defaultHoldLease)))
+	if a.BodyMemory < 0 || (a.BodyMemory > 0 && a.BodyMemory < firstChunk) {
+		return fmt.Errorf("body_memory must be at least %d bytes", firstChunk)
+	}
+	a.eng.bodies.limit.Store(orDefault(a.BodyMemory, DefaultBodyMemory))
 	pol := billing.OrphanChargeInput
 	if a.OrphanPolicy != "" {
 		if pol, err = billing.ParseOrphanPolicy(a.OrphanPolicy); err != nil {
@@ -282,7 +292,7 @@ func (a *App) Cleanup() error {
 	return err
 }
 
-func orDefault[T int | time.Duration](v, def T) T {
+func orDefault[T int | int64 | time.Duration](v, def T) T {
 	if v == 0 {
 		return def
 	}

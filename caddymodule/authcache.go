@@ -54,6 +54,21 @@ func (c *authCache) put(key string, p billing.Principal, now time.Time, ttl time
 	c.mu.Unlock()
 }
 
+// setBalances replaces the balances of a cached key, keeping its lifetime
+// and refresh state; it does nothing when the key is not cached.
+func (c *authCache) setBalances(key string, b billing.Balances) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e := c.entries[key]
+	if e == nil {
+		return
+	}
+	n := &authEntry{p: e.p, refreshAt: e.refreshAt, expires: e.expires}
+	n.p.Balances = b
+	n.refreshing.Store(e.refreshing.Load())
+	c.entries[key] = n
+}
+
 // drop forgets a key (a background lookup found it refused).
 func (c *authCache) drop(key string) {
 	c.mu.Lock()

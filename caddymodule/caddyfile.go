@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"math"
 	"strconv"
 	"time"
 
@@ -45,6 +46,7 @@ func init() {
 //			other  <events> [<window>]    # any other key; default 300 1m
 //			ip     <events> [<window>]    # per client IP, before auth; default off
 //		}
+//		body_memory          <size>       # request bodies in flight, all sites; default 256MiB
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the option name
@@ -168,6 +170,16 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.RateLimit = rl
+		case "body_memory":
+			var v string
+			if !d.AllArgs(&v) {
+				return d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(v)
+			if err != nil || n > math.MaxInt64 {
+				return d.Errf("body_memory: not a size: %q", v)
+			}
+			a.BodyMemory = int64(n)
 		case "upstream_keys":
 			keys := d.RemainingArgs()
 			if len(keys) == 0 {

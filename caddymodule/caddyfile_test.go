@@ -83,6 +83,8 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 			input: "llm_billing {\n hold_lease 20m\n orphan_policy charge_hold\n spool_dir /var/lib/caddy/spool\n isolation shared\n}",
 			want:  App{HoldLease: caddy.Duration(20 * time.Minute), OrphanPolicy: "charge_hold", SpoolDir: "/var/lib/caddy/spool", Isolation: "shared"},
 		},
+		{name: "body memory", input: "llm_billing {\n body_memory 64MiB\n}", want: App{BodyMemory: 64 << 20}},
+		{name: "bad body memory", input: "llm_billing {\n body_memory plenty\n}", wantErr: `body_memory: not a size: "plenty"`},
 		{name: "short lease", input: "llm_billing {\n hold_lease 10s\n}", wantErr: "hold_lease must be"},
 		{name: "unknown orphan policy", input: "llm_billing {\n orphan_policy keep\n}", wantErr: `unknown orphan policy "keep"`},
 		{name: "unknown isolation", input: "llm_billing {\n isolation none\n}", wantErr: `isolation: unknown mode "none"`},

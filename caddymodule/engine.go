@@ -60,6 +60,7 @@ type engine struct {
 	retryMu      sync.Mutex
 	retry        []*settlement
 	clears       receiptClears
+	bodies       bodyBudget // request bodies in flight, bounded by App.BodyMemory
 	waiting      waitingSettlements
 	hurry        chan struct{} // ends the collector's linger
 
@@ -146,6 +147,7 @@ func newEngineWithStore(store billing.Store) *engine {
 	e.errCooldown.Store(int64(defaultErrorCooldown))
 	e.logger.Store(zap.NewNop())
 	e.holdLease.Store(int64(defaultHoldLease))
+	e.bodies.limit.Store(DefaultBodyMemory)
 	pol, iso := string(billing.OrphanChargeInput), "auto"
 	e.orphanPolicy.Store(&pol)
 	e.isolation.Store(&iso)
@@ -271,6 +273,21 @@ func (e *engine) authenticate(ctx context.Context, key string) (p billing.Princi
 		e.auth.put(key, p, now, ttl)
 	}
 	return p, false, nil
+}
+
+// freshBalances reads a user's balances now, for the pre-check of a key
+// whose cached balance looks empty, and keeps them in the key's cache entry
+// (which expires when it would have), so a top-up counts at once.
+func (e *engine) freshBalances(ctx context.Context, key, user string) (billing.Balances, error) {
+	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
+	defer cancel()
+	t0 := time.Now()
+	b, err := e.store.Balances(ctx, user)
+	observeDB(waitBalance, t0)
+	if err == nil {
+		e.auth.setBalances(key, b)
+	}
+	return b, err
 }
 
 // refreshAuth looks a cached key up again off the request path.

@@ -167,6 +167,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// Keep the engine itself: it outlives this config generation's app.
 	h.eng = app.(*App).eng
 	h.limits = app.(*App).limits
+	if mem := h.eng.bodies.limit.Load(); h.MaxBodySize > mem {
+		h.logger.Warn("max_body_size is above the llm_billing body_memory: larger bodies always get 503",
+			zap.Int64("max_body_size", h.MaxBodySize), zap.Int64("body_memory", mem))
+	}
 	return nil
 }
 
@@ -255,7 +259,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil // neither forwarded nor billed
 	}
 
-	body, aerr := h.readBody(w, r)
+	// Nothing of the body is read for a user whose pool is empty; the
+	// body is counted until the request ends (reverse_proxy may replay it).
+	body, held, aerr := h.admitBody(r, key, p, api)
+	defer eng.bodies.release(held)
 	if aerr != nil {
 		aerr.write(w, api)
 		return nil
@@ -541,26 +548,6 @@ func clientKey(r *http.Request) (string, *apiError) {
 		return key, nil
 	}
 	return "", errAuthRequired
-}
-
-// readBody reads the request body up to the configured limit.
-func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
-	if r.ContentLength > h.MaxBodySize {
-		return nil, errBodyTooLarge(h.MaxBodySize)
-	}
-	var buf bytes.Buffer
-	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength))
-	}
-	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, h.MaxBodySize))
-	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return nil, errBodyTooLarge(h.MaxBodySize)
-		}
-		return nil, errReadBody
-	}
-	return buf.Bytes(), nil
 }
 
 // setBody replaces the request body with b, keeping the length consistent

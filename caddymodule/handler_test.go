@@ -32,6 +32,9 @@ type fakeStore struct {
 	mu       sync.Mutex
 	logs     []billing.RequestLog
 	authRead atomic.Int64
+	// broke empties the user's balance; balanceReads counts Balances calls.
+	broke        atomic.Bool
+	balanceReads atomic.Int64
 	// authStarted, when not nil, gets a value (if it has room) at every
 	// key lookup.
 	authStarted chan struct{}
@@ -62,7 +65,21 @@ func (f *fakeStore) Authenticate(_ context.Context, key string) (billing.Princip
 	if key != f.key {
 		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthInvalid}
 	}
-	return billing.Principal{User: "u1", Role: "user"}, nil
+	return billing.Principal{User: "u1", Role: "user", Balances: f.balances()}, nil
+}
+
+// balances is the fake user's balance: plenty on every field, or nothing
+// while broke is set.
+func (f *fakeStore) balances() billing.Balances {
+	if f.broke.Load() {
+		return billing.Balances{}
+	}
+	return billing.Balances{CreditsNew: 1000 * 1e9, Credits: 1000 * 1e9}
+}
+
+func (f *fakeStore) Balances(context.Context, string) (billing.Balances, error) {
+	f.balanceReads.Add(1)
+	return f.balances(), nil
 }
 
 func (f *fakeStore) Reserve(_ context.Context, r billing.HoldRequest) (billing.Hold, error) {

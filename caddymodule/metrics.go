@@ -14,7 +14,7 @@ var dbDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 	Namespace: "caddy",
 	Subsystem: "llm_billing",
 	Name:      "database_duration_seconds",
-	Help:      "Time the gateway waited for one database operation, by operation (key_lookup, hold, settle, request_logs, usage_counters).",
+	Help:      "Time the gateway waited for one database operation, by operation (key_lookup, balance, hold, settle, request_logs, usage_counters).",
 	// A local MongoDB answers in well under a millisecond, and the hold is
 	// waited for before the first byte: buckets of a quarter to one
 	// millisecond up to 10 ms, so that a p50 read from them is good to a
@@ -28,6 +28,7 @@ var dbDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 // The series of dbDuration, one per operation.
 var (
 	waitKeyLookup   = dbDuration.WithLabelValues("key_lookup")     // a key not in the cache, or its background refresh
+	waitBalance     = dbDuration.WithLabelValues("balance")        // the pre-check's fresh read of a balance that looked empty
 	waitHold        = dbDuration.WithLabelValues("hold")           // the hold taken before forwarding
 	waitSettle      = dbDuration.WithLabelValues("settle")         // one settlement command (one user, or a batch of users)
 	waitRequestLogs = dbDuration.WithLabelValues("request_logs")   // one batched insert of request logs

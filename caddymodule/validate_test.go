@@ -94,6 +94,8 @@ func TestValidateRefusesBadConfig(t *testing.T) {
 			[]string{"models", "cache_hit_price_per_mtok"}},
 		{"weights do not match", config("{env.LLM_TEST_URI}", "credit_field creditsNew\nmodels "+writeFile(t, "w.json", `{"models":[{"id":"m","input_price_per_mtok":1,"output_price_per_mtok":2,"upstream_model_id":["a","b"],"upstream_model_weights":[1]}]}`)),
 			[]string{"models", "upstream_model_weights"}},
+		{"body_memory below one chunk", config("{env.LLM_TEST_URI}\n\t\tbody_memory 1KiB", "credit_field creditsNew\nmodels "+models),
+			[]string{"body_memory must be at least 65536 bytes"}},
 		{"unset env for uri", config("{env.LLM_TEST_UNSET_VARIABLE}", "credit_field creditsNew\nmodels "+models),
 			[]string{"mongodb_uri"}},
 		{"missing mongodb_uri", strings.Replace(config("x", "credit_field creditsNew\nmodels "+models), "mongodb_uri x", "database fproxy", 1),

@@ -105,9 +105,55 @@ type userDoc struct {
 	Role      string     `bson:"role"`
 	Migration bool       `bson:"migration"`
 	ExpiresAt *time.Time `bson:"expiresAt"`
+	Bal       balanceDoc `bson:",inline"`
 }
 
-var userAuthProjection = bson.D{{Key: "_id", Value: 1}, {Key: "isActive", Value: 1}, {Key: "role", Value: 1}, {Key: "migration", Value: 1}, {Key: "expiresAt", Value: 1}}
+// balanceDoc is the balance fields of a usersNew document, kept raw so that
+// a value of an unexpected type reads as 0 instead of failing the read.
+type balanceDoc struct {
+	CreditsNew bson.RawValue `bson:"creditsNew"`
+	Credits    bson.RawValue `bson:"credits"`
+	RefCredits bson.RawValue `bson:"refCredits"`
+}
+
+// balances converts the fields: a missing, null or non-numeric one is 0.
+func (d balanceDoc) balances() billing.Balances {
+	return billing.Balances{CreditsNew: rawNano(d.CreditsNew), Credits: rawNano(d.Credits), RefCredits: rawNano(d.RefCredits)}
+}
+
+func rawNano(v bson.RawValue) billing.Nano {
+	switch v.Type {
+	case bson.TypeDouble:
+		return billing.NanoFromUSD(v.Double())
+	case bson.TypeInt32:
+		return billing.NanoFromUSD(float64(v.Int32()))
+	case bson.TypeInt64:
+		return billing.NanoFromUSD(float64(v.Int64()))
+	}
+	return 0
+}
+
+// balanceProjection reads the balance fields; userAuthProjection reads them
+// with what authentication needs, so that the key lookup also gives the
+// pre-check its balance without another round trip.
+var (
+	balanceProjection  = bson.D{{Key: billing.FieldCreditsNew, Value: 1}, {Key: billing.FieldCredits, Value: 1}, {Key: billing.FieldRefCredits, Value: 1}}
+	userAuthProjection = append(bson.D{{Key: "_id", Value: 1}, {Key: "isActive", Value: 1}, {Key: "role", Value: 1}, {Key: "migration", Value: 1}, {Key: "expiresAt", Value: 1}}, balanceProjection...)
+)
+
+// Balances reads the user's balance fields (one find, no lock).
+func (s *Store) Balances(ctx context.Context, user string) (billing.Balances, error) {
+	var d balanceDoc
+	err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: user}},
+		options.FindOne().SetProjection(balanceProjection)).Decode(&d)
+	switch {
+	case errors.Is(err, mongo.ErrNoDocuments):
+		return billing.Balances{}, billing.ErrUserNotFound
+	case err != nil:
+		return billing.Balances{}, fmt.Errorf("reading balance: %w", err)
+	}
+	return d.balances(), nil
+}
 
 // Authenticate resolves key as the legacy proxy did: user_keys by _id first,
 // then usersNew by apiKey. A missing isActive counts as active (the backend
@@ -144,6 +190,7 @@ func (s *Store) Authenticate(ctx context.Context, key string) (billing.Principal
 		if p.Role != "admin" && !u.Migration {
 			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthMigrationRequired}
 		}
+		p.Balances = u.Bal.balances()
 		return p, nil
 	case !errors.Is(err, mongo.ErrNoDocuments):
 		return billing.Principal{}, fmt.Errorf("reading user_keys: %w", err)
@@ -168,7 +215,7 @@ func (s *Store) Authenticate(ctx context.Context, key string) (billing.Principal
 	if role != "admin" && !u.Migration {
 		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthMigrationRequired}
 	}
-	return billing.Principal{User: u.ID, Role: role}, nil
+	return billing.Principal{User: u.ID, Role: role, Balances: u.Bal.balances()}, nil
 }
 
 // fieldValue is a balance field as read: its value and whether it exists.

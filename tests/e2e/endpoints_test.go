@@ -153,6 +153,11 @@ func TestHealthFollowsTheDatabase(t *testing.T) {
 		status, v := health()
 		return status == 200 && v["database"] == "ok"
 	}, 15*time.Second, 200*time.Millisecond, "a restarted database does not show on /health")
+	// The tests' own client drops its broken connections on first use.
+	require.Eventually(t, func() bool {
+		_, err := db.Collection("e2e_probe").InsertOne(context.Background(), map[string]int{"n": 1})
+		return err == nil
+	}, 10*time.Second, 100*time.Millisecond)
 }
 
 func get(t *testing.T, url string) (int, []byte) {
