@@ -41,8 +41,10 @@ func registerMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	var are prometheus.AlreadyRegisteredError
-	if err := reg.Register(dbDuration); err != nil && !errors.As(err, &are) {
-		return err
+	for _, c := range []prometheus.Collector{dbDuration, usageProblems} {
+		if err := reg.Register(c); err != nil && !errors.As(err, &are) {
+			return err
+		}
 	}
 	return nil
 }
