@@ -539,7 +539,9 @@ func checkRow(r *logRow) []Item {
 	if r.charged != sum {
 		add(KindRowMismatch, "", billing.SubSat(r.charged, sum), fmt.Sprintf("log row %s: chargedNano %s but Σ takenNano %s", r.id, billing.Nano(r.charged), billing.Nano(sum)))
 	}
-	if paid := billing.AddSat(r.charged, r.shortfall); r.cost != paid {
+	// Exact for the non-negative amounts of a sound row (negative ones are
+	// reported below); saturated, never wrapped, for any other.
+	if paid := billing.AddSat(r.charged, r.shortfall); billing.SubSat(r.cost, r.charged) != r.shortfall {
 		add(KindRowMismatch, "", billing.SubSat(r.cost, paid), fmt.Sprintf("log row %s: costNano %s but chargedNano + shortfallNano %s",
 			r.id, billing.Nano(r.cost), billing.Nano(paid)))
 	}
