@@ -542,7 +542,7 @@ func checkRow(r *logRow) []Item {
 	// Exact for the non-negative amounts of a sound row (negative ones are
 	// reported below); saturated, never wrapped, for any other.
 	if paid := billing.AddSat(r.charged, r.shortfall); billing.SubSat(r.cost, r.charged) != r.shortfall {
-		add(KindRowMismatch, "", billing.SubSat(r.cost, paid), fmt.Sprintf("log row %s: costNano %s but chargedNano + shortfallNano %s",
+		add(KindRowMismatch, "", billing.SubSat(billing.SubSat(r.cost, r.charged), r.shortfall), fmt.Sprintf("log row %s: costNano %s but chargedNano + shortfallNano %s",
 			r.id, billing.Nano(r.cost), billing.Nano(paid)))
 	}
 	for _, v := range []struct {
