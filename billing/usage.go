@@ -27,6 +27,9 @@ type StreamResult struct {
 	Events    int   // number of events (data payloads) processed
 	Oversized int   // number of lines skipped because they exceeded MaxLine (and events dropped because their data did)
 	TextBytes int64 // bytes of generated content seen in deltas, used to estimate output tokens when usage never arrives
+	// Problem says whether Usage can be billed: UsageValid, UsageMissing
+	// when no usage was read, or what is wrong with it (see UsageProblem).
+	Problem UsageProblem
 }
 
 // SSEScanner extracts token usage from a server-sent-event response body as
@@ -46,22 +49,35 @@ type StreamResult struct {
 // described on Usage. Only the top-level structure of each payload counts:
 // a tool input or text mentioning "usage" is never read as usage.
 //
+// The result's Problem is sticky for Anthropic: a count that is negative,
+// not a number or not an integer in any usage event makes the whole usage
+// invalid, as does an input_tokens or output_tokens that no event reported.
+// For OpenAI it is that of the usage object that won (see ParseUsageJSON
+// for the rules). In both, the merged usage must fit in Window.
+//
 // Events that carry no usage are handled without allocating. An SSEScanner
 // is not safe for concurrent use.
 type SSEScanner struct {
 	// MaxLine is the longest line, and the longest joined event data, kept
 	// for parsing. Zero or less means DefaultMaxSSELine.
 	MaxLine int
+	// Window is the model's context window, which the usage must fit in;
+	// zero or less means DefaultContextWindow. Result applies the value it
+	// has when called.
+	Window int64
 
 	api       API
 	res       StreamResult
-	line      []byte // the current line so far, while it spans writes
-	data      []byte // the data of the current event, lines joined with "\n"
-	hasData   bool   // the current event has a data line (data may still be empty)
-	skipLine  bool   // the current line exceeded MaxLine and is being discarded
-	dropEvent bool   // the current event lost a line to MaxLine and will not be dispatched
-	crPending bool   // the last byte written ended a line with CR; a following LF belongs to it
-	sawLine   bool   // a line has ended, so a byte order mark is no longer expected
+	line      []byte       // the current line so far, while it spans writes
+	data      []byte       // the data of the current event, lines joined with "\n"
+	hasData   bool         // the current event has a data line (data may still be empty)
+	skipLine  bool         // the current line exceeded MaxLine and is being discarded
+	dropEvent bool         // the current event lost a line to MaxLine and will not be dispatched
+	crPending bool         // the last byte written ended a line with CR; a following LF belongs to it
+	sawLine   bool         // a line has ended, so a byte order mark is no longer expected
+	problem   UsageProblem // what is wrong with the usage read so far (see the type's doc)
+	inSet     bool         // Anthropic: some event reported input_tokens
+	outSet    bool         // Anthropic: some event reported output_tokens
 }
 
 // NewSSEScanner returns a scanner for a response of the given API, with
@@ -75,7 +91,7 @@ func NewSSEScanner(api API) *SSEScanner {
 }
 
 // Reset prepares s for a new response of the given API, keeping its buffers
-// (unless one unusual event made them large) and MaxLine.
+// (unless one unusual event made them large), MaxLine and Window.
 func (s *SSEScanner) Reset(api API) {
 	line, data := s.line[:0], s.data[:0]
 	if cap(line) > maxRetainedBuffer {
@@ -84,7 +100,7 @@ func (s *SSEScanner) Reset(api API) {
 	if cap(data) > maxRetainedBuffer {
 		data = nil
 	}
-	*s = SSEScanner{MaxLine: s.MaxLine, api: api, line: line, data: data}
+	*s = SSEScanner{MaxLine: s.MaxLine, Window: s.Window, api: api, line: line, data: data}
 }
 
 func (s *SSEScanner) maxLine() int {
@@ -144,7 +160,7 @@ func (s *SSEScanner) Write(p []byte) (int, error) {
 // ended there.
 func (s *SSEScanner) Result() StreamResult {
 	if !s.hasData && len(s.line) == 0 {
-		return s.res
+		return s.result()
 	}
 	c := *s // dispatching on a copy only reads c.data and reslices it
 	if !c.skipLine && len(c.line) > 0 {
@@ -152,7 +168,23 @@ func (s *SSEScanner) Result() StreamResult {
 		c.processLine(c.line)
 	}
 	c.dispatch()
-	return c.res
+	return c.result()
+}
+
+// result returns s.res with its Problem decided.
+func (s *SSEScanner) result() StreamResult {
+	r := s.res
+	switch {
+	case !r.HasUsage:
+		r.Problem = UsageMissing
+	case s.problem != UsageValid:
+		r.Problem = s.problem
+	case s.api == Anthropic && !(s.inSet && s.outSet):
+		r.Problem = UsageFieldMissing
+	default:
+		r.Problem = r.Usage.CheckWindow(s.Window)
+	}
+	return r
 }
 
 // appendPartial keeps seg, the start of a line whose end is not yet written.
@@ -300,34 +332,59 @@ func (s *SSEScanner) anthropicUsage(data []byte) {
 		} `json:"message"`
 		Usage *anthropicUsage `json:"usage"`
 	}
-	if !decodeLenient(data, &ev) {
+	ok, typeErr := decodeLenient(data, &ev)
+	if !ok {
 		return
 	}
+	var u *anthropicUsage
 	switch ev.Type {
 	case "message_start":
 		if ev.Message != nil && ev.Message.Usage != nil {
-			s.res.Usage = ev.Message.Usage.usage()
-			s.res.HasUsage = true
+			u = ev.Message.Usage
+			s.res.Usage = u.usage()
+			s.inSet, s.outSet = u.InputTokens.set, u.OutputTokens.set
 		}
 	case "message_delta":
-		if u := ev.Usage; u != nil {
-			s.res.HasUsage = true
-			r := &s.res.Usage
-			if u.OutputTokens.set {
-				r.Output = u.OutputTokens.n
-			}
-			// A zero here is taken as "not reported": some upstreams
-			// send 0 rather than repeat message_start's numbers.
-			if u.InputTokens.n > 0 {
-				r.Input = u.InputTokens.n
-			}
-			if u.CacheCreationInputTokens.n > 0 {
-				r.CacheWrite = u.CacheCreationInputTokens.n
-			}
-			if u.CacheReadInputTokens.n > 0 {
-				r.CacheRead = u.CacheReadInputTokens.n
-			}
+		if u = ev.Usage; u != nil {
+			s.mergeDelta(u)
 		}
+	default:
+		return
+	}
+	if u != nil {
+		s.res.HasUsage = true
+		s.noteProblem(u.fieldProblem())
+	}
+	if typeErr {
+		s.noteProblem(UsageNotNumber) // a usage or message that is not an object
+	}
+}
+
+// mergeDelta merges the usage of a message_delta event.
+func (s *SSEScanner) mergeDelta(u *anthropicUsage) {
+	r := &s.res.Usage
+	if u.OutputTokens.set {
+		r.Output = u.OutputTokens.n
+		s.outSet = true
+	}
+	// A zero here is taken as "not reported": some upstreams send 0
+	// rather than repeat message_start's numbers.
+	if u.InputTokens.n > 0 {
+		r.Input = u.InputTokens.n
+	}
+	s.inSet = s.inSet || u.InputTokens.set
+	if u.CacheCreationInputTokens.n > 0 {
+		r.CacheWrite = u.CacheCreationInputTokens.n
+	}
+	if u.CacheReadInputTokens.n > 0 {
+		r.CacheRead = u.CacheReadInputTokens.n
+	}
+}
+
+// noteProblem keeps the first problem found in an Anthropic stream.
+func (s *SSEScanner) noteProblem(p UsageProblem) {
+	if s.problem == UsageValid {
+		s.problem = p
 	}
 }
 
@@ -360,12 +417,19 @@ func (s *SSEScanner) openAIEvent(data []byte) {
 		Usage *openAIUsage    `json:"usage"`
 		Error json.RawMessage `json:"error"`
 	}
-	if !decodeLenient(data, &ev) {
+	ok, typeErr := decodeLenient(data, &ev)
+	if !ok {
 		return
 	}
 	if ev.Usage != nil {
 		s.res.Usage = ev.Usage.usage()
 		s.res.HasUsage = true
+		// The last usage object wins, and its problem with it. Only
+		// its prompt_tokens_details can fail to decode.
+		s.problem = ev.Usage.problem()
+		if typeErr && s.problem == UsageValid {
+			s.problem = UsageNotNumber
+		}
 	}
 	if len(ev.Error) > 0 && ev.Error[0] == '{' {
 		s.res.Errored = true
@@ -374,14 +438,14 @@ func (s *SSEScanner) openAIEvent(data []byte) {
 
 // decodeLenient decodes data into v. It reports false for invalid JSON but
 // accepts a value of an unexpected type somewhere in it (json leaves that
-// field alone and fills in the rest).
-func decodeLenient(data []byte, v any) bool {
+// field alone and fills in the rest), which it reports in typeErr.
+func decodeLenient(data []byte, v any) (ok, typeErr bool) {
 	err := json.Unmarshal(data, v)
 	if err == nil {
-		return true
+		return true, false
 	}
-	_, ok := errors.AsType[*json.UnmarshalTypeError](err)
-	return ok
+	_, ok = errors.AsType[*json.UnmarshalTypeError](err)
+	return ok, ok
 }
 
 // anthropicDeltaBytes returns the length of the generated content in the
@@ -446,15 +510,27 @@ func toolCallsBytes(calls []byte) int64 {
 }
 
 // ParseUsageJSON reads the top-level "usage" object of a non-streaming
-// response body. ok is false when the body is valid JSON without a usage
-// object; err is non-nil for invalid JSON (or an API other than OpenAI and
-// Anthropic).
+// response body and says whether it can be billed (see UsageProblem):
+// UsageMissing when the body is valid JSON without a usage object (or with
+// "usage": null); UsageNotNumber when "usage" or a part of it is not of the
+// type the API specifies; for a count, UsageNegative, UsageNotNumber or
+// UsageNotInteger (12.0 and 1e3 are integers); UsageFieldMissing when a
+// required count (Anthropic input_tokens and output_tokens, OpenAI
+// prompt_tokens and completion_tokens) is absent or null; for OpenAI,
+// UsageCacheExceeds when prompt_tokens_details.cached_tokens is above
+// prompt_tokens, which includes it; and UsageBeyondWindow when the four
+// counts of the usage, normalised as described on Usage, add up to more
+// than window (DefaultContextWindow when window <= 0). Anthropic reports
+// its cache counts apart from input_tokens, so there the whole is their sum
+// and only the window bounds them. err is non-nil for invalid JSON (or an
+// API other than OpenAI and Anthropic).
 //
-// Anthropic usage is taken as it is; OpenAI usage is normalised as described
-// on Usage.
-func ParseUsageJSON(api API, body []byte) (u Usage, ok bool, err error) {
+// A count with a problem is read as 0 when negative and as the nearest
+// integer towards zero otherwise, at most math.MaxInt64; the caller bills
+// such a usage by another rule.
+func ParseUsageJSON(api API, body []byte, window int64) (u Usage, problem UsageProblem, err error) {
 	if api != OpenAI && api != Anthropic {
-		return Usage{}, false, fmt.Errorf("billing: cannot parse usage for API %s", api)
+		return Usage{}, UsageMissing, fmt.Errorf("billing: cannot parse usage for API %s", api)
 	}
 	if !json.Valid(body) {
 		// Let encoding/json say what is wrong; it checks the syntax before
@@ -463,7 +539,7 @@ func ParseUsageJSON(api API, body []byte) (u Usage, ok bool, err error) {
 		if err == nil {
 			err = errors.New("billing: invalid JSON")
 		}
-		return Usage{}, false, err
+		return Usage{}, UsageMissing, err
 	}
 	// The body is valid, so the walker's view of its top level is exact.
 	var raw []byte
@@ -473,21 +549,31 @@ func ParseUsageJSON(api API, body []byte) (u Usage, ok bool, err error) {
 			raw = v // the last one wins, as with encoding/json
 		}
 	}
-	if len(raw) == 0 || raw[0] != '{' {
-		return Usage{}, false, nil
+	switch {
+	case len(raw) == 0 || string(raw) == "null":
+		return Usage{}, UsageMissing, nil
+	case raw[0] != '{':
+		return Usage{}, UsageNotNumber, nil
 	}
 	if api == Anthropic {
 		var au anthropicUsage
-		if err := json.Unmarshal(raw, &au); err != nil {
-			return Usage{}, false, err
+		_, typeErr := decodeLenient(raw, &au) // raw is valid JSON
+		u, problem = au.usage(), au.problem()
+		if typeErr && problem == UsageValid {
+			problem = UsageNotNumber
 		}
-		return au.usage(), true, nil
+	} else {
+		var ou openAIUsage
+		_, typeErr := decodeLenient(raw, &ou)
+		u, problem = ou.usage(), ou.problem()
+		if typeErr && problem == UsageValid {
+			problem = UsageNotNumber
+		}
 	}
-	var ou openAIUsage
-	if err := json.Unmarshal(raw, &ou); err != nil {
-		return Usage{}, false, err
+	if problem == UsageValid {
+		problem = u.CheckWindow(window)
 	}
-	return ou.usage(), true, nil
+	return u, problem, nil
 }
 
 // EstimateTokens returns a conservative token estimate for n bytes of text:
@@ -505,6 +591,23 @@ type anthropicUsage struct {
 	CacheCreationInputTokens count `json:"cache_creation_input_tokens"`
 	CacheReadInputTokens     count `json:"cache_read_input_tokens"`
 	OutputTokens             count `json:"output_tokens"`
+}
+
+// fieldProblem returns the first problem of a count, UsageValid if none.
+func (u *anthropicUsage) fieldProblem() UsageProblem {
+	return firstProblem(u.InputTokens, u.CacheCreationInputTokens, u.CacheReadInputTokens, u.OutputTokens)
+}
+
+// problem is fieldProblem, then UsageFieldMissing for a required count that
+// is absent.
+func (u *anthropicUsage) problem() UsageProblem {
+	if p := u.fieldProblem(); p != UsageValid {
+		return p
+	}
+	if !u.InputTokens.set || !u.OutputTokens.set {
+		return UsageFieldMissing
+	}
+	return UsageValid
 }
 
 func (u *anthropicUsage) usage() Usage {
@@ -527,6 +630,23 @@ type openAIUsage struct {
 	CacheCreationInputTokens count `json:"cache_creation_input_tokens"`
 }
 
+// problem returns the first problem of a count, then UsageFieldMissing for
+// a required count that is absent, then UsageCacheExceeds; UsageValid if
+// none.
+func (u *openAIUsage) problem() UsageProblem {
+	cached := u.PromptTokensDetails.CachedTokens
+	if p := firstProblem(u.PromptTokens, u.CompletionTokens, cached, u.CacheCreationInputTokens); p != UsageValid {
+		return p
+	}
+	switch {
+	case !u.PromptTokens.set || !u.CompletionTokens.set:
+		return UsageFieldMissing
+	case cached.n > u.PromptTokens.n:
+		return UsageCacheExceeds
+	}
+	return UsageValid
+}
+
 func (u *openAIUsage) usage() Usage {
 	cached, written := u.PromptTokensDetails.CachedTokens.n, u.CacheCreationInputTokens.n
 	// All counts are non-negative, so neither subtraction can overflow.
@@ -540,38 +660,62 @@ func (u *openAIUsage) usage() Usage {
 	}
 }
 
-// count is a token count as an API reports it. A number sets it, clamped to
-// [0, math.MaxInt64] and truncated if fractional; null, or a value of any
-// other type, leaves it unset.
+// count is a token count as an API reports it. A number sets it: n is the
+// number clamped to [0, math.MaxInt64] and truncated towards zero, and bad
+// says why it cannot be billed as is (negative, fractional, or too large for
+// any context window). A value of another type leaves it unset with bad
+// UsageNotNumber; null, like an absent field, leaves it unset and valid.
 type count struct {
 	n   int64
 	set bool
+	bad UsageProblem
 }
 
 // UnmarshalJSON implements json.Unmarshaler. It never fails, so one odd field
 // cannot cost the rest of the usage object.
 func (c *count) UnmarshalJSON(b []byte) error {
-	if len(b) == 0 || (b[0] != '-' && (b[0] < '0' || b[0] > '9')) {
+	switch {
+	case string(b) == "null":
+		return nil
+	case len(b) == 0 || (b[0] != '-' && (b[0] < '0' || b[0] > '9')):
+		c.bad = UsageNotNumber
 		return nil
 	}
 	if n, err := strconv.ParseInt(string(b), 10, 64); err == nil {
 		*c = count{n: max(n, 0), set: true}
+		if n < 0 {
+			c.bad = UsageNegative
+		}
 		return nil
 	}
 	f, err := strconv.ParseFloat(string(b), 64) // 1e3, 12.0 or out of range
 	if err != nil && !errors.Is(err, strconv.ErrRange) {
+		c.bad = UsageNotNumber
 		return nil
 	}
+	*c = count{set: true}
 	switch {
-	case !(f > 0): // also NaN, which ParseFloat does not return for JSON
-		c.n = 0
-	case f >= math.MaxInt64:
-		c.n = math.MaxInt64
+	case f < 0:
+		c.bad = UsageNegative
+	case !(f < math.MaxInt64): // also +Inf; NaN is not JSON
+		c.n, c.bad = math.MaxInt64, UsageBeyondWindow
 	default:
 		c.n = int64(f)
+		if float64(c.n) != f {
+			c.bad = UsageNotInteger
+		}
 	}
-	c.set = true
 	return nil
+}
+
+// firstProblem returns the first count's problem, UsageValid if none has one.
+func firstProblem(cs ...count) UsageProblem {
+	for _, c := range cs {
+		if c.bad != UsageValid {
+			return c.bad
+		}
+	}
+	return UsageValid
 }
 
 // A jsonIter walks the members of one JSON object or array without

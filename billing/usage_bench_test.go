@@ -77,8 +77,8 @@ func BenchmarkParseUsageJSON(b *testing.B) {
 			b.SetBytes(int64(len(body)))
 			b.ReportAllocs()
 			for b.Loop() {
-				if _, ok, err := ParseUsageJSON(api, body); !ok || err != nil {
-					b.Fatalf("ParseUsageJSON = %v, %v", ok, err)
+				if _, problem, err := ParseUsageJSON(api, body, 0); problem != UsageValid || err != nil {
+					b.Fatalf("ParseUsageJSON = %v, %v", problem, err)
 				}
 			}
 		})

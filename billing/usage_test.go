@@ -15,6 +15,9 @@ import (
 	"sync"
 	"testing"
 	"testing/iotest"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // llmFixtureDir holds the recorded responses described in its SOURCES.md.
@@ -363,9 +366,9 @@ func TestParseUsageJSONFixtures(t *testing.T) {
 		}
 		n++
 		api := llmManifestAPI(t, name, fx.API)
-		u, ok, err := ParseUsageJSON(api, readLLMFixture(t, fx.JSON.File))
-		if want := fx.JSON.Usage.want(api); u != want || !ok || err != nil {
-			t.Errorf("%s: ParseUsageJSON(%s) = %+v, %v, %v; want %+v, true, nil", name, fx.JSON.File, u, ok, err, want)
+		u, problem, err := ParseUsageJSON(api, readLLMFixture(t, fx.JSON.File), 0)
+		if want := fx.JSON.Usage.want(api); u != want || problem != UsageValid || err != nil {
+			t.Errorf("%s: ParseUsageJSON(%s) = %+v, %v, %v; want %+v, valid, nil", name, fx.JSON.File, u, problem, err, want)
 		}
 	}
 	if n == 0 {
@@ -515,7 +518,7 @@ func TestSSEScannerCases(t *testing.T) {
 			stream: antEvent(`{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"Hmm."}}`) +
 				antEvent(`{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"c2lnbmF0dXJl"}}`) +
 				antEvent(`{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\": 1}"}}`),
-			want: StreamResult{Events: 3, TextBytes: 4 + 10},
+			want: StreamResult{Events: 3, TextBytes: 4 + 10, Problem: UsageMissing},
 		},
 		{
 			name: "anthropic usage-like keys below the top level are ignored",
@@ -535,10 +538,10 @@ func TestSSEScannerCases(t *testing.T) {
 			want:   StreamResult{Usage: startUsage, HasUsage: true, Errored: true, Events: 2},
 		},
 		{
-			name:   "anthropic negative counts are clamped",
+			name:   "anthropic negative counts are clamped and invalid",
 			api:    Anthropic,
 			stream: antEvent(`{"type":"message_start","message":{"usage":{"input_tokens":-5,"cache_creation_input_tokens":-1,"cache_read_input_tokens":2,"output_tokens":-9}}}`),
-			want:   StreamResult{Usage: Usage{0, 0, 0, 2}, HasUsage: true, Events: 1},
+			want:   StreamResult{Usage: Usage{0, 0, 0, 2}, HasUsage: true, Events: 1, Problem: UsageNegative},
 		},
 		{
 			name: "anthropic invalid JSON and foreign payloads break nothing",
@@ -553,7 +556,7 @@ func TestSSEScannerCases(t *testing.T) {
 			api:  OpenAI,
 			stream: oaiEvent(`{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}],"usage":null}`) +
 				oaiEvent(oaiText) + oaiEvent(oaiText) + oaiEvent(`[DONE]`),
-			want: StreamResult{Done: true, Events: 4, TextBytes: 10},
+			want: StreamResult{Done: true, Events: 4, TextBytes: 10, Problem: UsageMissing},
 		},
 		{
 			name: "openai usage null chunks then usage object",
@@ -578,10 +581,10 @@ func TestSSEScannerCases(t *testing.T) {
 			want:   StreamResult{Usage: Usage{Input: 20, Output: 5, CacheWrite: 50, CacheRead: 30}, HasUsage: true, Events: 1},
 		},
 		{
-			name:   "openai input clamped at zero",
+			name:   "openai negative count: clamped, invalid",
 			api:    OpenAI,
 			stream: oaiEvent(`{"usage":{"prompt_tokens":10,"completion_tokens":-3,"prompt_tokens_details":{"cached_tokens":30},"cache_creation_input_tokens":5}}`),
-			want:   StreamResult{Usage: Usage{Input: 0, Output: 0, CacheWrite: 5, CacheRead: 30}, HasUsage: true, Events: 1},
+			want:   StreamResult{Usage: Usage{Input: 0, Output: 0, CacheWrite: 5, CacheRead: 30}, HasUsage: true, Events: 1, Problem: UsageNegative},
 		},
 		{
 			name: "openai usage-like content below the top level is ignored",
@@ -589,20 +592,20 @@ func TestSSEScannerCases(t *testing.T) {
 			stream: oaiEvent(`{"choices":[{"index":0,"delta":{"content":"{\"usage\":{\"prompt_tokens\":999}}","usage":{"prompt_tokens":999}}}],"usage":null}`) +
 				oaiEvent(`{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c","type":"function","function":{"name":"f","arguments":"{\"usage\":"}},{"function":{"arguments":"{}"}}]}}],"x":{"usage":{"prompt_tokens":999}}}`) +
 				oaiEvent(`{"choices":[{"index":0,"delta":{"reasoning_content":"usage"},"usage":{"prompt_tokens":999}}]}`),
-			want: StreamResult{Events: 3, TextBytes: 34 + 12 + 2 + 5},
+			want: StreamResult{Events: 3, TextBytes: 34 + 12 + 2 + 5, Problem: UsageMissing},
 		},
 		{
 			name: "openai error chunk",
 			api:  OpenAI,
 			stream: oaiEvent(oaiText) + oaiEvent(`{"error":null,"choices":[]}`) +
 				oaiEvent(`{"error":{"message":"The server had an error","type":"server_error"}}`),
-			want: StreamResult{Errored: true, Events: 3, TextBytes: 5},
+			want: StreamResult{Errored: true, Events: 3, TextBytes: 5, Problem: UsageMissing},
 		},
 		{
 			name:   "openai error string is not an error object",
 			api:    OpenAI,
 			stream: oaiEvent(`{"error":"nope"}`) + oaiEvent(`{"choices":[{"delta":{"content":"{\"error\":{}}"}}]}`),
-			want:   StreamResult{Events: 2, TextBytes: 14},
+			want:   StreamResult{Events: 2, TextBytes: 14, Problem: UsageMissing},
 		},
 		{
 			name: "oversized line is skipped and parsing resumes",
@@ -617,20 +620,20 @@ func TestSSEScannerCases(t *testing.T) {
 			api:  OpenAI, maxLine: 64,
 			stream: "data: {\"usage\":\ndata: " + strings.Repeat(" ", 80) + "{\"prompt_tokens\":9}}\n\n" +
 				oaiEvent(`[DONE]`),
-			want: StreamResult{Done: true, Events: 1, Oversized: 1},
+			want: StreamResult{Done: true, Events: 1, Oversized: 1, Problem: UsageMissing},
 		},
 		{
 			name: "event data longer than MaxLine is dropped",
 			api:  OpenAI, maxLine: 64,
 			stream: "data: {\"usage\":\n" + strings.Repeat("data: \n", 60) + "data: {\"prompt_tokens\":9}}\n\n" +
 				oaiEvent(`{"usage":{"completion_tokens":4}}`),
-			want: StreamResult{Usage: Usage{Output: 4}, HasUsage: true, Events: 1, Oversized: 1},
+			want: StreamResult{Usage: Usage{Output: 4}, HasUsage: true, Events: 1, Oversized: 1, Problem: UsageFieldMissing},
 		},
 		{
 			name: "line of exactly MaxLine is kept",
 			api:  OpenAI, maxLine: len(`data: {"usage":{"completion_tokens":4}}`),
 			stream: oaiEvent(`{"usage":{"completion_tokens":4}}`),
-			want:   StreamResult{Usage: Usage{Output: 4}, HasUsage: true, Events: 1},
+			want:   StreamResult{Usage: Usage{Output: 4}, HasUsage: true, Events: 1, Problem: UsageFieldMissing},
 		},
 		{
 			name: "SSE syntax: no space, joined data lines, ignored fields, comments",
@@ -649,13 +652,13 @@ func TestSSEScannerCases(t *testing.T) {
 			name:   "unknown fields are not data",
 			api:    OpenAI,
 			stream: "date: [DONE]\n\ndata : [DONE]\n\n datA: [DONE]\n\n",
-			want:   StreamResult{},
+			want:   StreamResult{Problem: UsageMissing},
 		},
 		{
 			name:   "mixed line endings",
 			api:    OpenAI,
 			stream: "data: " + oaiText + "\r\rdata: " + oaiText + "\r\n\r\ndata: " + oaiText + "\n\rdata: [DONE]\n\n",
-			want:   StreamResult{Done: true, Events: 4, TextBytes: 15},
+			want:   StreamResult{Done: true, Events: 4, TextBytes: 15, Problem: UsageMissing},
 		},
 		{
 			name:   "final event without its blank line",
@@ -667,13 +670,13 @@ func TestSSEScannerCases(t *testing.T) {
 			name:   "final line without its line ending",
 			api:    OpenAI,
 			stream: oaiEvent(oaiText) + "data: [DONE]",
-			want:   StreamResult{Done: true, Events: 2, TextBytes: 5},
+			want:   StreamResult{Done: true, Events: 2, TextBytes: 5, Problem: UsageMissing},
 		},
 		{
 			name:   "unknown API counts events only",
 			api:    0,
 			stream: oaiEvent(oaiText) + oaiEvent(`[DONE]`),
-			want:   StreamResult{Events: 2},
+			want:   StreamResult{Events: 2, Problem: UsageMissing},
 		},
 	}
 	for _, tt := range tests {
@@ -691,6 +694,58 @@ func TestSSEScannerCases(t *testing.T) {
 	}
 }
 
+// TestSSEScannerProblems checks the stream readers say why a usage cannot
+// be billed, for both APIs.
+func TestSSEScannerProblems(t *testing.T) {
+	antStart := func(usage string) string {
+		return antEvent(`{"type":"message_start","message":{"usage":` + usage + `}}`)
+	}
+	antDelta := func(usage string) string {
+		return antEvent(`{"type":"message_delta","delta":{},"usage":` + usage + `}`)
+	}
+	tests := []struct {
+		name   string
+		api    API
+		window int64
+		stream string
+		want   UsageProblem
+	}{
+		{"anthropic valid", Anthropic, 0, antStart(`{"input_tokens":5,"output_tokens":1}`) + antDelta(`{"output_tokens":9}`), UsageValid},
+		{"anthropic output only in the delta", Anthropic, 0, antStart(`{"input_tokens":5}`) + antDelta(`{"output_tokens":9}`), UsageValid},
+		{"anthropic no input ever", Anthropic, 0, antStart(`{"output_tokens":1}`) + antDelta(`{"output_tokens":9}`), UsageFieldMissing},
+		{"anthropic no output ever", Anthropic, 0, antStart(`{"input_tokens":5}`) + antDelta(`{"input_tokens":5}`), UsageFieldMissing},
+		{"anthropic string in the delta", Anthropic, 0, antStart(`{"input_tokens":5,"output_tokens":1}`) + antDelta(`{"output_tokens":"9"}`), UsageNotNumber},
+		{"anthropic bad start, good delta: sticky", Anthropic, 0, antStart(`{"input_tokens":-5,"output_tokens":1}`) + antDelta(`{"input_tokens":5,"output_tokens":9}`), UsageNegative},
+		{"anthropic fraction", Anthropic, 0, antStart(`{"input_tokens":5.5,"output_tokens":1}`), UsageNotInteger},
+		{"anthropic usage not an object", Anthropic, 0, antStart(`{"input_tokens":5,"output_tokens":1}`) + antDelta(`"lots"`), UsageNotNumber},
+		{"anthropic max int", Anthropic, 0, antStart(`{"input_tokens":9223372036854775807,"output_tokens":1}`), UsageBeyondWindow},
+		{"anthropic 1e15 in the delta", Anthropic, 0, antStart(`{"input_tokens":5,"output_tokens":1}`) + antDelta(`{"output_tokens":1e15}`), UsageBeyondWindow},
+		{"anthropic cache parts add up past the window", Anthropic, 100, antStart(`{"input_tokens":40,"cache_read_input_tokens":40,"cache_creation_input_tokens":20,"output_tokens":1}`), UsageBeyondWindow},
+		{"anthropic exactly the window", Anthropic, 101, antStart(`{"input_tokens":40,"cache_read_input_tokens":40,"cache_creation_input_tokens":20,"output_tokens":1}`), UsageValid},
+		{"anthropic no usage", Anthropic, 0, antEvent(antText), UsageMissing},
+		{"openai valid", OpenAI, 0, oaiEvent(`{"usage":{"prompt_tokens":5,"completion_tokens":1}}`), UsageValid},
+		{"openai cached above prompt", OpenAI, 0, oaiEvent(`{"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":6}}}`), UsageCacheExceeds},
+		{"openai string", OpenAI, 0, oaiEvent(`{"usage":{"prompt_tokens":"5","completion_tokens":1}}`), UsageNotNumber},
+		{"openai details not an object", OpenAI, 0, oaiEvent(`{"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":7}}`), UsageNotNumber},
+		{"openai missing completion", OpenAI, 0, oaiEvent(`{"usage":{"prompt_tokens":5}}`), UsageFieldMissing},
+		{"openai max int", OpenAI, 0, oaiEvent(`{"usage":{"prompt_tokens":9223372036854775807,"completion_tokens":1}}`), UsageBeyondWindow},
+		{"openai last object wins", OpenAI, 0, oaiEvent(`{"usage":{"prompt_tokens":-5,"completion_tokens":1}}`) + oaiEvent(`{"usage":{"prompt_tokens":5,"completion_tokens":1}}`), UsageValid},
+		{"openai window", OpenAI, 10, oaiEvent(`{"usage":{"prompt_tokens":5,"completion_tokens":6}}`), UsageBeyondWindow},
+		{"openai no usage", OpenAI, 0, oaiEvent(oaiText) + oaiEvent(`[DONE]`), UsageMissing},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := NewSSEScanner(tt.api)
+			s.Window = tt.window
+			s.Write([]byte(tt.stream))
+			assert.Equal(t, tt.want.String(), s.Result().Problem.String())
+			s.Reset(tt.api) // keeps Window, forgets the problem
+			assert.Equal(t, tt.window, s.Window)
+			assert.Equal(t, UsageMissing, s.Result().Problem)
+		})
+	}
+}
+
 func TestSSEScannerOversizedDefault(t *testing.T) {
 	big := "data: {\"usage\":{\"prompt_tokens\":999,\"x\":\"" + strings.Repeat("x", DefaultMaxSSELine) + "\"}}\n\n"
 	stream := []byte(big + oaiEvent(`{"usage":{"prompt_tokens":5}}`))
@@ -701,7 +756,7 @@ func TestSSEScannerOversizedDefault(t *testing.T) {
 			t.Fatalf("scanner holds %d/%d bytes, more than DefaultMaxSSELine", cap(s.line), cap(s.data))
 		}
 	}
-	want := StreamResult{Usage: Usage{Input: 5}, HasUsage: true, Events: 1, Oversized: 1}
+	want := StreamResult{Usage: Usage{Input: 5}, HasUsage: true, Events: 1, Oversized: 1, Problem: UsageFieldMissing}
 	if got := s.Result(); got != want {
 		t.Fatalf("\n got %+v\nwant %+v", got, want)
 	}
@@ -726,7 +781,7 @@ func TestSSEScannerCRLFSplit(t *testing.T) {
 	for _, p := range []string{"data: {\"usage\":\r", "\ndata: {\"prompt_tokens\":4}}\r", "\n\r", "", "\n", "data: [DONE]\r", "\r"} {
 		s.Write([]byte(p))
 	}
-	want := StreamResult{Usage: Usage{Input: 4}, HasUsage: true, Done: true, Events: 2}
+	want := StreamResult{Usage: Usage{Input: 4}, HasUsage: true, Done: true, Events: 2, Problem: UsageFieldMissing}
 	if got := s.Result(); got != want {
 		t.Fatalf("\n got %+v\nwant %+v", got, want)
 	}
@@ -823,49 +878,104 @@ func TestSSEScannerZeroAllocs(t *testing.T) {
 }
 
 func TestParseUsageJSON(t *testing.T) {
+	const (
+		valid    = UsageValid
+		missing  = UsageMissing
+		field    = UsageFieldMissing
+		negative = UsageNegative
+		notNum   = UsageNotNumber
+		notInt   = UsageNotInteger
+		window   = UsageBeyondWindow
+		cache    = UsageCacheExceeds
+	)
 	tests := []struct {
 		name    string
 		api     API
 		body    string
 		want    Usage
-		ok      bool
+		problem UsageProblem
 		wantErr bool
 	}{
 		{"anthropic", Anthropic, `{"content":[{"type":"text","text":"\"usage\":{\"input_tokens\":9}"}],"usage":{"input_tokens":3,"cache_creation_input_tokens":4,"cache_read_input_tokens":5,"output_tokens":6}}`,
-			Usage{Input: 3, Output: 6, CacheWrite: 4, CacheRead: 5}, true, false},
-		{"anthropic nulls and odd types", Anthropic, `{"usage":{"input_tokens":null,"output_tokens":"6","cache_read_input_tokens":2.9,"cache_creation_input_tokens":1e2}}`,
-			Usage{CacheRead: 2, CacheWrite: 100}, true, false},
-		{"anthropic negative and huge", Anthropic, `{"usage":{"input_tokens":-3,"output_tokens":99999999999999999999}}`,
-			Usage{Output: math.MaxInt64}, true, false},
+			Usage{Input: 3, Output: 6, CacheWrite: 4, CacheRead: 5}, valid, false},
+		{"anthropic integers as floats", Anthropic, `{"usage":{"input_tokens":3.0,"output_tokens":1e2}}`,
+			Usage{Input: 3, Output: 100}, valid, false},
+		{"anthropic null count", Anthropic, `{"usage":{"input_tokens":null,"output_tokens":6}}`,
+			Usage{Output: 6}, field, false},
+		{"anthropic absent count", Anthropic, `{"usage":{"input_tokens":6}}`,
+			Usage{Input: 6}, field, false},
+		{"anthropic string count", Anthropic, `{"usage":{"input_tokens":1,"output_tokens":"6"}}`,
+			Usage{Input: 1}, notNum, false},
+		{"anthropic bool count", Anthropic, `{"usage":{"input_tokens":true,"output_tokens":6}}`,
+			Usage{Output: 6}, notNum, false},
+		{"anthropic object count", Anthropic, `{"usage":{"input_tokens":{},"output_tokens":6}}`,
+			Usage{Output: 6}, notNum, false},
+		{"anthropic fraction", Anthropic, `{"usage":{"input_tokens":1,"output_tokens":6,"cache_read_input_tokens":2.9}}`,
+			Usage{Input: 1, Output: 6, CacheRead: 2}, notInt, false},
+		{"anthropic negative", Anthropic, `{"usage":{"input_tokens":-3,"output_tokens":5}}`,
+			Usage{Output: 5}, negative, false},
+		{"anthropic negative fraction", Anthropic, `{"usage":{"input_tokens":1,"output_tokens":-0.5}}`,
+			Usage{Input: 1}, negative, false},
+		{"anthropic huge", Anthropic, `{"usage":{"input_tokens":1,"output_tokens":99999999999999999999}}`,
+			Usage{Input: 1, Output: math.MaxInt64}, window, false},
+		{"anthropic int64 max", Anthropic, `{"usage":{"input_tokens":9223372036854775807,"output_tokens":1}}`,
+			Usage{Input: math.MaxInt64, Output: 1}, window, false},
+		{"anthropic 1e15", Anthropic, `{"usage":{"input_tokens":1e15,"output_tokens":1}}`,
+			Usage{Input: 1e15, Output: 1}, window, false},
+		{"anthropic parts fit alone, not together", Anthropic, `{"usage":{"input_tokens":600000,"cache_read_input_tokens":600000,"output_tokens":1}}`,
+			Usage{Input: 600000, Output: 1, CacheRead: 600000}, window, false},
+		{"anthropic exactly the window", Anthropic, `{"usage":{"input_tokens":1048000,"cache_read_input_tokens":575,"output_tokens":1}}`,
+			Usage{Input: 1048000, Output: 1, CacheRead: 575}, valid, false},
 		{"anthropic nested usage only", Anthropic, `{"content":[{"type":"tool_use","input":{"usage":{"input_tokens":9}}}]}`,
-			Usage{}, false, false},
+			Usage{}, missing, false},
 		{"openai", OpenAI, `{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":495,"completion_tokens":144,"prompt_tokens_details":{"cached_tokens":320}}}`,
-			Usage{Input: 175, Output: 144, CacheRead: 320}, true, false},
+			Usage{Input: 175, Output: 144, CacheRead: 320}, valid, false},
 		{"openai LiteLLM", OpenAI, `{"usage":{"prompt_tokens":100,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":30},"cache_creation_input_tokens":50}}`,
-			Usage{Input: 20, Output: 1, CacheWrite: 50, CacheRead: 30}, true, false},
-		{"openai clamped", OpenAI, `{"usage":{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":30}}}`,
-			Usage{CacheRead: 30}, true, false},
-		{"openai whitespace and escaped key", OpenAI, " {\n \"us\\u0061ge\" :\t{ \"completion_tokens\" : 2 } }\n",
-			Usage{Output: 2}, true, false},
-		{"last usage wins", OpenAI, `{"usage":{"completion_tokens":1},"usage":{"completion_tokens":2}}`,
-			Usage{Output: 2}, true, false},
-		{"usage null", OpenAI, `{"usage":null}`, Usage{}, false, false},
-		{"usage not an object", Anthropic, `{"usage":[1]}`, Usage{}, false, false},
-		{"no usage", OpenAI, `{"id":"x"}`, Usage{}, false, false},
-		{"not an object", OpenAI, `[{"usage":{"prompt_tokens":1}}]`, Usage{}, false, false},
-		{"invalid", OpenAI, `{"usage":{"prompt_tokens":1}`, Usage{}, false, true},
-		{"trailing garbage", Anthropic, `{"usage":{"input_tokens":1}} x`, Usage{}, false, true},
-		{"empty", Anthropic, ``, Usage{}, false, true},
-		{"unknown API", API(0), `{"usage":{"prompt_tokens":1}}`, Usage{}, false, true},
+			Usage{Input: 20, Output: 1, CacheWrite: 50, CacheRead: 30}, valid, false},
+		{"openai cached above prompt", OpenAI, `{"usage":{"prompt_tokens":10,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":30}}}`,
+			Usage{CacheRead: 30}, cache, false},
+		{"openai details not an object", OpenAI, `{"usage":{"prompt_tokens":10,"completion_tokens":0,"prompt_tokens_details":"x"}}`,
+			Usage{Input: 10}, notNum, false},
+		{"openai max int", OpenAI, `{"usage":{"prompt_tokens":9223372036854775807,"completion_tokens":1}}`,
+			Usage{Input: math.MaxInt64, Output: 1}, window, false},
+		{"openai string", OpenAI, `{"usage":{"prompt_tokens":"10","completion_tokens":1}}`,
+			Usage{Output: 1}, notNum, false},
+		{"openai negative", OpenAI, `{"usage":{"prompt_tokens":10,"completion_tokens":-1}}`,
+			Usage{Input: 10}, negative, false},
+		{"openai whitespace and escaped key", OpenAI, " {\n \"us\\u0061ge\" :\t{ \"prompt_tokens\": 1, \"completion_tokens\" : 2 } }\n",
+			Usage{Input: 1, Output: 2}, valid, false},
+		{"openai missing prompt", OpenAI, `{"usage":{"completion_tokens":2}}`, Usage{Output: 2}, field, false},
+		{"openai within a small window", OpenAI, `{"usage":{"prompt_tokens":10,"completion_tokens":90}}`, Usage{Input: 10, Output: 90}, valid, false},
+		{"last usage wins", OpenAI, `{"usage":{"completion_tokens":-1},"usage":{"prompt_tokens":1,"completion_tokens":2}}`,
+			Usage{Input: 1, Output: 2}, valid, false},
+		{"usage null", OpenAI, `{"usage":null}`, Usage{}, missing, false},
+		{"usage not an object", Anthropic, `{"usage":[1]}`, Usage{}, notNum, false},
+		{"usage a string", OpenAI, `{"usage":"lots"}`, Usage{}, notNum, false},
+		{"no usage", OpenAI, `{"id":"x"}`, Usage{}, missing, false},
+		{"not an object", OpenAI, `[{"usage":{"prompt_tokens":1}}]`, Usage{}, missing, false},
+		{"invalid", OpenAI, `{"usage":{"prompt_tokens":1}`, Usage{}, missing, true},
+		{"trailing garbage", Anthropic, `{"usage":{"input_tokens":1}} x`, Usage{}, missing, true},
+		{"empty", Anthropic, ``, Usage{}, missing, true},
+		{"unknown API", API(0), `{"usage":{"prompt_tokens":1}}`, Usage{}, missing, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			u, ok, err := ParseUsageJSON(tt.api, []byte(tt.body))
-			if u != tt.want || ok != tt.ok || (err != nil) != tt.wantErr {
-				t.Errorf("ParseUsageJSON(%s, %q) = %+v, %v, %v; want %+v, %v, error %v", tt.api, tt.body, u, ok, err, tt.want, tt.ok, tt.wantErr)
+			u, problem, err := ParseUsageJSON(tt.api, []byte(tt.body), 0)
+			assert.Equal(t, tt.want, u)
+			assert.Equal(t, tt.problem.String(), problem.String())
+			if tt.wantErr {
+				assert.Error(t, err)
+			} else {
+				assert.NoError(t, err)
 			}
 		})
 	}
+	// The window is the model's.
+	_, problem, err := ParseUsageJSON(OpenAI, []byte(`{"usage":{"prompt_tokens":10,"completion_tokens":91}}`), 100)
+	require.NoError(t, err)
+	assert.Equal(t, UsageBeyondWindow, problem)
+	_, problem, _ = ParseUsageJSON(OpenAI, []byte(`{"usage":{"prompt_tokens":10,"completion_tokens":90}}`), 100)
+	assert.Equal(t, UsageValid, problem)
 }
 
 func TestEstimateTokens(t *testing.T) {
@@ -905,6 +1015,10 @@ func FuzzSSEScanner(f *testing.F) {
 			want.Usage.Input < 0 || want.Usage.Output < 0 || want.Usage.CacheWrite < 0 || want.Usage.CacheRead < 0 {
 			t.Fatalf("negative count in %+v", want)
 		}
+		checkUsageRule(t, want.Usage, want.Problem, DefaultContextWindow)
+		if want.HasUsage != (want.Problem != UsageMissing) {
+			t.Fatalf("HasUsage %v with problem %v", want.HasUsage, want.Problem)
+		}
 		i := int(cut1 % uint32(len(stream)+1))
 		j := i + int(cut2%uint32(len(stream)-i+1))
 		if got := scanSSE(api, ml, stream[:i], stream[i:j], stream[j:]); got != want {
@@ -925,7 +1039,71 @@ func FuzzSSEScanner(f *testing.F) {
 		if got := s.Result(); got != want {
 			t.Fatalf("one byte at a time:\n got %+v\nwant %+v", got, want)
 		}
-		ParseUsageJSON(api, stream)
+		ParseUsageJSON(api, stream, 0)
+	})
+}
+
+// checkUsageRule checks the validity rule on a reader's result: a valid
+// usage has non-negative counts that together fit in the window; an invalid
+// one has a named reason.
+func checkUsageRule(t *testing.T, u Usage, p UsageProblem, window int64) {
+	t.Helper()
+	if p == UsageValid {
+		if u.Input < 0 || u.Output < 0 || u.CacheWrite < 0 || u.CacheRead < 0 || u.Total() > window {
+			t.Fatalf("valid usage %+v outside [0, %d]", u, window)
+		}
+		return
+	}
+	if !slices.Contains(UsageProblems, p) {
+		t.Fatalf("invalid usage %+v without a known reason (%d)", u, p)
+	}
+}
+
+// FuzzParseUsageJSON checks ParseUsageJSON never panics, for both APIs and
+// any window, and keeps the validity rule: a valid usage has non-negative
+// counts within the window, an invalid one a reason, an error no usage.
+func FuzzParseUsageJSON(f *testing.F) {
+	for _, fx := range []string{
+		`{"usage":{"input_tokens":3,"cache_creation_input_tokens":4,"cache_read_input_tokens":5,"output_tokens":6}}`,
+		`{"usage":{"prompt_tokens":495,"completion_tokens":144,"prompt_tokens_details":{"cached_tokens":320}}}`,
+		`{"usage":{"prompt_tokens":9223372036854775807,"completion_tokens":1}}`,
+		`{"usage":{"input_tokens":1e15,"output_tokens":-1.5,"cache_read_input_tokens":"7"}}`,
+		`{"usage":{"prompt_tokens":10,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":1e400}},"usage":null}`,
+		`{"us\u0061ge":{"prompt_tokens":1,"completion_tokens":2,"cache_creation_input_tokens":3,"prompt_tokens_details":[]}}`,
+		`{"usage":{"input_tokens":12.0,"output_tokens":-0,"cache_creation_input_tokens":true}}`,
+	} {
+		f.Add(true, int64(0), []byte(fx))
+		f.Add(false, int64(100), []byte(fx))
+	}
+	m := loadLLMManifest(f)
+	for _, name := range sortedFixtureNames(m) {
+		if fx := m[name]; fx.JSON != nil {
+			f.Add(llmManifestAPI(f, name, fx.API) == Anthropic, int64(0), readLLMFixture(f, fx.JSON.File))
+		}
+	}
+	f.Fuzz(func(t *testing.T, anthropic bool, window int64, body []byte) {
+		api := OpenAI
+		if anthropic {
+			api = Anthropic
+		}
+		u, p, err := ParseUsageJSON(api, body, window)
+		if err != nil {
+			if u != (Usage{}) || p != UsageMissing {
+				t.Fatalf("error %v with usage %+v, %v", err, u, p)
+			}
+			return
+		}
+		if window <= 0 {
+			window = DefaultContextWindow
+		}
+		checkUsageRule(t, u, p, window)
+		// The same usage, streamed, is read alike.
+		if !anthropic && p != UsageMissing {
+			s := NewSSEScanner(OpenAI)
+			s.Window = window
+			s.Write([]byte("data: " + strings.NewReplacer("\r", " ", "\n", " ").Replace(string(body)) + "\n\n"))
+			checkUsageRule(t, s.Result().Usage, s.Result().Problem, window)
+		}
 	})
 }
 
@@ -951,7 +1129,7 @@ func ExampleSSEScanner() {
 
 func ExampleParseUsageJSON() {
 	body := []byte(`{"choices":[],"usage":{"prompt_tokens":495,"completion_tokens":144,"prompt_tokens_details":{"cached_tokens":320}}}`)
-	u, ok, err := ParseUsageJSON(OpenAI, body)
-	fmt.Printf("%+v %v %v\n", u, ok, err)
-	// Output: {Input:175 Output:144 CacheWrite:0 CacheRead:320} true <nil>
+	u, problem, err := ParseUsageJSON(OpenAI, body, 0)
+	fmt.Printf("%+v %v %v\n", u, problem, err)
+	// Output: {Input:175 Output:144 CacheWrite:0 CacheRead:320} valid <nil>
 }

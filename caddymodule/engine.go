@@ -406,7 +406,15 @@ const usageFlushAt = 4096
 // user_keys and openhands_keys counters are statistics, so one write per
 // key per half second replaces one per batch, as the legacy batcher did
 // every 100 ms.
+//
+// Each request's tokens are clamped to billing.MaxRequestTokens here too
+// (a settlement replayed from a journal was priced by an older build), so
+// that the store's sums of a batch cannot overflow.
 func (e *engine) addUsage(counters []billing.UsageCounters) {
+	for i := range counters {
+		c := &counters[i]
+		c.WeightedTokens, c.RawTokens = billing.ClampTokens(c.WeightedTokens), billing.ClampTokens(c.RawTokens)
+	}
 	e.usageMu.Lock()
 	e.usage = append(e.usage, counters...)
 	// While a failed batch waits, the timer retries it: a settlement

@@ -321,7 +321,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	m := newMeter(w, api)
 	m.onStart = startRefresh
 	pr := &proxied{start: start, principal: p, key: key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
-		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body)}
+		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body), maxTokens: info.MaxTokens}
 	if h.ClientDisconnect != DisconnectStop {
 		// drain: the upstream request outlives the client, for at most
 		// DrainTimeout, so that the usage it reports can be billed.
@@ -358,6 +358,7 @@ type proxied struct {
 	model         *billing.Model
 	upstreamModel string
 	bodyLen       int
+	maxTokens     int64             // the request's max_tokens, 0 when it sets none
 	attempts      []billing.Attempt // every upstream attempt, the answered one last
 }
 
@@ -431,58 +432,12 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 		h.eng.submit(s) // nothing billed: the hold goes back
 		return
 	}
-	p, key, upKey, model, bodyLen := pr.principal, pr.key, pr.upKey, pr.model, pr.bodyLen
-	clientGone := pr.client.Err() != nil || m.gone.Load()
-	var (
-		u      billing.Usage
-		source = "upstream"
-		end    = "complete"
-	)
-	if m.sse {
-		res := m.scanner.Result()
-		switch {
-		case res.HasUsage && res.Done:
-			u = res.Usage
-		case res.HasUsage:
-			// Cut before the final usage: keep what was reported, and
-			// never bill less output than what was seen.
-			u = res.Usage
-			if est := billing.EstimateTokens(res.TextBytes); est > u.Output {
-				u.Output = est
-			}
-			source = "upstream_partial"
-		default:
-			u = billing.Usage{Input: billing.EstimateTokens(int64(bodyLen)), Output: billing.EstimateTokens(res.TextBytes)}
-			source = "estimated"
-		}
-		switch {
-		case clientGone:
-			end = "client_gone"
-		case res.Done:
-		case res.Errored:
-			end = "upstream_error"
-		default:
-			end = "upstream_cut"
-		}
-	} else {
-		var ok bool
-		var err error
-		if !m.overflow {
-			u, ok, err = billing.ParseUsageJSON(m.api, m.body)
-		}
-		if clientGone {
-			end = "client_gone"
-		}
-		if !ok || err != nil {
-			u = billing.Usage{Input: billing.EstimateTokens(int64(bodyLen)), Output: billing.EstimateTokens(m.bytes)}
-			source = "estimated"
-			if !clientGone {
-				end = "no_usage"
-			}
-		}
-	}
-	cost := model.Price.Cost(u)
-	weighted := model.Price.WeightedTokens(u)
+	p, key, upKey, model := pr.principal, pr.key, pr.upKey, pr.model
+	ms := h.measure(m, pr, pr.client.Err() != nil || m.gone.Load())
+	cost, u := h.charge(&ms, pr)
+	source, end := ms.source, ms.end
+	u = u.Clamped() // what one request may add to the token counters
+	weighted := billing.ClampTokens(model.Price.WeightedTokens(u))
 	now := time.Now()
 	trollKey := ""
 	if upKey.ID != "" {
@@ -499,7 +454,7 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 		HoldNano: int64(pr.hold.Amount()),
 	}
 	s.Counters = billing.UsageCounters{
-		UpstreamKeyID: upKeyID(upKey), WeightedTokens: weighted, RawTokens: u.Input + u.Output, At: now,
+		UpstreamKeyID: upKeyID(upKey), WeightedTokens: weighted, RawTokens: billing.ClampTokens(u.Input + u.Output), At: now,
 	}
 	if p.InUserKeys {
 		s.Counters.UserKey = key

@@ -51,7 +51,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	var are prometheus.AlreadyRegisteredError
-	for _, c := range []prometheus.Collector{dbDuration, rateLimited} {
+	for _, c := range []prometheus.Collector{dbDuration, rateLimited, usageProblems} {
 		if err := reg.Register(c); err != nil && !errors.As(err, &are) {
 			return err
 		}

@@ -48,7 +48,7 @@ type holdState struct {
 func (h *holdState) total() billing.Nano {
 	var t billing.Nano
 	for _, a := range h.amounts {
-		t += a
+		t = billing.AddSat(t, a)
 	}
 	return t
 }

@@ -271,8 +271,8 @@ func Run(ctx context.Context, db *mongo.Database, opts Options) (*Report, error)
 			windowUsers[r.user] = true
 		}
 		if first {
-			rep.Charged += billing.Nano(r.charged)
-			rep.Shortfall += billing.Nano(r.shortfall)
+			rep.Charged = billing.AddSat(rep.Charged, billing.Nano(r.charged))
+			rep.Shortfall = billing.AddSat(rep.Shortfall, billing.Nano(r.shortfall))
 		}
 	})
 	if err != nil {
@@ -432,7 +432,7 @@ func (l *ledger) add(r *logRow, u *userState, inWindow bool) bool {
 			l.dups[r.rid] = d
 		}
 		d.rows++
-		d.extraCharged += r.charged
+		d.extraCharged = billing.AddSat(d.extraCharged, r.charged)
 		d.inWindow = d.inWindow || inWindow
 		return false
 	}
@@ -451,7 +451,7 @@ func (l *ledger) add(r *logRow, u *userState, inWindow bool) bool {
 		l.taken[r.user] = m
 	}
 	for _, t := range r.taken {
-		m[t.field] += t.amount
+		m[t.field] = billing.AddSat(m[t.field], t.amount)
 	}
 	return true
 }
@@ -463,7 +463,7 @@ func ledgerItems(id string, u *userState, taken map[string]int64, seen map[strin
 	expected := map[string]int64{}
 	fields := map[string]bool{}
 	for f, v := range taken {
-		expected[f] -= v
+		expected[f] = billing.SubSat(expected[f], v)
 		fields[f] = true
 	}
 	net := map[string]int64{}
@@ -475,7 +475,7 @@ func ledgerItems(id string, u *userState, taken map[string]int64, seen map[strin
 		}
 		for _, h := range u.holds {
 			for i, f := range h.fields {
-				expected[f] -= int64(h.amounts[i])
+				expected[f] = billing.SubSat(expected[f], int64(h.amounts[i]))
 				fields[f] = true
 			}
 		}
@@ -485,18 +485,18 @@ func ledgerItems(id string, u *userState, taken map[string]int64, seen map[strin
 			}
 			pending++
 			for i, f := range rc.fields {
-				expected[f] -= rc.taken[i]
+				expected[f] = billing.SubSat(expected[f], rc.taken[i])
 				fields[f] = true
 			}
 		}
 	}
 	var out []Item
 	for _, f := range sortedKeys(fields) {
-		diff := net[f] - expected[f]
+		diff := billing.SubSat(net[f], expected[f])
 		switch {
 		case diff < 0:
 			out = append(out, Item{
-				Kind: KindChargeWithoutLog, User: id, Field: f, Amount: billing.Nano(-diff),
+				Kind: KindChargeWithoutLog, User: id, Field: f, Amount: billing.Nano(billing.SubSat(0, diff)),
 				Detail: fmt.Sprintf("llmNet.%s is %s but the logs and holds explain %s", f, billing.Nano(net[f]), billing.Nano(expected[f])),
 			})
 		case diff > 0:
@@ -528,7 +528,7 @@ func checkRow(r *logRow) []Item {
 		plan = strings.Split(r.creditField, "+")
 	}
 	for _, t := range r.taken {
-		sum += t.amount
+		sum = billing.AddSat(sum, t.amount)
 		if t.amount < 0 {
 			add(KindRowMismatch, t.field, t.amount, "log row "+r.id+": negative takenNano."+t.field)
 		}
@@ -537,11 +537,13 @@ func checkRow(r *logRow) []Item {
 		}
 	}
 	if r.charged != sum {
-		add(KindRowMismatch, "", r.charged-sum, fmt.Sprintf("log row %s: chargedNano %s but Σ takenNano %s", r.id, billing.Nano(r.charged), billing.Nano(sum)))
+		add(KindRowMismatch, "", billing.SubSat(r.charged, sum), fmt.Sprintf("log row %s: chargedNano %s but Σ takenNano %s", r.id, billing.Nano(r.charged), billing.Nano(sum)))
 	}
-	if r.cost != r.charged+r.shortfall {
-		add(KindRowMismatch, "", r.cost-r.charged-r.shortfall, fmt.Sprintf("log row %s: costNano %s but chargedNano + shortfallNano %s",
-			r.id, billing.Nano(r.cost), billing.Nano(r.charged+r.shortfall)))
+	// Exact for the non-negative amounts of a sound row (negative ones are
+	// reported below); saturated, never wrapped, for any other.
+	if paid := billing.AddSat(r.charged, r.shortfall); billing.SubSat(r.cost, r.charged) != r.shortfall {
+		add(KindRowMismatch, "", billing.SubSat(billing.SubSat(r.cost, r.charged), r.shortfall), fmt.Sprintf("log row %s: costNano %s but chargedNano + shortfallNano %s",
+			r.id, billing.Nano(r.cost), billing.Nano(paid)))
 	}
 	for _, v := range []struct {
 		name string
@@ -571,7 +573,7 @@ func compareBaseline(rep *Report, base *Baseline, users map[string]*userState, a
 		if u == nil {
 			var total billing.Nano
 			for _, e := range b {
-				total += e.Balance
+				total = billing.AddSat(total, e.Balance)
 			}
 			rep.Drift = append(rep.Drift, Item{Kind: KindUserMissing, User: id, Amount: total,
 				Detail: "the user is in the baseline but has no usersNew document any more"})
@@ -588,7 +590,7 @@ func compareBaseline(rep *Report, base *Baseline, users map[string]*userState, a
 			fields[f] = true
 		}
 		for _, f := range sortedKeys(fields) {
-			ext := (u.balances[f] - b[f].Balance) - (billing.Nano(u.net[f]) - b[f].Net)
+			ext := billing.SubSat(billing.SubSat(u.balances[f], b[f].Balance), billing.SubSat(billing.Nano(u.net[f]), b[f].Net))
 			if ext >= -BalanceTolerance && ext <= BalanceTolerance {
 				continue
 			}
@@ -597,7 +599,7 @@ func compareBaseline(rep *Report, base *Baseline, users map[string]*userState, a
 			if ext > 0 {
 				kind = KindExternalCredit
 			}
-			detail := fmt.Sprintf("%s moved by %s, of which the gateway moved %s", f, u.balances[f]-b[f].Balance, billing.Nano(u.net[f])-b[f].Net)
+			detail := fmt.Sprintf("%s moved by %s, of which the gateway moved %s", f, billing.SubSat(u.balances[f], b[f].Balance), billing.SubSat(billing.Nano(u.net[f]), b[f].Net))
 			if !inBase {
 				m.Detail = "not in the baseline"
 				detail += " (the user is not in the baseline)"

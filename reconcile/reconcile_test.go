@@ -3,6 +3,7 @@ package reconcile
 import (
 	"bytes"
 	"encoding/json"
+	"math"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -259,5 +260,39 @@ func TestRender(t *testing.T) {
 	if got.OK || len(got.Drift) != 1 || got.Drift[0].Amount != "$0.000000001" || got.Drift[0].AmountNano != 1 ||
 		got.ChargedNano != 25_000_000 || got.Since != "2026-04-30T12:00:00Z" {
 		t.Errorf("JSON report: %s", js.String())
+	}
+}
+
+// Amounts near int64 max (a row priced from absurd usage before the
+// gateway refused it) saturate in every sum; nothing wraps negative.
+func TestSumsSaturate(t *testing.T) {
+	const huge = math.MaxInt64 - 1
+	l := newLedger()
+	r := &logRow{id: "r", user: "u", hasUser: true, rid: "q", cost: huge, charged: huge, taken: []fieldAmount{{"credits", huge}}}
+	for range 3 {
+		l.add(r, nil, true)
+	}
+	r2 := &logRow{id: "r2", user: "u", hasUser: true, rid: "q2", cost: huge, charged: huge, taken: []fieldAmount{{"credits", huge}}}
+	l.add(r2, nil, true)
+	if got := l.taken["u"]["credits"]; got != math.MaxInt64 {
+		t.Errorf("taken sum = %d, want saturated at max", got)
+	}
+	if got := l.dups["q"].extraCharged; got != math.MaxInt64 {
+		t.Errorf("extra charged = %d, want saturated at max", got)
+	}
+	items, _ := ledgerItems("u", nil, l.taken["u"], l.seen)
+	for _, it := range items {
+		if it.Amount < 0 {
+			t.Errorf("negative drift amount: %+v", it)
+		}
+	}
+	// charged + shortfall past int64 max is still seen as a mismatch.
+	bad := &logRow{id: "b", user: "u", hasUser: true, rid: "b", cost: math.MaxInt64, charged: math.MaxInt64, shortfall: 1,
+		taken: []fieldAmount{{"credits", math.MaxInt64}}}
+	if items := checkRow(bad); len(items) != 1 || !strings.Contains(items[0].Detail, "costNano") {
+		t.Errorf("cost ≠ charged + shortfall at the limit: %+v", items)
+	}
+	if got := (&holdState{amounts: []billing.Nano{math.MaxInt64, math.MaxInt64}}).total(); got != math.MaxInt64 {
+		t.Errorf("hold total = %d, want saturated", got)
 	}
 }

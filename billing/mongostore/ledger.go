@@ -410,14 +410,16 @@ func (s *Store) settleUpdate(req billing.SettleRequest, fields []string, keep []
 	if rc.Charged > 0 {
 		inc = append(inc, bson.E{Key: h.Plan.UsedField(), Value: rc.Charged.USD()})
 	}
+	// One request adds at most billing.MaxRequestTokens to a token
+	// counter, so that no $inc of a stored total can overflow.
 	if tf := h.Plan.TokensField(); tf != "" && req.WeightedTokens > 0 {
-		inc = append(inc, bson.E{Key: tf, Value: req.WeightedTokens})
+		inc = append(inc, bson.E{Key: tf, Value: billing.ClampTokens(req.WeightedTokens)})
 	}
 	if req.Usage.Input > 0 {
-		inc = append(inc, bson.E{Key: "totalInputTokens", Value: req.Usage.Input})
+		inc = append(inc, bson.E{Key: "totalInputTokens", Value: billing.ClampTokens(req.Usage.Input)})
 	}
 	if req.Usage.Output > 0 {
-		inc = append(inc, bson.E{Key: "totalOutputTokens", Value: req.Usage.Output})
+		inc = append(inc, bson.E{Key: "totalOutputTokens", Value: billing.ClampTokens(req.Usage.Output)})
 	}
 	return bson.D{
 		{Key: "$inc", Value: inc},
@@ -699,9 +701,11 @@ func settleGroup(reqs []billing.SettleRequest, idx []int, out []billing.Receipt,
 			deltas[j] += t - keep[j]
 		}
 		charged += req.Cost
-		weighted += req.WeightedTokens
-		input += req.Usage.Input
-		output += req.Usage.Output
+		// One request adds at most billing.MaxRequestTokens to a counter,
+		// and the sums saturate, so no $inc can overflow.
+		weighted = billing.AddSat(weighted, billing.ClampTokens(req.WeightedTokens))
+		input = billing.AddSat(input, billing.ClampTokens(req.Usage.Input))
+		output = billing.AddSat(output, billing.ClampTokens(req.Usage.Output))
 		out[i] = billing.Receipt{RequestID: h.RequestID, LogID: h.LogID, Fields: fields, Taken: keep,
 			Cost: req.Cost, Charged: req.Cost, By: req.By, At: now}
 		filter = append(filter, bson.E{Key: fHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}})

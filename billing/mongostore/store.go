@@ -536,7 +536,8 @@ func (s *Store) AddUsage(ctx context.Context, batch billing.UsageBatch) error {
 			a = &agg{}
 			m[id] = a
 		}
-		a.tokens += tokens
+		// Clamped per request and saturated, so no $inc can overflow.
+		a.tokens = billing.AddSat(a.tokens, billing.ClampTokens(tokens))
 		a.requests++
 		if at.After(a.last) {
 			a.last = at

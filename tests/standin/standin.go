@@ -16,6 +16,12 @@
 //   - X-Standin-Cut-After: <n> cuts the connection after n events of a
 //     stream (or n bytes of a non-stream body), without a clean end.
 //   - X-Standin-Event-Delay: <duration> overrides Options.EventDelay.
+//   - X-Standin-Usage: <json> replaces the usage object of the answer with
+//     the given JSON value, as is (any value: an object with absurd
+//     counts, or null): the top-level "usage" of a JSON body, and of the
+//     final usage event of a stream (OpenAI: the usage chunk, sent even
+//     without include_usage; Anthropic: the last message_delta, while
+//     message_start keeps its own). Invalid JSON is a 400.
 //
 // and, for when headers cannot be used, with [Server.SetKeyStatus] (an
 // upstream key that fails) and [Server.SetDefaultFixture].
@@ -33,11 +39,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/tidwall/sjson"
 
 	"github.com/trollllm/caddy-llm-billing/tests/fixtures"
 )
@@ -48,6 +57,7 @@ const (
 	HeaderStatus     = "X-Standin-Status"
 	HeaderCutAfter   = "X-Standin-Cut-After"
 	HeaderEventDelay = "X-Standin-Event-Delay"
+	HeaderUsage      = "X-Standin-Usage"
 	// HeaderFixtureUsed is set on every answer replayed from a fixture: the
 	// name of the fixture actually replayed (after any fallback).
 	HeaderFixtureUsed = "X-Standin-Fixture-Used"
@@ -344,17 +354,30 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		delay = d
 	}
 
+	usage := []byte(r.Header.Get(HeaderUsage))
+	if len(usage) > 0 && !json.Valid(usage) {
+		writeLiteLLMError(w, http.StatusBadRequest, "standin: bad "+HeaderUsage, "invalid_request_error")
+		return
+	}
+
 	if stream {
 		if !fx.HasSSE {
 			fx = fallback(fx, func(f *fixtures.Fixture) bool { return f.HasSSE })
 		}
-		s.stream(w, r.Context(), fx, fx.Events(includeUsage), cutAfter, delay)
+		events := fx.Events(includeUsage)
+		if len(usage) > 0 {
+			events = withUsage(fx, events, usage)
+		}
+		s.stream(w, r.Context(), fx, events, cutAfter, delay)
 		return
 	}
 	data := fx.NonStreamJSON()
 	if data == nil {
 		fx = fallback(fx, func(f *fixtures.Fixture) bool { return f.NonStreamJSON() != nil })
 		data = fx.NonStreamJSON()
+	}
+	if len(usage) > 0 {
+		data = setUsage(data, usage)
 	}
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
@@ -368,6 +391,52 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		panic(http.ErrAbortHandler) // net/http closes the connection mid-body
 	}
 	_, _ = w.Write(data)
+}
+
+// withUsage returns events with the usage of the final usage event
+// replaced (see HeaderUsage).
+func withUsage(fx *fixtures.Fixture, events [][]byte, usage []byte) [][]byte {
+	out := slices.Clone(events)
+	if fx.API == fixtures.OpenAI {
+		all := fx.Events(true) // the usage chunk, even if not asked for
+		for i := len(all) - 1; i >= 0; i-- {
+			if data := eventData(all[i]); fixtures.IsUsageChunk(data) {
+				ev := append([]byte("data: "), setUsage(data, usage)...)
+				ev = append(ev, "\n\n"...)
+				if len(out) == len(all) {
+					out[i] = ev
+				} else { // before [DONE]
+					out = slices.Insert(out, len(out)-1, ev)
+				}
+				break
+			}
+		}
+		return out
+	}
+	for i := len(out) - 1; i >= 0; i-- {
+		if bytes.HasPrefix(out[i], []byte("event: message_delta\n")) {
+			ev := append([]byte("event: message_delta\ndata: "), setUsage(eventData(out[i]), usage)...)
+			out[i] = append(ev, "\n\n"...)
+			break
+		}
+	}
+	return out
+}
+
+// eventData returns the data of one event as Fixture.Events writes it.
+func eventData(ev []byte) []byte {
+	_, data, _ := bytes.Cut(ev, []byte("data: "))
+	return bytes.TrimSuffix(data, []byte("\n\n"))
+}
+
+// setUsage returns the JSON object data with its top-level "usage" set to
+// usage, a valid JSON value.
+func setUsage(data, usage []byte) []byte {
+	out, err := sjson.SetRawBytes(slices.Clone(data), "usage", usage)
+	if err != nil {
+		return data // fixtures are valid JSON objects
+	}
+	return out
 }
 
 // fallback returns the first fixture (by name) of f's API that satisfies

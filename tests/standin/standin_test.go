@@ -541,3 +541,43 @@ func TestSetDefaultFixture(t *testing.T) {
 		t.Errorf("openai default changed to %q", resp.Header.Get(HeaderFixtureUsed))
 	}
 }
+
+// TestUsageHeader checks X-Standin-Usage replaces the usage of a JSON answer
+// and of the final usage event of a stream, for both APIs.
+func TestUsageHeader(t *testing.T) {
+	_, url := start(t, Options{})
+	const usage = `{"prompt_tokens":-1,"input_tokens":"x","output_tokens":1e15}`
+	for _, tc := range []struct {
+		path, body string
+	}{
+		{PathMessages, `{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}`},
+		{PathMessages, `{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}`},
+		{PathChatCompletions, `{"model":"m","messages":[{"role":"user","content":"hi"}]}`},
+		{PathChatCompletions, `{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`},
+		{PathChatCompletions, `{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}`},
+	} {
+		req, _ := http.NewRequest(http.MethodPost, url+tc.path, strings.NewReader(tc.body))
+		req.Header.Set("Authorization", "Bearer "+testKey)
+		req.Header.Set(HeaderUsage, usage)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if n := strings.Count(string(raw), usage); resp.StatusCode != 200 || n != 1 {
+			t.Errorf("%s %s: %d, usage replaced %d times in %.300s", tc.path, tc.body, resp.StatusCode, n, raw)
+		}
+	}
+	req, _ := http.NewRequest(http.MethodPost, url+PathMessages, strings.NewReader(`{"model":"m","max_tokens":5,"messages":[]}`))
+	req.Header.Set("Authorization", "Bearer "+testKey)
+	req.Header.Set(HeaderUsage, `{"input_tokens":`)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("invalid usage JSON: %d, want 400", resp.StatusCode)
+	}
+}
