@@ -184,6 +184,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		default_max_tokens <n>          # output a hold assumes without max_tokens; default 4096
 //		client_disconnect  drain | stop # default drain
 //		drain_timeout      <duration>   # default 2m
+//		forward_headers    <name...>    # client headers forwarded besides the built-in allow-list
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
@@ -255,6 +256,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("drain_timeout must be a positive duration, got %q", v)
 			}
 			h.DrainTimeout = caddy.Duration(dur)
+		case "forward_headers":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.ForwardHeaders = append(h.ForwardHeaders, args...)
 		default:
 			return d.Errf("unrecognized llm_billing subdirective '%s'", name)
 		}

@@ -77,10 +77,18 @@ type Handler struct {
 	// gone. Default: 2m.
 	DrainTimeout caddy.Duration `json:"drain_timeout,omitempty"`
 
-	eng    *engine
-	plan   billing.CreditPlan
-	cat    *billing.Catalogue
-	logger *zap.Logger
+	// ForwardHeaders adds client request headers to the allow-list of
+	// those forwarded upstream (see forwardedHeaders); a name ending in "*"
+	// adds every header it prefixes. Credential-like names (Authorization,
+	// Cookie, *-Key, *-Token, ...) are refused: the upstream key is the only
+	// credential the gateway forwards.
+	ForwardHeaders []string `json:"forward_headers,omitempty"`
+
+	headers headerFilter
+	eng     *engine
+	plan    billing.CreditPlan
+	cat     *billing.Catalogue
+	logger  *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -140,6 +148,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.DrainTimeout == 0 {
 		h.DrainTimeout = caddy.Duration(DefaultDrainTimeout)
+	}
+	if h.headers, err = newHeaderFilter(h.ForwardHeaders); err != nil {
+		return err
 	}
 	app, err := ctx.App("llm_billing")
 	if err != nil {
@@ -273,6 +284,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		aerr.write(w, api)
 		return nil
 	}
+	// Only allowed headers go upstream: the pool key is the only credential.
+	h.headers.apply(r.Header)
 	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
 	r.Header.Set("Accept-Encoding", "identity")
 

@@ -142,6 +142,7 @@ http://127.0.0.1:%[6]d {
 	llm_billing {
 		credit_field creditsNew
 		models %[7]s
+		forward_headers X-Test-Id X-Standin-*
 	}
 	reverse_proxy %[8]s%[14]s
 }
@@ -156,6 +157,7 @@ http://127.0.0.1:%[9]d {
 	llm_billing {
 		credit_field credits refCredits
 		models %[10]s
+		forward_headers X-Test-Id X-Standin-*
 		max_body_size 1MiB
 		client_disconnect stop
 	}
@@ -166,6 +168,7 @@ http://127.0.0.1:%[11]d {
 	llm_billing {
 		credit_field creditsNew
 		models %[7]s
+		forward_headers X-Test-Id X-Standin-*
 	}
 	reverse_proxy 127.0.0.1:%[12]d
 }
