@@ -181,6 +181,9 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface
 		if v.Status != "" {
 			eng.markKey(pr.upKey, v)
 		}
+		if v.Probe {
+			h.probeKey(r, next, pr.upKey) // only its answer may demote the key for good
+		}
 		if !v.Retry || attempt >= maxAttempts || time.Since(pr.start) > budget || pr.client.Err() != nil {
 			if hw.held {
 				hw.replay(api)

@@ -57,6 +57,10 @@ const (
 const (
 	PathMessages        = "/v1/messages"
 	PathChatCompletions = "/v1/chat/completions"
+	// PathModels (GET) lists the models; it answers 401 for an unknown key
+	// and the status set with SetKeyStatus when that is 401 or 403, as a
+	// revoked key gets on every route.
+	PathModels = "/v1/models"
 )
 
 // StatusBudget is the X-Standin-Status (and SetKeyStatus) value that
@@ -249,6 +253,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	var api string
 	switch {
+	case r.Method == http.MethodGet && r.URL.Path == PathModels:
+		s.serveModels(w, r)
+		return
 	case r.Method == http.MethodPost && r.URL.Path == PathMessages:
 		api = fixtures.Anthropic
 	case r.Method == http.MethodPost && r.URL.Path == PathChatCompletions:
@@ -425,8 +432,31 @@ func (s *Server) stream(w http.ResponseWriter, ctx context.Context, fx *fixtures
 	}
 }
 
-// bearer returns the key of "Authorization: Bearer <key>", else x-api-key.
+// serveModels answers GET /v1/models: the key's authentication, nothing else.
+func (s *Server) serveModels(w http.ResponseWriter, r *http.Request) {
+	key := bearer(r)
+	s.mu.Lock()
+	ok := key != "" && s.keys[key]
+	st := s.keyStatus[key]
+	s.mu.Unlock()
+	switch {
+	case !ok:
+		writeAuthError(w, key)
+	case st == "401" || st == "403":
+		writeStatus(w, fixtures.OpenAI, st, key)
+	default:
+		writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": []map[string]any{
+			{"id": "claude-sonnet-4-5", "object": "model", "created": 1677610602, "owned_by": "openai"}}})
+	}
+}
+
+// bearer returns the key LiteLLM authenticates a request with: the
+// x-litellm-api-key header first (LiteLLM reads it before Authorization),
+// then "Authorization: Bearer <key>", else x-api-key.
 func bearer(r *http.Request) string {
+	if k := strings.TrimSpace(r.Header.Get("X-Litellm-Api-Key")); k != "" {
+		return strings.TrimPrefix(k, "Bearer ")
+	}
 	if a := r.Header.Get("Authorization"); a != "" {
 		if k, ok := cutPrefixFold(a, "Bearer "); ok {
 			return strings.TrimSpace(k)
