@@ -76,6 +76,7 @@ var (
 	errNoKey        = &apiError{status: http.StatusServiceUnavailable, message: "Service temporarily unavailable. Please try again later.", oaiType: "server_error", antType: "api_error"}
 	errUnavailable  = &apiError{status: http.StatusServiceUnavailable, message: "Billing is temporarily unavailable. Please try again later.", oaiType: "server_error", antType: "api_error"}
 	errUpstream     = &apiError{status: http.StatusBadGateway, message: "Request to upstream service failed", oaiType: "upstream_error", antType: "api_error"}
+	errBadAnswer    = &apiError{status: http.StatusBadGateway, message: "Upstream service returned an invalid response", oaiType: "upstream_error", antType: "api_error"}
 )
 
 func errBodyTooLarge(limit int64) *apiError {

@@ -55,7 +55,7 @@ func TestFailoverRetriesOnAnotherKeyBeforeAnyByte(t *testing.T) {
 		// the good key's answer and nothing of the failed attempts.
 		for i := 0; i < 3; i++ {
 			rec := httptest.NewRecorder()
-			if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next); err != nil {
+			if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, bodyFor(sse)), next); err != nil {
 				t.Fatal(err)
 			}
 			if rec.Code != 200 || rec.Header().Get("X-Upstream-Secret-Header") != "" || strings.Contains(rec.Body.String(), "failed") {
@@ -222,7 +222,7 @@ func TestKeyDemotedOnlyByItsProbe(t *testing.T) {
 				return good.ServeHTTP(w, r)
 			})
 			rec := httptest.NewRecorder() // the first pick is "sus"
-			require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next))
+			require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, fs.key, jsonBody), next))
 			require.Equal(t, 200, rec.Code, rec.Body.String())
 			waitKeyStatus(t, h, "id-sus", tc.want)
 			assert.EqualValues(t, 1, probes.Load())

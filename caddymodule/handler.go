@@ -292,7 +292,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	m := newMeter(w, api)
 	m.onStart = startRefresh
 	pr := &proxied{start: start, principal: p, key: key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
-		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body)}
+		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body), expect: expectJSON}
+	if info.Stream {
+		pr.expect = expectSSE
+	}
 	if h.ClientDisconnect != DisconnectStop {
 		// drain: the upstream request outlives the client, for at most
 		// DrainTimeout, so that the usage it reports can be billed.
@@ -330,6 +333,7 @@ type proxied struct {
 	upstreamModel string
 	bodyLen       int
 	attempts      []billing.Attempt // every upstream attempt, the answered one last
+	expect        int               // what a success must be: expectJSON or expectSSE
 }
 
 // reserve takes the request's hold, sized by h.Hold (see Handler.Hold).
