@@ -48,6 +48,10 @@ const (
 	HeaderStatus     = "X-Standin-Status"
 	HeaderCutAfter   = "X-Standin-Cut-After"
 	HeaderEventDelay = "X-Standin-Event-Delay"
+	// HeaderGarbage: "html" answers 200 with an HTML page (text/html),
+	// "text" 200 with a non-JSON body labelled application/json: an
+	// upstream (or a proxy in front of it) that breaks the API's contract.
+	HeaderGarbage = "X-Standin-Garbage"
 	// HeaderFixtureUsed is set on every answer replayed from a fixture: the
 	// name of the fixture actually replayed (after any fallback).
 	HeaderFixtureUsed = "X-Standin-Fixture-Used"
@@ -289,6 +293,19 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		panic(http.ErrAbortHandler) // net/http closes the connection, no answer
 	default:
 		writeStatus(w, api, st, key)
+		return
+	}
+
+	switch r.Header.Get(HeaderGarbage) {
+	case "html":
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, "<html><head><title>Welcome</title></head><body><h1>It works!</h1></body></html>\n")
+		return
+	case "text":
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, "upstream says hello, this is not JSON\n")
 		return
 	}
 
