@@ -1,9 +1,13 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"io"
+	"net"
 	"net/http"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -190,4 +194,40 @@ func TestGarbageSuccessIs502Unbilled(t *testing.T) {
 			})
 		}
 	}
+}
+
+// rawRequest sends raw bytes over one connection and returns the answer.
+func rawRequest(t *testing.T, base string, req string) (*http.Response, string) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	require.NoError(t, err)
+	defer conn.Close()
+	require.NoError(t, conn.SetDeadline(time.Now().Add(10*time.Second)))
+	go func() { _, _ = io.WriteString(conn, req) }() // the server may answer before reading it all
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	return resp, string(raw)
+}
+
+// Errors net/http writes before any handler runs cannot be made JSON from
+// Caddy: they are plain text, and the connection is closed. This pins what
+// a client gets (README, "Errors written before the gateway runs").
+func TestErrorsBeforeTheHandlerArePlainText(t *testing.T) {
+	body := string(validBody("claude-sonnet-4-5")())
+	head := "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
+		strconv.Itoa(len(body)) + "\r\n"
+
+	resp, got := rawRequest(t, chatURL, head+"X-Big: "+strings.Repeat("a", 1<<20+4096)+"\r\n\r\n"+body)
+	assert.Equal(t, http.StatusRequestHeaderFieldsTooLarge, resp.StatusCode)
+	assert.Equal(t, "text/plain; charset=utf-8", resp.Header.Get("Content-Type"))
+	assert.Equal(t, "431 Request Header Fields Too Large", got)
+	assert.True(t, resp.Close)
+
+	resp, got = rawRequest(t, chatURL, head+"X-Api-Key: sk-\x01bad\r\n\r\n"+body)
+	assert.Equal(t, http.StatusBadRequest, resp.StatusCode)
+	assert.Equal(t, "text/plain; charset=utf-8", resp.Header.Get("Content-Type"))
+	assert.Equal(t, "400 Bad Request", got)
+	assert.True(t, resp.Close)
 }
