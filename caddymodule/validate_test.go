@@ -94,6 +94,8 @@ func TestValidateRefusesBadConfig(t *testing.T) {
 			[]string{"models", "cache_hit_price_per_mtok"}},
 		{"weights do not match", config("{env.LLM_TEST_URI}", "credit_field creditsNew\nmodels "+writeFile(t, "w.json", `{"models":[{"id":"m","input_price_per_mtok":1,"output_price_per_mtok":2,"upstream_model_id":["a","b"],"upstream_model_weights":[1]}]}`)),
 			[]string{"models", "upstream_model_weights"}},
+		{"credential in forward_headers", config("{env.LLM_TEST_URI}", "credit_field creditsNew\nmodels "+models+"\nforward_headers X-Trace-Id X-Litellm-Api-Key"),
+			[]string{"forward_headers", `"X-Litellm-Api-Key" looks like a credential`}},
 		{"unset env for uri", config("{env.LLM_TEST_UNSET_VARIABLE}", "credit_field creditsNew\nmodels "+models),
 			[]string{"mongodb_uri"}},
 		{"missing mongodb_uri", strings.Replace(config("x", "credit_field creditsNew\nmodels "+models), "mongodb_uri x", "database fproxy", 1),
