@@ -281,6 +281,7 @@ http://:%d {
 	llm_billing {
 		credit_field creditsNew
 		models %s
+		forward_headers X-Test-Id X-Standin-*
 	}
 	import upstream
 }

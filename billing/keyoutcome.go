@@ -32,6 +32,10 @@ type KeyVerdict struct {
 	// instance and the admin UI to see; a short error cooldown stays in
 	// this process's memory.
 	Persist bool
+	// Probe is true when the answer only suspects the key: it is out for
+	// Cooldown in this process, and a probe the gateway builds itself (no
+	// client bytes) decides whether it is demoted for good (JudgeProbe).
+	Probe bool
 }
 
 // KeyPolicy holds the cooldowns applied to failing keys.
@@ -48,14 +52,19 @@ const exhaustedCooldown = 24 * time.Hour
 
 // JudgeResponse classifies an upstream answer. body is (the start of) the
 // error body; retryAfter is the Retry-After header.
+//
+// A 401 or 403 to a client's request does not prove the key bad: the
+// request carried client bytes, and an upstream may authenticate from them.
+// Such a key only gets an error cooldown and a probe (Probe); JudgeProbe
+// rules on the probe's answer.
 func (p KeyPolicy) JudgeResponse(status int, body []byte, retryAfter string, now time.Time) KeyVerdict {
 	switch {
 	case status == http.StatusUnauthorized:
-		return KeyVerdict{Retry: true, Status: KeyNeedRefresh, Reason: "unauthorized", Persist: true}
+		return KeyVerdict{Retry: true, Status: KeyError, Cooldown: p.ErrorCooldown, Reason: "unauthorized", Probe: true}
 	case status == http.StatusPaymentRequired:
 		return KeyVerdict{Retry: true, Status: KeyExhausted, Cooldown: exhaustedCooldown, Reason: "payment_required", Persist: true}
 	case status == http.StatusForbidden:
-		return KeyVerdict{Retry: true, Status: KeyNeedRefresh, Reason: "forbidden", Persist: true}
+		return KeyVerdict{Retry: true, Status: KeyError, Cooldown: p.ErrorCooldown, Reason: "forbidden", Probe: true}
 	case status == http.StatusBadRequest && budgetExceeded(body):
 		return KeyVerdict{Retry: true, Status: KeyExhausted, Cooldown: exhaustedCooldown, Reason: "budget_exceeded", Persist: true}
 	case status == http.StatusTooManyRequests || status == 529:
@@ -72,6 +81,36 @@ func (p KeyPolicy) JudgeResponse(status int, body []byte, retryAfter string, now
 		return KeyVerdict{Retry: true, Status: KeyError, Cooldown: p.ErrorCooldown, Reason: "upstream_" + strconv.Itoa(status)}
 	}
 	return KeyVerdict{}
+}
+
+// ProbeOutcome is what a key probe's answer proves.
+type ProbeOutcome int
+
+// Probe outcomes.
+const (
+	// ProbeInconclusive: the probe failed for another reason (5xx, 429,
+	// transport error); the key keeps its cooldown and nothing is written.
+	ProbeInconclusive ProbeOutcome = iota
+	// ProbeKeyGood: the key authenticates; its cooldown is lifted.
+	ProbeKeyGood
+	// ProbeKeyBad: the key itself is refused; it is demoted for good.
+	ProbeKeyBad
+)
+
+// JudgeProbe classifies the answer to a probe: a request the gateway built
+// itself, with the key as its only credential and no client bytes. Only a
+// 401 or 403 to it proves the key bad; the verdict then persists
+// need_refresh, as a revoked key needs a person to repair it.
+func JudgeProbe(status int) (ProbeOutcome, KeyVerdict) {
+	switch {
+	case status == http.StatusUnauthorized:
+		return ProbeKeyBad, KeyVerdict{Status: KeyNeedRefresh, Reason: "unauthorized", Persist: true}
+	case status == http.StatusForbidden:
+		return ProbeKeyBad, KeyVerdict{Status: KeyNeedRefresh, Reason: "forbidden", Persist: true}
+	case status >= 200 && status < 300:
+		return ProbeKeyGood, KeyVerdict{}
+	}
+	return ProbeInconclusive, KeyVerdict{}
 }
 
 // JudgeTransportError classifies a failure to get any answer.

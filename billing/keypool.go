@@ -100,6 +100,25 @@ func (p *KeyPool) Mark(id, status string, until time.Time) {
 	}
 }
 
+// Restore puts a key back in service (healthy, no cooldown) if its status
+// is still status, as a mark this process applied left it; a status the
+// key got since is kept.
+func (p *KeyPool) Restore(id, status string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i := range p.keys {
+		if p.keys[i].ID == id {
+			if p.keys[i].Status != status {
+				return
+			}
+			keys := append([]UpstreamKey(nil), p.keys...)
+			keys[i].Status, keys[i].CooldownUntil = KeyHealthy, time.Time{}
+			p.keys = keys
+			return
+		}
+	}
+}
+
 // Snapshot returns a copy of the pool's keys.
 func (p *KeyPool) Snapshot() []UpstreamKey {
 	p.mu.RLock()

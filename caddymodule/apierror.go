@@ -86,6 +86,7 @@ var (
 	errUnavailable    = &apiError{status: http.StatusServiceUnavailable, message: "Billing is temporarily unavailable. Please try again later.", oaiType: "server_error", antType: "api_error"}
 	errPriorityDenied = &apiError{status: http.StatusForbidden, message: "vui long lien he qua discord de duoc tham gia line uu tien", oaiType: "insufficient_permissions", oaiCode: "priority_line_access_denied", antType: "forbidden"}
 	errUpstream       = &apiError{status: http.StatusBadGateway, message: "Request to upstream service failed", oaiType: "upstream_error", antType: "api_error"}
+	errBadAnswer      = &apiError{status: http.StatusBadGateway, message: "Upstream service returned an invalid response", oaiType: "upstream_error", antType: "api_error"}
 )
 
 func errBodyTooLarge(limit int64) *apiError {

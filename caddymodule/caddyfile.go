@@ -266,6 +266,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //			upstream_models <pattern...> # on the chosen upstream model; default all
 //			except_models   <pattern...> # on the model's catalogue id
 //		}
+//		forward_headers    <name...>    # client headers forwarded besides the built-in allow-list
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
@@ -352,6 +353,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.PriceFactor = pf
+		case "forward_headers":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.ForwardHeaders = append(h.ForwardHeaders, args...)
 		default:
 			return d.Errf("unrecognized llm_billing subdirective '%s'", name)
 		}

@@ -77,6 +77,7 @@ type engine struct {
 	jobs       chan *settlement
 	batches    chan []*settlement
 	marks      chan keyMark
+	probing    sync.Map     // upstream key id → a probe of it is running (probeKey)
 	mu         sync.RWMutex // guards closed against sends
 	closed     bool
 	inflight   sync.WaitGroup

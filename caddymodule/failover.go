@@ -22,6 +22,11 @@ const maxHeldError = 256 << 10
 // private header map (reverse_proxy writes upstream headers before
 // WriteHeader), so that the handler can retry on another key before any
 // byte reaches the client; replay sends it on when it is not retried.
+//
+// A success is first checked (see bodycheck.go): its Content-Type must be
+// the one expect names, and its start is held until it proves to be JSON
+// or server-sent events of JSON (checking). One that is not (garbage) is
+// discarded, so that the handler answers 502 and bills nothing.
 type holdWriter struct {
 	m         *meter
 	header    http.Header
@@ -29,10 +34,13 @@ type holdWriter struct {
 	held      bool
 	committed bool
 	body      []byte
+	expect    int // expectJSON, expectSSE, or 0: a success is not checked
+	checking  bool
+	garbage   bool
 }
 
-func newHoldWriter(m *meter) *holdWriter {
-	return &holdWriter{m: m, header: make(http.Header)}
+func newHoldWriter(m *meter, expect int) *holdWriter {
+	return &holdWriter{m: m, header: make(http.Header), expect: expect}
 }
 
 // Header returns the attempt's private headers until the answer is committed.
@@ -50,11 +58,16 @@ func (hw *holdWriter) WriteHeader(code int) {
 		return
 	}
 	hw.status = code
-	if code >= 400 {
+	switch {
+	case code >= 400:
 		hw.held = true
-		return
+	case code >= 300 || hw.expect == 0:
+		hw.commit()
+	case !rightType(hw.expect, hw.header.Get("Content-Type")):
+		hw.garbage = true
+	default:
+		hw.checking = true
 	}
-	hw.commit()
 }
 
 func (hw *holdWriter) commit() {
@@ -71,8 +84,22 @@ func (hw *holdWriter) Write(p []byte) (int, error) {
 	if hw.status == 0 {
 		hw.WriteHeader(http.StatusOK)
 	}
-	if hw.committed {
+	switch {
+	case hw.committed:
 		return hw.m.Write(p)
+	case hw.garbage:
+		return len(p), nil // read to the end, never shown
+	case hw.checking:
+		hw.body = append(hw.body, p...)
+		switch inspect(hw.expect, hw.body, false) {
+		case looksRight:
+			if err := hw.passOn(); err != nil {
+				return 0, err
+			}
+		case garbage:
+			hw.garbage, hw.checking, hw.body = true, false, nil
+		}
+		return len(p), nil
 	}
 	if len(hw.body)+len(p) > maxHeldError {
 		// Too big to hold: it goes to the client as it is.
@@ -86,6 +113,30 @@ func (hw *holdWriter) Write(p []byte) (int, error) {
 	}
 	hw.body = append(hw.body, p...)
 	return len(p), nil
+}
+
+// passOn commits a checked success and sends what was held of it.
+func (hw *holdWriter) passOn() error {
+	hw.checking = false
+	hw.commit()
+	b := hw.body
+	hw.body = nil
+	_, err := hw.m.Write(b)
+	return err
+}
+
+// endCheck rules on a success still held when its attempt ends. An answer
+// the upstream finished is judged whole; one cut short (err) or whose client
+// is gone goes on as it is, to be billed as such answers always were.
+func (hw *holdWriter) endCheck(err error, clientGone bool) error {
+	if !hw.checking {
+		return nil
+	}
+	if err == nil && !clientGone && inspect(hw.expect, hw.body, true) != looksRight {
+		hw.garbage, hw.checking, hw.body = true, false, nil
+		return nil
+	}
+	return hw.passOn()
 }
 
 // replay sends a held error answer to the client, sanitised: the legacy
@@ -147,13 +198,25 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface
 	for attempt := 1; ; attempt++ {
 		setBody(r, fwd)
 		r.Header.Set("Authorization", "Bearer "+pr.upKey.APIKey)
-		hw := newHoldWriter(m)
+		hw := newHoldWriter(m, pr.expect)
 		t0 := time.Now()
 		err := next.ServeHTTP(hw, r)
+		if cerr := hw.endCheck(err, pr.client.Err() != nil); err == nil {
+			err = cerr
+		}
 		at := billing.Attempt{KeyID: pr.upKey.ID, Status: hw.status, LatencyMs: time.Since(t0).Milliseconds()}
 
 		var v billing.KeyVerdict
 		switch {
+		case hw.garbage:
+			// Not what the API promises: never shown, never billed.
+			at.Reason = "invalid_answer"
+			pr.attempts = append(pr.attempts, at)
+			h.logger.Warn("upstream answered a success that is not valid for its API; answering 502",
+				zap.String("upstream_key", pr.upKey.ID), zap.Int("status", hw.status),
+				zap.String("content_type", hw.header.Get("Content-Type")))
+			errBadAnswer.write(w, api)
+			return nil
 		case hw.committed:
 			at.Reason = "ok"
 			if hw.status >= 400 {
@@ -180,6 +243,9 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface
 		pr.attempts = append(pr.attempts, at)
 		if v.Status != "" {
 			eng.markKey(pr.upKey, v)
+		}
+		if v.Probe {
+			h.probeKey(r, next, pr.upKey) // only its answer may demote the key for good
 		}
 		if !v.Retry || attempt >= maxAttempts || time.Since(pr.start) > budget || pr.client.Err() != nil {
 			if hw.held {

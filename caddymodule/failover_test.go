@@ -5,8 +5,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
@@ -51,7 +55,7 @@ func TestFailoverRetriesOnAnotherKeyBeforeAnyByte(t *testing.T) {
 		// the good key's answer and nothing of the failed attempts.
 		for i := 0; i < 3; i++ {
 			rec := httptest.NewRecorder()
-			if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next); err != nil {
+			if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, bodyFor(sse)), next); err != nil {
 				t.Fatal(err)
 			}
 			if rec.Code != 200 || rec.Header().Get("X-Upstream-Secret-Header") != "" || strings.Contains(rec.Body.String(), "failed") {
@@ -70,7 +74,9 @@ func TestFailoverRetriesOnAnotherKeyBeforeAnyByte(t *testing.T) {
 		if fs.charges.Load() != 3 {
 			t.Errorf("%d charges for 3 requests", fs.charges.Load())
 		}
-		// The failed keys are out of the pool: 401 for good, 429 for its Retry-After.
+		// The failed keys are out of the pool: 401 for good once its probe
+		// also got 401, 429 for its Retry-After.
+		waitKeyStatus(t, h, "id-bad-401", billing.KeyNeedRefresh)
 		now := time.Now()
 		for i := 0; i < 10; i++ {
 			if k, err := h.eng.keys.Pick(now); err != nil || k.APIKey != "good" {
@@ -146,9 +152,9 @@ func TestJudgeResponse(t *testing.T) {
 		retryAfter string
 		want       billing.KeyVerdict
 	}{
-		{401, "", "", billing.KeyVerdict{Retry: true, Status: "need_refresh", Reason: "unauthorized", Persist: true}},
+		{401, "", "", billing.KeyVerdict{Retry: true, Status: "error", Cooldown: 10 * time.Second, Reason: "unauthorized", Probe: true}},
 		{402, "", "", billing.KeyVerdict{Retry: true, Status: "exhausted", Cooldown: 24 * time.Hour, Reason: "payment_required", Persist: true}},
-		{403, "", "", billing.KeyVerdict{Retry: true, Status: "need_refresh", Reason: "forbidden", Persist: true}},
+		{403, "", "", billing.KeyVerdict{Retry: true, Status: "error", Cooldown: 10 * time.Second, Reason: "forbidden", Probe: true}},
 		{400, `{"error":{"message":"Budget has been exceeded! Current cost: 10.01","type":"budget_exceeded"}}`, "", billing.KeyVerdict{Retry: true, Status: "exhausted", Cooldown: 24 * time.Hour, Reason: "budget_exceeded", Persist: true}},
 		{400, `{"error":{"message":"prompt is too long"}}`, "", billing.KeyVerdict{}},
 		{429, "", "", billing.KeyVerdict{Retry: true, Status: "rate_limited", Cooldown: time.Minute, Reason: "rate_limited", Persist: true}},
@@ -162,5 +168,102 @@ func TestJudgeResponse(t *testing.T) {
 		if got := p.JudgeResponse(tc.status, []byte(tc.body), tc.retryAfter, now); got != tc.want {
 			t.Errorf("%d %q: got %+v, want %+v", tc.status, tc.body, got, tc.want)
 		}
+	}
+}
+
+func waitKeyStatus(t *testing.T, h *Handler, id, status string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		for _, k := range h.eng.keys.Snapshot() {
+			if k.ID == id && k.Status == status {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("key %s never got status %s: %+v", id, status, h.eng.keys.Snapshot())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// A 401 to a client's request only suspects the key: the gateway's own
+// probe (GET /v1/models with the key alone) decides. A key that passes it
+// is back in service at once; one that fails it is demoted for good.
+func TestKeyDemotedOnlyByItsProbe(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		probeStatus int
+		want        string
+	}{
+		{"probe passes", 200, billing.KeyHealthy},
+		{"probe refused", 401, billing.KeyNeedRefresh},
+		{"probe forbidden", 403, billing.KeyNeedRefresh},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, fs := newTestHandler(t)
+			withKeys(h, "sus", "good")
+			good := upstream(false, 0)
+			var probes atomic.Int32
+			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				key := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+				if r.Method == http.MethodGet && r.URL.Path == "/v1/models" {
+					probes.Add(1)
+					assert.Equal(t, "sus", key)
+					w.WriteHeader(tc.probeStatus)
+					return nil
+				}
+				if key == "sus" {
+					w.Header().Set("Content-Type", "application/json")
+					w.WriteHeader(401)
+					_, _ = w.Write([]byte(`{"error":{"message":"Authentication Error","type":"auth_error","code":"401"}}`))
+					return nil
+				}
+				return good.ServeHTTP(w, r)
+			})
+			rec := httptest.NewRecorder() // the first pick is "sus"
+			require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, fs.key, jsonBody), next))
+			require.Equal(t, 200, rec.Code, rec.Body.String())
+			waitKeyStatus(t, h, "id-sus", tc.want)
+			assert.EqualValues(t, 1, probes.Load())
+		})
+	}
+}
+
+// However many requests a key refuses, one probe of it runs at a time.
+func TestOneProbePerKeyAtATime(t *testing.T) {
+	h, fs := newTestHandler(t)
+	withKeys(h, "sus") // alone: used again in its error cooldown
+	var probes atomic.Int32
+	release := make(chan struct{})
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if r.Method == http.MethodGet {
+			probes.Add(1)
+			<-release
+			w.WriteHeader(200)
+			return nil
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(401)
+		_, _ = w.Write([]byte(`{"error":{"message":"Authentication Error","type":"auth_error","code":"401"}}`))
+		return nil
+	})
+	for i := 0; i < 3; i++ {
+		rec := httptest.NewRecorder()
+		require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next))
+		assert.True(t, json.Valid(rec.Body.Bytes()))
+	}
+	time.Sleep(50 * time.Millisecond)
+	assert.EqualValues(t, 1, probes.Load())
+	close(release)
+	waitKeyStatus(t, h, "id-sus", billing.KeyHealthy)
+}
+
+func TestJudgeProbe(t *testing.T) {
+	for status, want := range map[int]billing.ProbeOutcome{200: billing.ProbeKeyGood, 401: billing.ProbeKeyBad,
+		403: billing.ProbeKeyBad, 404: billing.ProbeInconclusive, 429: billing.ProbeInconclusive, 500: billing.ProbeInconclusive, 0: billing.ProbeInconclusive} {
+		got, v := billing.JudgeProbe(status)
+		assert.Equal(t, want, got, status)
+		assert.Equal(t, want == billing.ProbeKeyBad, v.Persist && v.Status == billing.KeyNeedRefresh, status)
 	}
 }

@@ -85,11 +85,19 @@ type Handler struct {
 	// PriceFactor scales the price of some requests (see PriceFactor).
 	PriceFactor *PriceFactor `json:"price_factor,omitempty"`
 
-	eng    *engine
-	limits *rateLimiter
-	plan   billing.CreditPlan
-	cat    *billing.Catalogue
-	logger *zap.Logger
+	// ForwardHeaders adds client request headers to the allow-list of
+	// those forwarded upstream (see forwardedHeaders); a name ending in "*"
+	// adds every header it prefixes. Credential-like names (Authorization,
+	// Cookie, *-Key, *-Token, ...) are refused: the upstream key is the only
+	// credential the gateway forwards.
+	ForwardHeaders []string `json:"forward_headers,omitempty"`
+
+	headers headerFilter
+	eng     *engine
+	plan    billing.CreditPlan
+	cat     *billing.Catalogue
+	limits  *rateLimiter
+	logger  *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -159,6 +167,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err := h.PriceFactor.Validate(); err != nil {
 			return err
 		}
+	}
+	if h.headers, err = newHeaderFilter(h.ForwardHeaders); err != nil {
+		return err
 	}
 	app, err := ctx.App("llm_billing")
 	if err != nil {
@@ -315,13 +326,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		aerr.write(w, api)
 		return nil
 	}
+	// Only allowed headers go upstream: the pool key is the only credential.
+	h.headers.apply(r.Header)
 	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
 	r.Header.Set("Accept-Encoding", "identity")
 
 	m := newMeter(w, api)
 	m.onStart = startRefresh
 	pr := &proxied{start: start, principal: p, key: key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
-		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body), maxTokens: info.MaxTokens}
+		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body), expect: expectJSON, maxTokens: info.MaxTokens}
+	if info.Stream {
+		pr.expect = expectSSE
+	}
 	if h.ClientDisconnect != DisconnectStop {
 		// drain: the upstream request outlives the client, for at most
 		// DrainTimeout, so that the usage it reports can be billed.
@@ -360,6 +376,7 @@ type proxied struct {
 	bodyLen       int
 	maxTokens     int64             // the request's max_tokens, 0 when it sets none
 	attempts      []billing.Attempt // every upstream attempt, the answered one last
+	expect        int               // what a success must be: expectJSON or expectSSE
 }
 
 // reserve takes the request's hold, sized by h.Hold (see Handler.Hold).

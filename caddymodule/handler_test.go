@@ -244,6 +244,17 @@ func newRequest(tb testing.TB, w http.ResponseWriter, key string, body []byte) *
 
 var benchBody = []byte(`{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Hello, how are you today? Tell me something nice."}]}`)
 
+// jsonBody is benchBody without "stream": the upstream must answer JSON.
+var jsonBody = []byte(`{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Hello, how are you today? Tell me something nice."}]}`)
+
+// bodyFor returns the request body whose answer is SSE (sse) or JSON.
+func bodyFor(sse bool) []byte {
+	if sse {
+		return benchBody
+	}
+	return jsonBody
+}
+
 // waitCharges waits for the settlement workers to process n charges.
 func waitCharges(tb testing.TB, fs *fakeStore, n int64) {
 	tb.Helper()
@@ -260,7 +271,7 @@ func TestHandlerBillsThroughTheStore(t *testing.T) {
 	h, fs := newTestHandler(t)
 	for _, sse := range []bool{false, true} {
 		rec := httptest.NewRecorder()
-		if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), upstream(sse, 50)); err != nil {
+		if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, bodyFor(sse)), upstream(sse, 50)); err != nil {
 			t.Fatal(err)
 		}
 		if rec.Code != 200 {
@@ -315,7 +326,7 @@ func BenchmarkHandler(b *testing.B) {
 			b.ReportAllocs()
 			for i := 0; i < b.N; i++ {
 				clear(w.h)
-				r := newRequest(b, w, fs.key, benchBody)
+				r := newRequest(b, w, fs.key, bodyFor(tc.sse))
 				if err := h.ServeHTTP(w, r, next); err != nil {
 					b.Fatal(err)
 				}
@@ -439,7 +450,7 @@ func TestAuthRefreshAfterTheAnswerStarts(t *testing.T) {
 		return json.ServeHTTP(w, r)
 	})
 	rec := httptest.NewRecorder()
-	if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next); err != nil || rec.Code != 200 {
+	if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, jsonBody), next); err != nil || rec.Code != 200 {
 		t.Fatalf("%v %d %s", err, rec.Code, rec.Body)
 	}
 	select {
@@ -516,7 +527,7 @@ func TestHoldWithLostAnswerIsReleased(t *testing.T) {
 	fs.lostHolds = 1
 	fs.mu.Unlock()
 	rec := httptest.NewRecorder()
-	if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), upstream(false, 0)); err != nil {
+	if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, jsonBody), upstream(false, 0)); err != nil {
 		t.Fatal(err)
 	}
 	if rec.Code != http.StatusServiceUnavailable {

@@ -44,7 +44,7 @@ func TestDatabaseDurationMetrics(t *testing.T) {
 	h, fs := newTestHandler(t)
 	before := holdCount(t, reg)
 	rec := httptest.NewRecorder()
-	if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), upstream(false, 0)); err != nil || rec.Code != 200 {
+	if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, jsonBody), upstream(false, 0)); err != nil || rec.Code != 200 {
 		t.Fatalf("%v %d", err, rec.Code)
 	}
 	if got := holdCount(t, reg) - before; got != 1 {

@@ -166,8 +166,9 @@ func (h *Handler) countTokens(w http.ResponseWriter, r *http.Request, next inter
 		return nil
 	}
 	defer done()
+	h.headers.apply(r.Header) // the pool key is the only credential that leaves
 	m := newMeter(w, billing.Anthropic)
 	defer m.release()
-	pr := &proxied{start: time.Now(), client: r.Context(), upKey: upKey}
+	pr := &proxied{start: time.Now(), client: r.Context(), upKey: upKey, expect: expectJSON}
 	return h.forward(w, r, next, m, pr, fwd, billing.Anthropic)
 }

@@ -96,6 +96,8 @@ func TestValidateRefusesBadConfig(t *testing.T) {
 			[]string{"models", "upstream_model_weights"}},
 		{"body_memory below one chunk", config("{env.LLM_TEST_URI}\n\t\tbody_memory 1KiB", "credit_field creditsNew\nmodels "+models),
 			[]string{"body_memory must be at least 65536 bytes"}},
+		{"credential in forward_headers", config("{env.LLM_TEST_URI}", "credit_field creditsNew\nmodels "+models+"\nforward_headers X-Trace-Id X-Litellm-Api-Key"),
+			[]string{"forward_headers", `"X-Litellm-Api-Key" looks like a credential`}},
 		{"unset env for uri", config("{env.LLM_TEST_UNSET_VARIABLE}", "credit_field creditsNew\nmodels "+models),
 			[]string{"mongodb_uri"}},
 		{"missing mongodb_uri", strings.Replace(config("x", "credit_field creditsNew\nmodels "+models), "mongodb_uri x", "database fproxy", 1),

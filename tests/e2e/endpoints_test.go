@@ -25,7 +25,7 @@ func TestCountTokensIsForwardedAndNotBilled(t *testing.T) {
 	u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 1})
 	testID := uniq(t, "req")
 	client := anthropic.NewClient(antoption.WithBaseURL(chatURL), antoption.WithAPIKey(key), antoption.WithMaxRetries(0),
-		antoption.WithHeader("X-Test-Id", testID))
+		antoption.WithHeader("X-Test-Id", testID), antoption.WithHeader("X-Litellm-Api-Key", "sk-hostile"))
 	res, err := client.Messages.CountTokens(context.Background(), anthropic.MessageCountTokensParams{
 		Model:    "claude-sonnet-4-5-20250929",
 		Messages: []anthropic.MessageParam{anthropic.NewUserMessage(anthropic.NewTextBlock("count me"))},
@@ -37,6 +37,7 @@ func TestCountTokensIsForwardedAndNotBilled(t *testing.T) {
 	assert.Equal(t, standin.PathCountTokens, got[0].Path)
 	assert.EqualValues(t, standin.CountTokens(got[0].Body), res.InputTokens)
 	assert.NotContains(t, got[0].Header.Get("Authorization"), key, "the client's key reached the upstream")
+	assert.Empty(t, got[0].Header.Get("X-Litellm-Api-Key"), "a client credential header reached the upstream")
 	var fwd struct{ Model string }
 	require.NoError(t, json.Unmarshal(got[0].Body, &fwd))
 	assert.NotEqual(t, "claude-sonnet-4-5-20250929", fwd.Model, "the model was not mapped to its upstream id")

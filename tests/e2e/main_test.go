@@ -144,6 +144,7 @@ http://127.0.0.1:%[6]d {
 	llm_billing {
 		credit_field creditsNew
 		models %[7]s
+		forward_headers X-Test-Id X-Standin-*
 	}
 	reverse_proxy %[8]s%[14]s
 }
@@ -158,6 +159,7 @@ http://127.0.0.1:%[9]d {
 	llm_billing {
 		credit_field credits refCredits
 		models %[10]s
+		forward_headers X-Test-Id X-Standin-*
 		max_body_size 1MiB
 		client_disconnect stop
 	}
@@ -168,6 +170,7 @@ http://127.0.0.1:%[11]d {
 	llm_billing {
 		credit_field creditsNew
 		models %[7]s
+		forward_headers X-Test-Id X-Standin-*
 	}
 	reverse_proxy 127.0.0.1:%[12]d
 }
@@ -176,6 +179,7 @@ http://127.0.0.1:%[15]d {
 	llm_billing {
 		credit_field creditsNew
 		models %[16]s
+		forward_headers X-Test-Id X-Standin-*
 		allow_roles admin priority
 		price_factor 0.4 {
 			upstream_models glm-4.6* glm4-6*

@@ -68,6 +68,7 @@ func gateway(t *testing.T, st *stack.Stack) (*caddyproc.Proc, string) {
 	llm_billing {
 		credit_field creditsNew
 		models %s
+		forward_headers X-Test-Id X-Standin-*
 	}
 	reverse_proxy %s
 }

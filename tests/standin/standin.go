@@ -58,6 +58,10 @@ const (
 	HeaderCutAfter   = "X-Standin-Cut-After"
 	HeaderEventDelay = "X-Standin-Event-Delay"
 	HeaderUsage      = "X-Standin-Usage"
+	// HeaderGarbage: "html" answers 200 with an HTML page (text/html),
+	// "text" 200 with a non-JSON body labelled application/json: an
+	// upstream (or a proxy in front of it) that breaks the API's contract.
+	HeaderGarbage = "X-Standin-Garbage"
 	// HeaderFixtureUsed is set on every answer replayed from a fixture: the
 	// name of the fixture actually replayed (after any fallback).
 	HeaderFixtureUsed = "X-Standin-Fixture-Used"
@@ -70,6 +74,10 @@ const (
 	// PathCountTokens answers {"input_tokens": n} with n = CountTokens(body),
 	// as Anthropic's token counting endpoint does, after the same key checks.
 	PathCountTokens = "/v1/messages/count_tokens"
+	// PathModels (GET) lists the models; it answers 401 for an unknown key
+	// and the status set with SetKeyStatus when that is 401 or 403, as a
+	// revoked key gets on every route.
+	PathModels = "/v1/models"
 )
 
 // StatusBudget is the X-Standin-Status (and SetKeyStatus) value that
@@ -262,6 +270,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	var api string
 	switch {
+	case r.Method == http.MethodGet && r.URL.Path == PathModels:
+		s.serveModels(w, r)
+		return
 	case r.Method == http.MethodPost && (r.URL.Path == PathMessages || r.URL.Path == PathCountTokens):
 		api = fixtures.Anthropic
 	case r.Method == http.MethodPost && r.URL.Path == PathChatCompletions:
@@ -300,6 +311,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	if r.URL.Path == PathCountTokens {
 		countTokens(w, body)
+		return
+	}
+	switch r.Header.Get(HeaderGarbage) {
+	case "html":
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, "<html><head><title>Welcome</title></head><body><h1>It works!</h1></body></html>\n")
+		return
+	case "text":
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, "upstream says hello, this is not JSON\n")
 		return
 	}
 
@@ -502,8 +525,31 @@ func (s *Server) stream(w http.ResponseWriter, ctx context.Context, fx *fixtures
 	}
 }
 
-// bearer returns the key of "Authorization: Bearer <key>", else x-api-key.
+// serveModels answers GET /v1/models: the key's authentication, nothing else.
+func (s *Server) serveModels(w http.ResponseWriter, r *http.Request) {
+	key := bearer(r)
+	s.mu.Lock()
+	ok := key != "" && s.keys[key]
+	st := s.keyStatus[key]
+	s.mu.Unlock()
+	switch {
+	case !ok:
+		writeAuthError(w, key)
+	case st == "401" || st == "403":
+		writeStatus(w, fixtures.OpenAI, st, key)
+	default:
+		writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": []map[string]any{
+			{"id": "claude-sonnet-4-5", "object": "model", "created": 1677610602, "owned_by": "openai"}}})
+	}
+}
+
+// bearer returns the key LiteLLM authenticates a request with: the
+// x-litellm-api-key header first (LiteLLM reads it before Authorization),
+// then "Authorization: Bearer <key>", else x-api-key.
 func bearer(r *http.Request) string {
+	if k := strings.TrimSpace(r.Header.Get("X-Litellm-Api-Key")); k != "" {
+		return strings.TrimPrefix(k, "Bearer ")
+	}
 	if a := r.Header.Get("Authorization"); a != "" {
 		if k, ok := cutPrefixFold(a, "Bearer "); ok {
 			return strings.TrimSpace(k)

@@ -78,6 +78,7 @@ http://localhost:%d {
 	llm_billing {
 		credit_field creditsNew
 		models %s
+		forward_headers X-Test-Id X-Standin-*
 	}
 	reverse_proxy %s
 }
@@ -87,6 +88,7 @@ http://localhost:%d {
 	llm_billing {
 		credit_field credits refCredits
 		models %s
+		forward_headers X-Test-Id X-Standin-*
 	}
 	reverse_proxy %s
 }
