@@ -231,7 +231,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	info, err := billing.ReadRequest(body)
+	var rerr *billing.RequestError
 	switch {
+	case errors.As(err, &rerr):
+		errBadRequest(rerr.Error()).write(w, api)
+		return nil
 	case errors.Is(err, billing.ErrInvalidJSON):
 		errInvalidJSON.write(w, api)
 		return nil
@@ -255,11 +259,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	upstreamModel := model.PickUpstream(rand.Uint64())
-	fwd, err := billing.RewriteRequest(api, body, info, upstreamModel)
-	if err != nil {
-		errInvalidJSON.write(w, api)
-		return nil
-	}
 
 	done, ok := eng.begin()
 	if !ok {
@@ -267,10 +266,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	reqID, masked := requestID(r), billing.MaskKey(key)
-	hold, aerr := h.reserve(r.Context(), api, reqID, p, model, masked, int64(len(body)), info.MaxTokens)
+	hold, maxTokens, aerr := h.reserve(r.Context(), api, reqID, p, model, masked, int64(len(body)), info)
 	if aerr != nil {
 		done()
 		aerr.write(w, api)
+		return nil
+	}
+	// Reserved first, so that the forwarded max_tokens is what the hold pays for.
+	fwd, err := billing.RewriteRequest(api, body, info, upstreamModel, maxTokens)
+	if err != nil {
+		eng.submit(&settlement{Hold: hold, logger: h.logger}) // gives the hold back
+		done()
+		errInvalidJSON.write(w, api)
 		return nil
 	}
 	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
@@ -279,7 +286,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	m := newMeter(w, api)
 	m.onStart = startRefresh
 	pr := &proxied{start: start, principal: p, key: key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
-		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body)}
+		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body), maxTokens: maxTokens}
 	if h.ClientDisconnect != DisconnectStop {
 		// drain: the upstream request outlives the client, for at most
 		// DrainTimeout, so that the usage it reports can be billed.
@@ -316,26 +323,40 @@ type proxied struct {
 	model         *billing.Model
 	upstreamModel string
 	bodyLen       int
+	maxTokens     int64             // the forwarded output cap; -1 when not capped (hold check)
 	attempts      []billing.Attempt // every upstream attempt, the answered one last
 }
 
-// reserve takes the request's hold, sized by h.Hold (see Handler.Hold).
-func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, bodyLen, maxTokens int64) (billing.Hold, *apiError) {
+// reserve takes the request's hold, sized by h.Hold (see Handler.Hold), and
+// returns the max_tokens to forward: what the hold pays for after the
+// input bound (billing.HoldTerms), or -1 (leave the body's as it is) under
+// hold check.
+func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, bodyLen int64, info billing.RequestInfo) (billing.Hold, int64, *apiError) {
 	eng := h.eng
 	if eng.backlogged() {
 		h.logger.Error("refusing requests: settlements are waiting for the database", zap.Int("pending", eng.pendingRetries()))
-		return billing.Hold{}, errUnavailable
+		return billing.Hold{}, 0, errUnavailable
 	}
-	in := billing.Usage{Input: billing.EstimateTokens(bodyLen)}
-	inputCost := model.Price.Cost(in)
-	if maxTokens <= 0 {
-		maxTokens = h.DefaultMaxTokens
-	}
-	in.Output = maxTokens
-	want, need := model.Price.Cost(in), inputCost
+	terms := billing.HoldTerms(model, bodyLen, info.MaxTokens, h.DefaultMaxTokens)
+	want, need := terms.Want, terms.Input
 	if h.Hold == HoldCheck {
 		want, need = 0, 0
 	}
+	hold, aerr := h.take(ctx, api, reqID, p, model, masked, want, need, terms.Input)
+	if aerr != nil || h.Hold == HoldCheck {
+		return hold, -1, aerr
+	}
+	maxTokens := terms.Cap(model, hold.Amount(), info.ThinkingBudget)
+	if maxTokens < 1 {
+		eng.submit(&settlement{Hold: hold, logger: h.logger}) // gives the hold back
+		return billing.Hold{}, 0, errInsufficient(api, h.plan, hold.Amount())
+	}
+	return hold, maxTokens, nil
+}
+
+// take reserves want (at least need) from the user's pool.
+func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, want, need, inputCost billing.Nano) (billing.Hold, *apiError) {
+	eng := h.eng
 	now := time.Now()
 	req := billing.HoldRequest{
 		RequestID: reqID, User: p.User, Plan: h.plan, Want: want, Min: need, Input: inputCost,
@@ -440,6 +461,13 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 		}
 	}
 	cost := model.Price.Cost(u)
+	if pr.maxTokens >= 0 && u.Output > pr.maxTokens && source != "estimated" {
+		// The hold pays for the forwarded max_tokens only: what it cannot
+		// cover is recorded as shortfall when the settlement is applied.
+		h.logger.Warn("upstream broke its contract: more output than the forwarded max_tokens",
+			zap.String("request_id", pr.reqID), zap.Int64("max_tokens", pr.maxTokens), zap.Int64("output_tokens", u.Output),
+			zap.String("cost", cost.String()), zap.String("hold", pr.hold.Amount().String()))
+	}
 	weighted := model.Price.WeightedTokens(u)
 	now := time.Now()
 	trollKey := ""
