@@ -1,6 +1,7 @@
 package billing
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"strconv"
@@ -77,7 +78,10 @@ func ReadRequest(body []byte) (RequestInfo, error) {
 	if !root.IsObject() {
 		return RequestInfo{}, ErrInvalidJSON
 	}
-	info := RequestInfo{end: root.Index + len(root.Raw) - 1}
+	// gjson leaves Index 0 for a root with leading space: set it, so that
+	// every value's Index is its offset in body.
+	root.Index = len(body) - len(bytes.TrimLeft(body, " \t\r\n"))
+	info := RequestInfo{end: bytes.LastIndexByte(body, '}')} // only space may follow it
 	var seen [len(topFields)]bool
 	var err error
 	root.ForEach(func(k, v gjson.Result) bool {
