@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"unicode/utf8"
 
 	"github.com/tidwall/gjson"
 )
@@ -230,7 +231,7 @@ func RewriteRequest(api API, body []byte, info RequestInfo, upstreamModel string
 	e := edits[:0]
 	var add []byte // members to insert at the end of the root object
 	if upstreamModel != info.Model {
-		q := strconv.AppendQuote(nil, upstreamModel)
+		q := appendJSONString(nil, upstreamModel)
 		if info.model.end > 0 {
 			e = append(e, edit{info.model, q})
 		} else {
@@ -317,4 +318,33 @@ func apply(body []byte, e []edit) []byte {
 		last = x.end
 	}
 	return append(out, body[last:]...)
+}
+
+// ForwardedSize bounds the size of what RewriteRequest makes of a body of n
+// bytes for upstreamModel with a cap of at most MaxRequestTokens: the
+// upstream counts its input tokens on that, not on the client's body.
+func ForwardedSize(n int, upstreamModel string) int64 {
+	return int64(n) + 6*int64(len(upstreamModel)) + 2 + rewriteGrowth
+}
+
+// rewriteGrowth is the most RewriteRequest adds besides the model's value.
+const rewriteGrowth = int64(len(`,"model":`) + len(`,"stream_options":{"include_usage":true}`) + len(`,"max_tokens":1073741824`))
+
+// appendJSONString appends s as a JSON string: quotes, backslashes and
+// control characters escaped, invalid UTF-8 replaced by U+FFFD, as
+// encoding/json writes it.
+func appendJSONString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	for _, r := range s { // ranging replaces invalid UTF-8 with U+FFFD
+		switch {
+		case r == '"' || r == '\\':
+			b = append(b, '\\', byte(r))
+		case r < 0x20:
+			b = append(b, '\\', 'u', '0', '0', hex[r>>4], hex[r&0xf])
+		default:
+			b = utf8.AppendRune(b, r)
+		}
+	}
+	return append(b, '"')
 }

@@ -67,8 +67,11 @@ func FuzzReadRequest(f *testing.F) {
 		if !json.Valid(out) {
 			t.Fatalf("%s -> invalid %s", body, out)
 		}
+		if maxTokens <= MaxRequestTokens && int64(len(out)) > ForwardedSize(len(body), model) {
+			t.Fatalf("%s -> %s: longer than ForwardedSize", body, out)
+		}
 		w := decode(t, out)
-		if w["model"] != model {
+		if m, _ := json.Marshal(model); w["model"] != decodeString(m) {
 			t.Fatalf("%s -> %s: model is not %q", body, out, model)
 		}
 		if maxTokens >= 0 {
@@ -137,4 +140,10 @@ func FuzzRewriteRequest(f *testing.F) {
 			t.Fatalf("%s -> %s: more than the owned values changed", body, out)
 		}
 	})
+}
+
+func decodeString(b []byte) string {
+	var s string
+	_ = json.Unmarshal(b, &s)
+	return s
 }

@@ -266,7 +266,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	reqID, masked := requestID(r), billing.MaskKey(key)
-	hold, maxTokens, aerr := h.reserve(r.Context(), api, reqID, p, model, masked, int64(len(body)), info)
+	hold, maxTokens, aerr := h.reserve(r.Context(), api, reqID, p, model, masked, billing.ForwardedSize(len(body), upstreamModel), info)
 	if aerr != nil {
 		done()
 		aerr.write(w, api)
@@ -329,15 +329,15 @@ type proxied struct {
 
 // reserve takes the request's hold, sized by h.Hold (see Handler.Hold), and
 // returns the max_tokens to forward: what the hold pays for after the
-// input bound (billing.HoldTerms), or -1 (leave the body's as it is) under
+// input bound of a forwarded body of size bytes (billing.HoldTerms), or -1 (leave the body's as it is) under
 // hold check.
-func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, bodyLen int64, info billing.RequestInfo) (billing.Hold, int64, *apiError) {
+func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, size int64, info billing.RequestInfo) (billing.Hold, int64, *apiError) {
 	eng := h.eng
 	if eng.backlogged() {
 		h.logger.Error("refusing requests: settlements are waiting for the database", zap.Int("pending", eng.pendingRetries()))
 		return billing.Hold{}, 0, errUnavailable
 	}
-	terms := billing.HoldTerms(model, bodyLen, info.MaxTokens, h.DefaultMaxTokens)
+	terms := billing.HoldTerms(model, size, info.MaxTokens, h.DefaultMaxTokens)
 	want, need := terms.Want, terms.Input
 	if h.Hold == HoldCheck {
 		want, need = 0, 0

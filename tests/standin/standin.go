@@ -16,6 +16,9 @@
 //   - X-Standin-Cut-After: <n> cuts the connection after n events of a
 //     stream (or n bytes of a non-stream body), without a clean end.
 //   - X-Standin-Event-Delay: <duration> overrides Options.EventDelay.
+//   - X-Standin-Usage: most|over answers a non-streaming Anthropic request
+//     with the most usage a compliant upstream may report, or more output
+//     than max_tokens (see HeaderUsage).
 //
 // and, for when headers cannot be used, with [Server.SetKeyStatus] (an
 // upstream key that fails) and [Server.SetDefaultFixture].
@@ -48,6 +51,12 @@ const (
 	HeaderStatus     = "X-Standin-Status"
 	HeaderCutAfter   = "X-Standin-Cut-After"
 	HeaderEventDelay = "X-Standin-Event-Delay"
+	// HeaderUsage: "most" answers a non-streaming Anthropic request with
+	// a minimal message whose usage is the most a compliant upstream may
+	// report: one input token per byte of the request body, and the
+	// request's max_tokens of output. "over" reports 100 more output tokens
+	// than max_tokens (an upstream that breaks its contract).
+	HeaderUsage = "X-Standin-Usage"
 	// HeaderFixtureUsed is set on every answer replayed from a fixture: the
 	// name of the fixture actually replayed (after any fallback).
 	HeaderFixtureUsed = "X-Standin-Fixture-Used"
@@ -286,8 +295,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	var req struct {
-		Model         any `json:"model"`
-		Stream        any `json:"stream"`
+		Model         any   `json:"model"`
+		Stream        any   `json:"stream"`
+		MaxTokens     int64 `json:"max_tokens"`
 		StreamOptions *struct {
 			IncludeUsage any `json:"include_usage"`
 		} `json:"stream_options"`
@@ -298,6 +308,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if m, ok := req.Model.(string); !ok || m == "" {
 		writeLiteLLMError(w, http.StatusBadRequest, "Invalid model name passed in model=None. Call `/v1/models` to view available models for your key.", "invalid_request_error")
+		return
+	}
+	if u := r.Header.Get(HeaderUsage); u != "" && api == fixtures.Anthropic {
+		out := req.MaxTokens
+		if u == "over" {
+			out += 100
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"id": "msg_standin", "type": "message", "role": "assistant", "model": req.Model,
+			"content": []any{map[string]any{"type": "text", "text": "ok"}}, "stop_reason": "max_tokens",
+			"usage": map[string]any{"input_tokens": len(body), "output_tokens": out}})
 		return
 	}
 	stream := req.Stream == true
