@@ -297,7 +297,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Model         any   `json:"model"`
 		Stream        any   `json:"stream"`
-		MaxTokens     int64 `json:"max_tokens"`
+		MaxTokens     any   `json:"max_tokens"`
 		StreamOptions *struct {
 			IncludeUsage any `json:"include_usage"`
 		} `json:"stream_options"`
@@ -311,7 +311,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if u := r.Header.Get(HeaderUsage); u != "" && api == fixtures.Anthropic {
-		out := req.MaxTokens
+		n, _ := req.MaxTokens.(float64)
+		out := int64(n)
 		if u == "over" {
 			out += 100
 		}
