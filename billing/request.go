@@ -44,7 +44,7 @@ type RequestInfo struct {
 	ThinkingBudget int64
 
 	model, maxTok, maxCompl, streamOpt, usage span // value positions; at == 0 when absent
-	end                                       int  // position of the root object's closing brace
+	start, end                                int  // positions of the root object's braces
 }
 
 // fieldKind is the JSON type a guarded field must have.
@@ -82,7 +82,7 @@ func ReadRequest(body []byte) (RequestInfo, error) {
 	// gjson leaves Index 0 for a root with leading space: set it, so that
 	// every value's Index is its offset in body.
 	root.Index = len(body) - len(bytes.TrimLeft(body, " \t\r\n"))
-	info := RequestInfo{end: bytes.LastIndexByte(body, '}')} // only space may follow it
+	info := RequestInfo{start: root.Index, end: bytes.LastIndexByte(body, '}')} // only space may follow it
 	var seen [len(topFields)]bool
 	var err error
 	root.ForEach(func(k, v gjson.Result) bool {
@@ -255,7 +255,7 @@ func RewriteRequest(api API, body []byte, info RequestInfo, upstreamModel string
 		e, add = capTokens(e, add, body, info, maxTokens)
 	}
 	if len(add) > 0 {
-		e = append(e, edit{span{info.end, info.end}, members(body, span{1, info.end}, add)})
+		e = append(e, edit{span{info.end, info.end}, members(body, span{info.start + 1, info.end}, add)})
 	}
 	if len(e) == 0 {
 		return body, nil

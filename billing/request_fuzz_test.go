@@ -71,7 +71,8 @@ func FuzzReadRequest(f *testing.F) {
 			t.Fatalf("%s -> %s: longer than ForwardedSize", body, out)
 		}
 		w := decode(t, out)
-		if m, _ := json.Marshal(model); w["model"] != decodeString(m) {
+		// A body without a model keeps none when the new one is "" too.
+		if m, _ := json.Marshal(model); w["model"] != decodeString(m) && (model != "" || w["model"] != nil) {
 			t.Fatalf("%s -> %s: model is not %q", body, out, model)
 		}
 		if maxTokens >= 0 {

@@ -112,6 +112,7 @@ func TestRewriteRequestKeepsEveryOtherByte(t *testing.T) {
 		{OpenAI, `{"model":"m","max_tokens":null}`, 10, `{"model":"glm-4.6","max_tokens":10}`},
 		{OpenAI, `{"model":"m","stream":true}`, 10, `{"model":"glm-4.6","stream":true,"stream_options":{"include_usage":true},"max_tokens":10}`},
 		{OpenAI, "{\n}", 10, "{\n\"model\":\"glm-4.6\",\"max_tokens\":10}"},
+		{OpenAI, " {} ", 10, ` {"model":"glm-4.6","max_tokens":10} `},
 	}
 	for _, tt := range tests {
 		in := []byte(tt.in)

@@ -141,4 +141,3 @@ func TestMaxTokensLoweredToTheHold(t *testing.T) {
 		})
 	}
 }
-

@@ -295,9 +295,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	var req struct {
-		Model         any   `json:"model"`
-		Stream        any   `json:"stream"`
-		MaxTokens     any   `json:"max_tokens"`
+		Model         any `json:"model"`
+		Stream        any `json:"stream"`
+		MaxTokens     any `json:"max_tokens"`
 		StreamOptions *struct {
 			IncludeUsage any `json:"include_usage"`
 		} `json:"stream_options"`
