@@ -53,12 +53,19 @@ type Handler struct {
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
 	// Hold is how much credit is reserved before a request is forwarded:
-	// "worst_case" (the default) reserves the cost of the estimated input
-	// plus max_tokens of output, or what the pool has when that is less,
-	// and refuses a pool that cannot pay the estimated input; "check"
-	// reserves nothing and only requires a positive balance, as the legacy
-	// proxy did (concurrent requests can then spend past the balance; the
-	// excess is recorded as shortfall).
+	// "worst_case" (the default) reserves the cost of an upper bound of the
+	// input (one token per byte of the forwarded body, at most the model's
+	// context window, at the highest input price) plus max_tokens of
+	// output, or what the pool has when that is less, and then lowers the
+	// forwarded max_tokens to what the hold pays for (see
+	// billing.HoldTerms): a request costs no more than its hold unless the
+	// upstream returns more than max_tokens, which is logged (WARN) and
+	// recorded as shortfall. A pool that cannot pay the input bound and one
+	// output token (or, with Anthropic extended thinking, more output than
+	// thinking.budget_tokens) is refused with a 402. "check" reserves
+	// nothing, leaves max_tokens as sent and only requires a positive
+	// balance, as the legacy proxy did (concurrent requests can then spend
+	// past the balance; the excess is recorded as shortfall).
 	Hold string `json:"hold,omitempty"`
 
 	// DefaultMaxTokens is the output size a hold assumes when the request
