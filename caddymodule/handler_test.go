@@ -45,9 +45,9 @@ type fakeStore struct {
 	// without a cost.
 	lostHolds int
 	// balance, when positive, caps every hold, as a pool holding that much.
-	balance billing.Nano
-	held    map[string]billing.Hold
-	released  []string
+	balance  billing.Nano
+	held     map[string]billing.Hold
+	released []string
 }
 
 type usageTry struct {
