@@ -72,7 +72,9 @@ var topFields = [...]struct {
 // Any of them repeated at its level or wrongly typed is a *RequestError;
 // null counts as absent for stream_options. Other fields are not looked at.
 func ReadRequest(body []byte) (RequestInfo, error) {
-	if !gjson.ValidBytes(body) {
+	// JSON text is UTF-8 (RFC 8259): a body that is not is refused, so
+	// that every reader downstream sees the same strings.
+	if !gjson.ValidBytes(body) || !utf8.Valid(body) {
 		return RequestInfo{}, ErrInvalidJSON
 	}
 	root := gjson.ParseBytes(body)

@@ -78,7 +78,7 @@ func TestReadRequestRefusesDuplicatesAndWrongTypes(t *testing.T) {
 			assert.Contains(t, err.Error(), `"`+tt.field+`" `+tt.problem, tt.body)
 		}
 	}
-	for _, body := range []string{`{"model":"m",`, `["model"]`, ``, `"x"`, `{"a":1}x`} {
+	for _, body := range []string{`{"model":"m",`, `["model"]`, ``, `"x"`, `{"a":1}x`, "{\"model\":\"\xa5\"}"} {
 		_, err := ReadRequest([]byte(body))
 		assert.ErrorIs(t, err, ErrInvalidJSON, body)
 	}
