@@ -69,14 +69,15 @@ func (t Terms) Affordable(m *Model, amount Nano) int64 {
 // Cap returns the max_tokens to forward with a hold of amount, or 0 when
 // the request must be refused because the hold cannot pay for it: the hold
 // does not pay for one output token after the input bound, or, for
-// Anthropic extended thinking (thinkingBudget > 0), it does not pay for
-// more output than the thinking budget. Anthropic requires budget_tokens <
-// max_tokens; lowering the budget as well would change what the client
-// asked for behind its back, so such a request is refused instead (the
-// client can ask again with a smaller budget).
+// Anthropic extended thinking (thinkingBudget > 0), the cap had to be
+// lowered to no more than the thinking budget. Anthropic requires
+// budget_tokens < max_tokens; lowering the budget as well would change what
+// the client asked for behind its back, so such a request is refused
+// instead (the client can ask again with a smaller budget). A client's own
+// max_tokens at or below its budget is left for the upstream to refuse.
 func (t Terms) Cap(m *Model, amount Nano, thinkingBudget int64) int64 {
 	c := t.Affordable(m, amount)
-	if c < 1 || thinkingBudget > 0 && c <= thinkingBudget {
+	if c < 1 || thinkingBudget > 0 && c < t.MaxTokens && c <= thinkingBudget {
 		return 0
 	}
 	return c

@@ -45,6 +45,7 @@ func TestAffordableAndCap(t *testing.T) {
 	assert.Equal(t, int64(4096), tm.Cap(m, tm.Want, 2048))
 	assert.Equal(t, int64(0), tm.Cap(m, tm.Input+15_300*2048, 2048), "the cap must stay above the thinking budget")
 	assert.Equal(t, int64(2049), tm.Cap(m, tm.Input+15_300*2049, 2048))
+	assert.Equal(t, int64(4096), tm.Cap(m, tm.Want, 8000), "a budget above the client's own max_tokens is the upstream's to refuse")
 	// A free output price affords everything asked.
 	free := &Model{Price: Price{Input: 1, Multiplier: 1_000_000}, ContextWindow: 10}
 	ft := HoldTerms(free, 5, 7, 7)
