@@ -336,8 +336,8 @@ type proxied struct {
 
 // reserve takes the request's hold, sized by h.Hold (see Handler.Hold), and
 // returns the max_tokens to forward: what the hold pays for after the
-// input bound of a forwarded body of size bytes (billing.HoldTerms), or -1 (leave the body's as it is) under
-// hold check.
+// input bound of a forwarded body of size bytes (billing.HoldTerms), or -1
+// (leave the body's as it is) under hold check.
 func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, size int64, info billing.RequestInfo) (billing.Hold, int64, *apiError) {
 	eng := h.eng
 	if eng.backlogged() {
@@ -349,7 +349,10 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p 
 	if h.Hold == HoldCheck {
 		want, need = 0, 0
 	}
-	hold, aerr := h.take(ctx, api, reqID, p, model, masked, want, need, terms.Input)
+	// An orphaned hold is still charged the estimated input (charge_input),
+	// not the bound.
+	estimate := model.Price.Cost(billing.Usage{Input: billing.EstimateTokens(size)})
+	hold, aerr := h.take(ctx, api, reqID, p, model, masked, want, need, estimate)
 	if aerr != nil || h.Hold == HoldCheck {
 		return hold, -1, aerr
 	}
