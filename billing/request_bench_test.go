@@ -10,7 +10,7 @@ func BenchmarkRewriteRequest(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if _, err := RewriteRequest(OpenAI, body, info, "glm-4.6"); err != nil {
+		if _, err := RewriteRequest(OpenAI, body, info, "glm-4.6", 1024); err != nil {
 			b.Fatal(err)
 		}
 	}

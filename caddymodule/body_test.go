@@ -210,7 +210,7 @@ func TestHandlerPrecheckBeforeBody(t *testing.T) {
 	fs.broke.Store(false) // the user tops up
 	for i := 0; i < 2; i++ {
 		rec = httptest.NewRecorder()
-		require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), upstream(false, 0)))
+		require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, fs.key, jsonBody), upstream(false, 0)))
 		require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
 	}
 	assert.Equal(t, int64(2), fs.balanceReads.Load(), "the fresh balance is kept with the key")

@@ -52,12 +52,19 @@ type Handler struct {
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
 	// Hold is how much credit is reserved before a request is forwarded:
-	// "worst_case" (the default) reserves the cost of the estimated input
-	// plus max_tokens of output, or what the pool has when that is less,
-	// and refuses a pool that cannot pay the estimated input; "check"
-	// reserves nothing and only requires a positive balance, as the legacy
-	// proxy did (concurrent requests can then spend past the balance; the
-	// excess is recorded as shortfall).
+	// "worst_case" (the default) reserves the cost of an upper bound of the
+	// input (one token per byte of the forwarded body, at most the model's
+	// context window, at the highest input price) plus max_tokens of
+	// output, or what the pool has when that is less, and then lowers the
+	// forwarded max_tokens to what the hold pays for (see
+	// billing.HoldTerms): a request costs no more than its hold unless the
+	// upstream returns more than max_tokens, which is logged (WARN) and
+	// recorded as shortfall. A pool that cannot pay the input bound and one
+	// output token (or, with Anthropic extended thinking, more output than
+	// thinking.budget_tokens) is refused with a 402. "check" reserves
+	// nothing, leaves max_tokens as sent and only requires a positive
+	// balance, as the legacy proxy did (concurrent requests can then spend
+	// past the balance; the excess is recorded as shortfall).
 	Hold string `json:"hold,omitempty"`
 
 	// DefaultMaxTokens is the output size a hold assumes when the request
@@ -279,7 +286,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	info, err := billing.ReadRequest(body)
+	var rerr *billing.RequestError
 	switch {
+	case errors.As(err, &rerr):
+		errBadRequest(rerr.Error()).write(w, api)
+		return nil
 	case errors.Is(err, billing.ErrInvalidJSON):
 		errInvalidJSON.write(w, api)
 		return nil
@@ -304,13 +315,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	upstreamModel := model.PickUpstream(rand.Uint64())
 	model = h.PriceFactor.apply(model, upstreamModel) // the price this request is held and billed at
-	fwd, err := billing.RewriteRequest(api, body, info, upstreamModel)
-	if err != nil {
-		errInvalidJSON.write(w, api)
-		return nil
-	}
-
 	if ep == epCountTokens {
+		fwd, err := billing.RewriteRequest(api, body, info, upstreamModel, -1)
+		if err != nil {
+			errInvalidJSON.write(w, api)
+			return nil
+		}
 		return h.countTokens(w, r, next, upKey, fwd)
 	}
 
@@ -320,10 +330,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	reqID, masked := requestID(r), billing.MaskKey(key)
-	hold, aerr := h.reserve(r.Context(), api, reqID, p, model, masked, int64(len(body)), info.MaxTokens)
+	hold, maxTokens, aerr := h.reserve(r.Context(), api, reqID, p, model, masked, billing.ForwardedSize(len(body), upstreamModel), info)
 	if aerr != nil {
 		done()
 		aerr.write(w, api)
+		return nil
+	}
+	// Reserved first, so that the forwarded max_tokens is what the hold pays for.
+	fwd, err := billing.RewriteRequest(api, body, info, upstreamModel, maxTokens)
+	if err != nil {
+		eng.submit(&settlement{Hold: hold, logger: h.logger}) // gives the hold back
+		done()
+		errInvalidJSON.write(w, api)
 		return nil
 	}
 	// Only allowed headers go upstream: the pool key is the only credential.
@@ -334,7 +352,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	m := newMeter(w, api)
 	m.onStart = startRefresh
 	pr := &proxied{start: start, principal: p, key: key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
-		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body), expect: expectJSON, maxTokens: info.MaxTokens}
+		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body), expect: expectJSON,
+		maxTokens: maxTokens, askedTokens: info.MaxTokens}
 	if info.Stream {
 		pr.expect = expectSSE
 	}
@@ -374,28 +393,45 @@ type proxied struct {
 	model         *billing.Model
 	upstreamModel string
 	bodyLen       int
-	maxTokens     int64             // the request's max_tokens, 0 when it sets none
+	maxTokens     int64             // the forwarded output cap; -1 when not capped (hold check)
+	askedTokens   int64             // the request's own max_tokens, 0 when it sets none
 	attempts      []billing.Attempt // every upstream attempt, the answered one last
 	expect        int               // what a success must be: expectJSON or expectSSE
 }
 
-// reserve takes the request's hold, sized by h.Hold (see Handler.Hold).
-func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, bodyLen, maxTokens int64) (billing.Hold, *apiError) {
+// reserve takes the request's hold, sized by h.Hold (see Handler.Hold), and
+// returns the max_tokens to forward: what the hold pays for after the
+// input bound of a forwarded body of size bytes (billing.HoldTerms), or -1
+// (leave the body's as it is) under hold check.
+func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, size int64, info billing.RequestInfo) (billing.Hold, int64, *apiError) {
 	eng := h.eng
 	if eng.backlogged() {
 		h.logger.Error("refusing requests: settlements are waiting for the database", zap.Int("pending", eng.pendingRetries()))
-		return billing.Hold{}, errUnavailable
+		return billing.Hold{}, 0, errUnavailable
 	}
-	in := billing.Usage{Input: billing.EstimateTokens(bodyLen)}
-	inputCost := model.Price.Cost(in)
-	if maxTokens <= 0 {
-		maxTokens = h.DefaultMaxTokens
-	}
-	in.Output = maxTokens
-	want, need := model.Price.Cost(in), inputCost
+	terms := billing.HoldTerms(model, size, info.MaxTokens, h.DefaultMaxTokens)
+	want, need := terms.Want, terms.Input
 	if h.Hold == HoldCheck {
 		want, need = 0, 0
 	}
+	// An orphaned hold is still charged the estimated input (charge_input),
+	// not the bound.
+	estimate := model.Price.Cost(billing.Usage{Input: billing.EstimateTokens(size)})
+	hold, aerr := h.take(ctx, api, reqID, p, model, masked, want, need, estimate)
+	if aerr != nil || h.Hold == HoldCheck {
+		return hold, -1, aerr
+	}
+	maxTokens := terms.Cap(model, hold.Amount(), info.ThinkingBudget)
+	if maxTokens < 1 {
+		eng.submit(&settlement{Hold: hold, logger: h.logger}) // gives the hold back
+		return billing.Hold{}, 0, errInsufficient(api, h.plan, hold.Amount())
+	}
+	return hold, maxTokens, nil
+}
+
+// take reserves want (at least need) from the user's pool.
+func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, want, need, inputCost billing.Nano) (billing.Hold, *apiError) {
+	eng := h.eng
 	now := time.Now()
 	req := billing.HoldRequest{
 		RequestID: reqID, User: p.User, Plan: h.plan, Want: want, Min: need, Input: inputCost,
@@ -453,6 +489,7 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 	ms := h.measure(m, pr, pr.client.Err() != nil || m.gone.Load())
 	cost, u := h.charge(&ms, pr)
 	source, end := ms.source, ms.end
+	h.checkCap(pr, source, u, cost)
 	u = u.Clamped() // what one request may add to the token counters
 	weighted := billing.ClampTokens(model.Price.WeightedTokens(u))
 	now := time.Now()

@@ -47,8 +47,10 @@ type fakeStore struct {
 	// holds, until they are settled, and released the request ids settled
 	// without a cost.
 	lostHolds int
-	held      map[string]billing.Hold
-	released  []string
+	// balance, when positive, caps every hold, as a pool holding that much.
+	balance  billing.Nano
+	held     map[string]billing.Hold
+	released []string
 }
 
 type usageTry struct {
@@ -89,7 +91,11 @@ func (f *fakeStore) Reserve(_ context.Context, r billing.HoldRequest) (billing.H
 	if h, ok := f.held[r.RequestID]; ok {
 		return h, nil // idempotent, as the real store
 	}
-	h := billing.Hold{RequestID: r.RequestID, User: r.User, Plan: r.Plan, Taken: []billing.Nano{r.Want},
+	amount := r.Want
+	if f.balance > 0 {
+		amount = min(amount, f.balance)
+	}
+	h := billing.Hold{RequestID: r.RequestID, User: r.User, Plan: r.Plan, Taken: []billing.Nano{amount},
 		Input: r.Input, Owner: r.Owner, At: r.At, Expires: r.Expires, LogID: r.LogID}
 	if f.lostHolds > 0 {
 		f.lostHolds--

@@ -35,13 +35,13 @@ const problemCutBeforeUsage = "cut_before_usage"
 
 // usageProblems counts the answers whose usage could not be billed as
 // reported, by pool (the credit plan, e.g. "credits+refCredits") and
-// problem (billing.UsageProblem's names, and cut_before_usage): a fixed,
+// problem (billing.UsageProblem's names, cut_before_usage and output_over_cap): a fixed,
 // small set of labels. Process-wide like dbDuration, so it survives reloads.
 var usageProblems = prometheus.NewCounterVec(prometheus.CounterOpts{
 	Namespace: "caddy",
 	Subsystem: "llm_billing",
 	Name:      "usage_problems_total",
-	Help:      "Answers whose upstream usage could not be billed as reported, by pool and problem (missing_usage, missing_field, negative, not_a_number, not_an_integer, beyond_context_window, cache_exceeds_whole, cut_before_usage).",
+	Help:      "Answers whose upstream usage could not be billed as reported, by pool and problem (missing_usage, missing_field, negative, not_a_number, not_an_integer, beyond_context_window, cache_exceeds_whole, cut_before_usage, output_over_cap).",
 }, []string{"pool", "problem"})
 
 // measured is what a 2xx answer is billed for.
@@ -164,6 +164,9 @@ func (h *Handler) charge(r *measured, pr *proxied) (billing.Nano, billing.Usage)
 // DefaultMaxTokens) of output, each at most the model's context window.
 func (h *Handler) boundUsage(pr *proxied) billing.Usage {
 	out := pr.maxTokens
+	if out < 0 { // hold check: nothing was capped
+		out = pr.askedTokens
+	}
 	if out <= 0 {
 		out = h.DefaultMaxTokens
 	}
@@ -172,4 +175,20 @@ func (h *Handler) boundUsage(pr *proxied) billing.Usage {
 		w = billing.DefaultContextWindow
 	}
 	return billing.Usage{Input: min(int64(pr.bodyLen), w), Output: min(out, w)}
+}
+
+// problemOverCap counts answers that report more output than the forwarded
+// max_tokens: the upstream broke its contract, and what the hold cannot
+// pay is recorded as shortfall when the settlement is applied.
+const problemOverCap = "output_over_cap"
+
+// checkCap flags and counts a reported output above the forwarded cap.
+func (h *Handler) checkCap(pr *proxied, source string, u billing.Usage, cost billing.Nano) {
+	if pr.maxTokens < 0 || u.Output <= pr.maxTokens || source != sourceUpstream && source != sourcePartial {
+		return
+	}
+	usageProblems.WithLabelValues(h.plan.String(), problemOverCap).Inc()
+	h.logger.Warn("upstream broke its contract: more output than the forwarded max_tokens",
+		zap.String("request_id", pr.reqID), zap.Int64("max_tokens", pr.maxTokens), zap.Int64("output_tokens", u.Output),
+		zap.String("cost", cost.String()), zap.String("hold", pr.hold.Amount().String()))
 }

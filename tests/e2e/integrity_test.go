@@ -163,12 +163,16 @@ func TestConcurrentStreamsNeverOverspend(t *testing.T) {
 // next request comes while the last one's settlement is still queued: its
 // hold waits for that settlement to give back the unused part instead of
 // being refused, so the balance serves exactly as many requests as it can
-// pay for, then 402.
+// pay for, then 402. The balance is five requests' cost plus one nano less
+// than the least a request needs (its input bound and one output token):
+// five are served, and what is left cannot pay for a sixth.
 func TestSequentialRequestsUseWhatTheLastGaveBack(t *testing.T) {
 	prices := loadPrices(t, "models-chat.json")
 	c := call{"", "anthropic", true, "ant-text"}
 	cost := prices["claude-sonnet-4-5"].cost(c.expected())
-	u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 5 * cost})
+	rest := leastAdmitted(t, antStream(32000)) - 1
+	start := billing.NanoFromUSD(5*cost) + rest
+	u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: start.USD()})
 	var o outcome
 	for i := 0; i < 7; i++ {
 		fire(t, chatURL, key, antStream(32000), "0ms", &o)
@@ -178,10 +182,31 @@ func TestSequentialRequestsUseWhatTheLastGaveBack(t *testing.T) {
 	if o.ok.Load() != 5 || o.refused.Load() != 2 {
 		t.Errorf("admitted %d, refused %d; want 5 and 2", o.ok.Load(), o.refused.Load())
 	}
-	checkMoney(t, st, billing.NanoFromUSD(5*cost), o.ok.Load(), "creditsNew")
-	if st.Balance != 0 || st.Shortfall != 0 {
-		t.Errorf("balance left %s, shortfall %s; want 0 and 0", st.Balance, st.Shortfall)
+	checkMoney(t, st, start, o.ok.Load(), "creditsNew")
+	if st.Balance != rest || st.Shortfall != 0 {
+		t.Errorf("balance left %s, shortfall %s; want %s and 0", st.Balance, st.Shortfall, rest)
 	}
+}
+
+// leastAdmitted is the least balance that admits body to claude-sonnet-4-5
+// on chatURL: the hold's input bound and one output token.
+func leastAdmitted(t *testing.T, body []byte) billing.Nano {
+	t.Helper()
+	cat, err := billing.LoadCatalogue(examples("models-chat.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _ := cat.Lookup("claude-sonnet-4-5")
+	terms := billing.HoldTerms(m, billing.ForwardedSize(len(body), m.PickUpstream(0)), 32000, 4096)
+	lo, hi := terms.Input, terms.Want
+	for lo < hi {
+		if mid := lo + (hi-lo)/2; terms.Cap(m, mid, 0) >= 1 {
+			hi = mid
+		} else {
+			lo = mid + 1
+		}
+	}
+	return lo
 }
 
 // The database stops for 10 seconds in the middle of traffic. Requests that

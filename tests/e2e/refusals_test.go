@@ -88,7 +88,7 @@ func TestRefusedRequestsChargeNothing(t *testing.T) {
 		{name: "invalid JSON", base: chatURL, setup: userWith(funded),
 			body: func() []byte { return []byte(`{"model":"claude-sonnet-4-5",`) }, status: 400, oaiType: "invalid_request_error", antType: "invalid_request_error", msgPrefix: "Invalid JSON"},
 		{name: "duplicate model field", base: chatURL, setup: userWith(funded),
-			body: func() []byte { return []byte(`{"model":"claude-haiku-4-5","model":"claude-opus-4-6","messages":[]}`) }, status: 400, oaiType: "invalid_request_error", antType: "invalid_request_error", msgPrefix: "duplicate"},
+			body: func() []byte { return []byte(`{"model":"claude-haiku-4-5","model":"claude-opus-4-6","messages":[]}`) }, status: 400, oaiType: "invalid_request_error", antType: "invalid_request_error", msgPrefix: `"model" appears more than once`},
 		{name: "oversized body", base: chat2URL, setup: userWith(funded),
 			body: func() []byte {
 				return []byte(`{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"` + strings.Repeat("a", chat2BodyLimit) + `"}]}`)

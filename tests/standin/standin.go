@@ -22,6 +22,9 @@
 //     final usage event of a stream (OpenAI: the usage chunk, sent even
 //     without include_usage; Anthropic: the last message_delta, while
 //     message_start keeps its own). Invalid JSON is a 400.
+//   - X-Standin-Bound: most|over answers a non-streaming Anthropic request
+//     with the most usage a compliant upstream may report, or more output
+//     than max_tokens (see HeaderBound).
 //
 // and, for when headers cannot be used, with [Server.SetKeyStatus] (an
 // upstream key that fails) and [Server.SetDefaultFixture].
@@ -62,6 +65,12 @@ const (
 	// "text" 200 with a non-JSON body labelled application/json: an
 	// upstream (or a proxy in front of it) that breaks the API's contract.
 	HeaderGarbage = "X-Standin-Garbage"
+	// HeaderBound: "most" answers a non-streaming Anthropic request with
+	// a minimal message whose usage is the most a compliant upstream may
+	// report: one input token per byte of the request body, and the
+	// request's max_tokens of output. "over" reports 100 more output tokens
+	// than max_tokens (an upstream that breaks its contract).
+	HeaderBound = "X-Standin-Bound"
 	// HeaderFixtureUsed is set on every answer replayed from a fixture: the
 	// name of the fixture actually replayed (after any fallback).
 	HeaderFixtureUsed = "X-Standin-Fixture-Used"
@@ -329,6 +338,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Model         any `json:"model"`
 		Stream        any `json:"stream"`
+		MaxTokens     any `json:"max_tokens"`
 		StreamOptions *struct {
 			IncludeUsage any `json:"include_usage"`
 		} `json:"stream_options"`
@@ -339,6 +349,17 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if m, ok := req.Model.(string); !ok || m == "" {
 		writeLiteLLMError(w, http.StatusBadRequest, "Invalid model name passed in model=None. Call `/v1/models` to view available models for your key.", "invalid_request_error")
+		return
+	}
+	if u := r.Header.Get(HeaderBound); u != "" && api == fixtures.Anthropic {
+		n, _ := req.MaxTokens.(float64)
+		out := int64(n)
+		if u == "over" {
+			out += 100
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"id": "msg_standin", "type": "message", "role": "assistant", "model": req.Model,
+			"content": []any{map[string]any{"type": "text", "text": "ok"}}, "stop_reason": "max_tokens",
+			"usage": map[string]any{"input_tokens": len(body), "output_tokens": out}})
 		return
 	}
 	stream := req.Stream == true
