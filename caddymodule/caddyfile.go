@@ -40,7 +40,11 @@ func init() {
 //		isolation            auto | process | shared   # default auto
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // the option name
+	if !d.Next() { // the option name
+		// No tokens at all: nothing to parse and no line to name. (NextArg
+		// would report an argument here and ArgErr an error at ":0".)
+		return nil
+	}
 	if d.NextArg() {
 		return d.ArgErr()
 	}
@@ -186,7 +190,11 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		drain_timeout      <duration>   # default 2m
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // the directive name
+	if !d.Next() { // the directive name
+		// No tokens at all: nothing to parse and no line to name. (NextArg
+		// would report an argument here and ArgErr an error at ":0".)
+		return nil
+	}
 	if d.NextArg() {
 		return d.ArgErr()
 	}
