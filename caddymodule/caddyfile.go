@@ -49,7 +49,11 @@ func init() {
 //		body_memory          <size>       # request bodies in flight, all sites; default 256MiB
 //	}
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // the option name
+	if !d.Next() { // the option name
+		// No tokens at all: nothing to parse and no line to name. (NextArg
+		// would report an argument here and ArgErr an error at ":0".)
+		return nil
+	}
 	if d.NextArg() {
 		return d.ArgErr()
 	}
@@ -269,7 +273,11 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		forward_headers    <name...>    # client headers forwarded besides the built-in allow-list
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // the directive name
+	if !d.Next() { // the directive name
+		// No tokens at all: nothing to parse and no line to name. (NextArg
+		// would report an argument here and ArgErr an error at ":0".)
+		return nil
+	}
 	if d.NextArg() {
 		return d.ArgErr()
 	}

@@ -113,3 +113,17 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 		})
 	}
 }
+
+// A dispenser without tokens (FuzzHandlerUnmarshalCaddyfile's "#0") used
+// to give "wrong argument count ..., at :0", an error naming no place; it
+// now parses to the zero value and Validate reports what is missing.
+func TestUnmarshalCaddyfileWithoutTokens(t *testing.T) {
+	for _, input := range []string{"", "#0", "# only a comment\n"} {
+		if err := new(Handler).UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
+			t.Errorf("Handler, %q: %v", input, err)
+		}
+		if err := new(App).UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
+			t.Errorf("App, %q: %v", input, err)
+		}
+	}
+}

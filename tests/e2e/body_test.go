@@ -76,6 +76,7 @@ func postBody(t *testing.T, url, key string, body io.Reader, length int64, testI
 // before it is let through. (The gateway reads none of it; net/http, under
 // Caddy's read idle timeout, discards up to 256 KiB before it answers.)
 func TestBrokeUserRefusedBeforeBody(t *testing.T) {
+	noLeaks(t)
 	user, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 0, Credits: 5})
 	for _, path := range []string{"/v1/chat/completions", "/v1/messages"} {
 		t.Run(path, func(t *testing.T) {
@@ -99,6 +100,7 @@ func TestBrokeUserRefusedBeforeBody(t *testing.T) {
 
 // A chunked body beyond max_body_size gets 413 in the API's shape.
 func TestChunkedBodyOverLimit(t *testing.T) {
+	noLeaks(t)
 	_, key := newUser(t, seed.User{Active: true, Migration: true, Credits: 5, RefCredits: 1})
 	for _, path := range []string{"/v1/chat/completions", "/v1/messages"} {
 		t.Run(path, func(t *testing.T) {
@@ -123,7 +125,8 @@ func TestChunkedBodyOverLimit(t *testing.T) {
 // the whole budget is free again.
 func TestBodyMemoryBound(t *testing.T) {
 	require.NoError(t, loadCaddy(caddyfile(configOpts{appExtra: "\n\t\tbody_memory 1MiB"})))
-	defer func() { require.NoError(t, loadCaddy(caddyfile(configOpts{})), "restoring the config") }()
+	t.Cleanup(func() { assert.NoError(t, loadCaddy(caddyfile(configOpts{})), "restoring the config") })
+	noLeaks(t) // after the test's config is loaded; checked before it is restored
 	user, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 50})
 
 	const n, size, head = 6, 400_000, 300_000

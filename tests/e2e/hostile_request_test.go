@@ -21,6 +21,7 @@ import (
 // reaches the upstream and the balance does not move (issue 13, findings 2
 // and 6).
 func TestStrictRequestFields(t *testing.T) {
+	noLeaks(t)
 	msgs := `"messages":[{"role":"user","content":"hi"}]`
 	for _, tc := range []struct {
 		name, path, body, msg string
@@ -82,6 +83,7 @@ func fireMost(t *testing.T, key string, body []byte, usage string, o *outcome) {
 // requests served cost no more than the starting balance: nothing is
 // shortfall, and the balance never goes below zero.
 func TestHoldBoundsTheCost(t *testing.T) {
+	noLeaks(t)
 	body := []byte(`{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[{"role":"user","content":"` +
 		strings.Repeat("ж", 1000) + `"}]}`)
 	// One request costs about 2100 input tokens at $3/Mtok ×1.02: $0.0064.
@@ -112,6 +114,7 @@ func TestHoldBoundsTheCost(t *testing.T) {
 // more than the hold. One that answers more breaks its contract: the excess
 // is recorded as shortfall.
 func TestMaxTokensLoweredToTheHold(t *testing.T) {
+	noLeaks(t)
 	body := []byte(`{"model":"claude-sonnet-4-5","max_tokens":4096,"messages":[{"role":"user","content":"hi"}]}`)
 	for _, tc := range []struct{ usage string }{{"most"}, {"over"}} {
 		t.Run(tc.usage, func(t *testing.T) {

@@ -59,6 +59,7 @@ func userKeyWith(uk seed.UserKey) func(t *testing.T) (string, string) {
 }
 
 func TestRefusedRequestsChargeNothing(t *testing.T) {
+	noLeaks(t)
 	funded := seed.User{Active: true, Migration: true, CreditsNew: 5, Credits: 5, RefCredits: 1}
 	past := time.Now().Add(-time.Hour)
 	cases := []refusal{
@@ -87,6 +88,12 @@ func TestRefusedRequestsChargeNothing(t *testing.T) {
 			body: validBody("claude-opus-4-6"), status: 404, oaiType: "invalid_request_error", antType: "invalid_request_error", msgPrefix: "Model"},
 		{name: "invalid JSON", base: chatURL, setup: userWith(funded),
 			body: func() []byte { return []byte(`{"model":"claude-sonnet-4-5",`) }, status: 400, oaiType: "invalid_request_error", antType: "invalid_request_error", msgPrefix: "Invalid JSON"},
+		{name: "body not an object", base: chatURL, setup: userWith(funded),
+			body: func() []byte { return []byte(`["model","claude-sonnet-4-5"]`) }, status: 400, oaiType: "invalid_request_error", antType: "invalid_request_error", msgPrefix: "Invalid JSON"},
+		{name: "missing model", base: chatURL, setup: userWith(funded),
+			body: func() []byte { return []byte(`{"max_tokens":10,"messages":[{"role":"user","content":"hi"}]}`) }, status: 400, oaiType: "invalid_request_error", antType: "invalid_request_error", msgPrefix: "model is required"},
+		{name: "overlong key", base: chatURL, setup: func(*testing.T) (string, string) { return "", "sk-trollllm-" + strings.Repeat("a", 300) },
+			body: validBody("claude-sonnet-4-5"), status: 401, oaiType: "authentication_error", antType: "authentication_error", msgPrefix: "Invalid API key"},
 		{name: "duplicate model field", base: chatURL, setup: userWith(funded),
 			body: func() []byte { return []byte(`{"model":"claude-haiku-4-5","model":"claude-opus-4-6","messages":[]}`) }, status: 400, oaiType: "invalid_request_error", antType: "invalid_request_error", msgPrefix: `"model" appears more than once`},
 		{name: "oversized body", base: chat2URL, setup: userWith(funded),
@@ -176,15 +183,18 @@ func checkErrorShape(t *testing.T, path string, raw []byte, oaiType, oaiCode, an
 
 // The official SDKs read the refusals as API errors with the right status.
 func TestSDKsSeeRefusals(t *testing.T) {
+	// The SDKs get a client of the test, so that noLeaks can close its idle connections.
+	hc := &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
+	noLeaks(t, hc)
 	_, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 0, Credits: 5})
-	ac := anthropic.NewClient(antoption.WithBaseURL(chatURL), antoption.WithAPIKey(key), antoption.WithMaxRetries(0))
+	ac := anthropic.NewClient(antoption.WithBaseURL(chatURL), antoption.WithAPIKey(key), antoption.WithMaxRetries(0), antoption.WithHTTPClient(hc))
 	_, err := ac.Messages.New(context.Background(), anthropic.MessageNewParams{Model: "claude-sonnet-4-5", MaxTokens: 10,
 		Messages: []anthropic.MessageParam{anthropic.NewUserMessage(anthropic.NewTextBlock("hi"))}})
 	var aerr *anthropic.Error
 	if !errors.As(err, &aerr) || aerr.StatusCode != http.StatusPaymentRequired {
 		t.Errorf("anthropic SDK error = %v, want a 402 API error", err)
 	}
-	oc := openai.NewClient(oaioption.WithBaseURL(chatURL+"/v1"), oaioption.WithAPIKey("sk-trollllm-"+randHex(64)), oaioption.WithMaxRetries(0))
+	oc := openai.NewClient(oaioption.WithBaseURL(chatURL+"/v1"), oaioption.WithAPIKey("sk-trollllm-"+randHex(64)), oaioption.WithMaxRetries(0), oaioption.WithHTTPClient(hc))
 	_, err = oc.Chat.Completions.New(context.Background(), openai.ChatCompletionNewParams{Model: "claude-sonnet-4-5",
 		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")}})
 	var oerr *openai.Error
@@ -196,6 +206,7 @@ func TestSDKsSeeRefusals(t *testing.T) {
 // Paths and methods the gateway does not serve get JSON errors and never
 // reach the upstream; /health and / answer as the legacy proxy did.
 func TestOtherPathsAndMethods(t *testing.T) {
+	noLeaks(t)
 	for _, tc := range []struct {
 		method, path string
 		status       int

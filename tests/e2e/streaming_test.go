@@ -75,6 +75,7 @@ func TestStreamIsByteIdenticalAndUnbuffered(t *testing.T) {
 // bills what was reported so far (never less than the output it saw). The
 // log says client_gone either way, and whether the usage was measured.
 func TestClientDisconnectMidStream(t *testing.T) {
+	noLeaks(t)
 	prices := loadPrices(t, "models-chat.json")
 	for _, tc := range []struct {
 		name, url, source string
@@ -130,6 +131,7 @@ func TestClientDisconnectMidStream(t *testing.T) {
 // An upstream that cuts the stream: the client gets what was sent, the
 // request is billed from what was seen, and the log says upstream_cut.
 func TestUpstreamCutMidStream(t *testing.T) {
+	noLeaks(t)
 	u, key := newUser(t, seed.User{Active: true, Migration: true, Credits: 10})
 	resp := post(t, chat2URL+"/v1/chat/completions", key, streamBody("claude-sonnet-4-5"), map[string]string{
 		"X-Standin-Fixture": "oai-text", "X-Standin-Cut-After": "40",
@@ -150,6 +152,7 @@ func TestUpstreamCutMidStream(t *testing.T) {
 // (Errors that take a key out are in TestFailoverToAGoodKey, on a pool of
 // their own.)
 func TestUpstreamErrorIsNotBilled(t *testing.T) {
+	noLeaks(t)
 	for _, tc := range []struct {
 		path   string
 		status int
@@ -175,6 +178,7 @@ func TestUpstreamErrorIsNotBilled(t *testing.T) {
 
 // An unreachable upstream gives a JSON 502 in the API's shape and charges nothing.
 func TestUpstreamDownIsJSON502(t *testing.T) {
+	noLeaks(t)
 	for _, path := range []string{"/v1/messages", "/v1/chat/completions"} {
 		u, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 10})
 		resp := post(t, deadURL+path, key, validBody("claude-sonnet-4-5")(), nil)

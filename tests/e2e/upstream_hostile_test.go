@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -67,6 +66,7 @@ func postRead(t *testing.T, url, key string, body []byte, hdr map[string]string)
 func TestClientCannotTakeThePoolDown(t *testing.T) {
 	keys := map[string]string{"h-a": "sk-h-a-" + randHex(16), "h-b": "sk-h-b-" + randHex(16)}
 	_, key, fdb := hostileSite(t, "fproxy_hostile", keys)
+	noLeaks(t) // after the test's config is loaded; checked before it is restored
 	healthy := func() {
 		t.Helper()
 		got := keyStatuses(t, fdb)
@@ -142,6 +142,7 @@ func keyID(keys map[string]string, auth string) string {
 func TestRevokedKeyDemotedAfterProbe(t *testing.T) {
 	keys := map[string]string{"p-good": "sk-p-good-" + randHex(16), "p-revoked": "sk-p-revoked-" + randHex(16)}
 	_, key, fdb := hostileSite(t, "fproxy_probe", keys)
+	noLeaks(t) // after the test's config is loaded; checked before it is restored
 	env.Standin.SetKeyStatus(keys["p-revoked"], "401")
 	since := time.Now()
 	hit := false
@@ -170,6 +171,7 @@ func TestRevokedKeyDemotedAfterProbe(t *testing.T) {
 // An upstream 2xx that is not the JSON or the stream the API promises is a
 // 502 in the API's shape, and costs the client nothing.
 func TestGarbageSuccessIs502Unbilled(t *testing.T) {
+	noLeaks(t)
 	for _, tc := range []struct {
 		name, garbage string
 		stream        bool
@@ -209,25 +211,4 @@ func rawRequest(t *testing.T, base string, req string) (*http.Response, string) 
 	defer resp.Body.Close()
 	raw, _ := io.ReadAll(resp.Body)
 	return resp, string(raw)
-}
-
-// Errors net/http writes before any handler runs cannot be made JSON from
-// Caddy: they are plain text, and the connection is closed. This pins what
-// a client gets (README, "Errors written before the gateway runs").
-func TestErrorsBeforeTheHandlerArePlainText(t *testing.T) {
-	body := string(validBody("claude-sonnet-4-5")())
-	head := "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
-		strconv.Itoa(len(body)) + "\r\n"
-
-	resp, got := rawRequest(t, chatURL, head+"X-Big: "+strings.Repeat("a", 1<<20+4096)+"\r\n\r\n"+body)
-	assert.Equal(t, http.StatusRequestHeaderFieldsTooLarge, resp.StatusCode)
-	assert.Equal(t, "text/plain; charset=utf-8", resp.Header.Get("Content-Type"))
-	assert.Equal(t, "431 Request Header Fields Too Large", got)
-	assert.True(t, resp.Close)
-
-	resp, got = rawRequest(t, chatURL, head+"X-Api-Key: sk-\x01bad\r\n\r\n"+body)
-	assert.Equal(t, http.StatusBadRequest, resp.StatusCode)
-	assert.Equal(t, "text/plain; charset=utf-8", resp.Header.Get("Content-Type"))
-	assert.Equal(t, "400 Bad Request", got)
-	assert.True(t, resp.Close)
 }

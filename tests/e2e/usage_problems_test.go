@@ -50,6 +50,7 @@ func sendWithUsage(t *testing.T, key, path string, stream bool, usage string) in
 // never an absurd amount, and never left in a counter that breaks the
 // user's later settlements. The log says so and the metric counts it.
 func TestAbsurdUsageBillsTheHold(t *testing.T) {
+	noLeaks(t)
 	const (
 		msgs = "/v1/messages"
 		chat = "/v1/chat/completions"
