@@ -148,7 +148,7 @@ request_logs (any MongoDB client can read the store above).
 `, chatPort, chat2Port, st.MongoURI, st.Database,
 		seed.DemoUserKey, seed.DemoUser, seed.DemoAdminKey, seed.DemoAdminKeyUser, admin, filepath.Join(dataDir, "spool"))
 
-	go followLogs(ctx, st.DB, os.Stdout, map[string]string{"creditsNew": "chat", "credits": "chat2", "refCredits": "chat2"},
+	go followLogs(ctx, st.DB, os.Stdout, map[string]string{"creditsNew": "chat", "credits+refCredits": "chat2"},
 		time.Now(), 300*time.Millisecond)
 
 	<-ctx.Done()
