@@ -15,7 +15,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"log"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -41,7 +40,9 @@ func main() {
 	flag.Parse()
 
 	if err := run(*chatPort, *chat2Port, *upstream, *admin, *dataDir); err != nil {
-		log.Fatal(err)
+		// Plain text on stderr: Caddy redirects the log package to its JSON logger.
+		fmt.Fprintln(os.Stderr, "devstack:", err)
+		os.Exit(1)
 	}
 }
 
