@@ -162,3 +162,25 @@ func TestCaddyfileExampleValidates(t *testing.T) {
 		t.Fatalf("Caddyfile.example does not validate: %v", err)
 	}
 }
+
+// examples/Caddyfile.minimal, the generic one-site config the README shows,
+// adapts and validates.
+func TestCaddyfileMinimalValidates(t *testing.T) {
+	t.Setenv("MONGODB_URI", "mongodb://127.0.0.1:1")
+	t.Setenv("UPSTREAM_KEY", "sk-upstream")
+	cf, err := os.ReadFile(filepath.Join("..", "examples", "Caddyfile.minimal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	models, err := filepath.Abs(filepath.Join("..", "examples", "models-chat.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := strings.Replace(string(cf), "examples/models-chat.json", models, 1)
+	if src == string(cf) {
+		t.Fatal("the models path of Caddyfile.minimal changed; update this test")
+	}
+	if err := validate(t, src); err != nil {
+		t.Fatalf("Caddyfile.minimal does not validate: %v", err)
+	}
+}

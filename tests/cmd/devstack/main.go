@@ -4,21 +4,23 @@
 // modules serving chat (bills creditsNew) and chat2 (bills credits, then
 // refCredits) on localhost.
 //
-//	cd tests && go run ./cmd/devstack
+//	(cd tests && go run ./cmd/devstack)
 //
-// Flags choose the ports and the data folder; Ctrl-C stops everything.
+// Flags choose the ports, the Caddy admin address and the data folder (which
+// also holds the settlement journal); a taken address fails at once. Each
+// billed request prints one line. Ctrl-C stops everything.
 package main
 
 import (
 	"context"
 	"flag"
 	"fmt"
-	"log"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"runtime"
 	"syscall"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -33,17 +35,36 @@ func main() {
 	chatPort := flag.Int("chat", 8081, "port of the chat site (bills creditsNew)")
 	chat2Port := flag.Int("chat2", 8082, "port of the chat2 site (bills credits, then refCredits)")
 	upstream := flag.String("upstream", "127.0.0.1:8090", "listen address of the stand-in upstream")
-	dataDir := flag.String("data", "", "folder for the embedded database (default: a fresh temporary folder)")
+	dataDir := flag.String("data", "", "folder for the embedded database and the settlement journal (default: a fresh temporary folder)")
+	admin := flag.String("admin", "", "Caddy admin address (default: a free port on 127.0.0.1)")
 	flag.Parse()
 
-	if err := run(*chatPort, *chat2Port, *upstream, *dataDir); err != nil {
-		log.Fatal(err)
+	if err := run(*chatPort, *chat2Port, *upstream, *admin, *dataDir); err != nil {
+		// Plain text on stderr: Caddy redirects the log package to its JSON logger.
+		fmt.Fprintln(os.Stderr, "devstack:", err)
+		os.Exit(1)
 	}
 }
 
-func run(chatPort, chat2Port int, upstream, dataDir string) error {
+func run(chatPort, chat2Port int, upstream, admin, dataDir string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+
+	if admin == "" {
+		a, err := freeAddr()
+		if err != nil {
+			return err
+		}
+		admin = a
+	}
+	for _, c := range []struct{ addr, flag string }{
+		{admin, "admin"}, {upstream, "upstream"},
+		{fmt.Sprintf("127.0.0.1:%d", chatPort), "chat"}, {fmt.Sprintf("127.0.0.1:%d", chat2Port), "chat2"},
+	} {
+		if err := checkFree(c.addr, c.flag); err != nil {
+			return err
+		}
+	}
 
 	fresh := dataDir == ""
 	if fresh {
@@ -65,11 +86,12 @@ func run(chatPort, chat2Port int, upstream, dataDir string) error {
 
 	examples := examplesDir()
 	cf := fmt.Sprintf(`{
-	admin localhost:2019
+	admin %s
 	persist_config off
 	llm_billing {
 		mongodb_uri %s
 		database %s
+		spool_dir %s
 	}
 }
 
@@ -92,7 +114,7 @@ http://localhost:%d {
 	}
 	reverse_proxy %s
 }
-`, st.MongoURI, st.Database, chatPort, filepath.Join(examples, "models-chat.json"), st.UpstreamURL,
+`, admin, st.MongoURI, st.Database, filepath.Join(dataDir, "spool"), chatPort, filepath.Join(examples, "models-chat.json"), st.UpstreamURL,
 		chat2Port, filepath.Join(examples, "models-chat2.json"), st.UpstreamURL)
 	raw, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
 	if err != nil {
@@ -120,10 +142,17 @@ Try:
   curl -sN http://localhost:%[2]d/v1/chat/completions -H 'Authorization: Bearer %[5]s' -H 'content-type: application/json' \
     -d '{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"Hello"}]}'
 
-Balances and request logs are in the usersNew and request_logs collections:
-  mongosh '%[3]s' --eval 'db.getSiblingDB("%[4]s").usersNew.find()'
+The stand-in upstream answers with canned recordings: their model name, text and
+token counts do not match the request. Every billed request prints a line below
+(site, model, tokens, cost, pool). Balances are in usersNew and the logs in
+request_logs (any MongoDB client can read the store above).
+  Caddy admin: http://%[9]s   settlement journal: %[10]s
+
 `, chatPort, chat2Port, st.MongoURI, st.Database,
-		seed.DemoUserKey, seed.DemoUser, seed.DemoAdminKey, seed.DemoAdminKeyUser)
+		seed.DemoUserKey, seed.DemoUser, seed.DemoAdminKey, seed.DemoAdminKeyUser, admin, filepath.Join(dataDir, "spool"))
+
+	go followLogs(ctx, st.DB, os.Stdout, map[string]string{"creditsNew": "chat", "credits+refCredits": "chat2"},
+		time.Now(), 300*time.Millisecond)
 
 	<-ctx.Done()
 	fmt.Println("\nstopping")
