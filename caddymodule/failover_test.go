@@ -62,7 +62,7 @@ func TestFailoverRetriesOnAnotherKeyBeforeAnyByte(t *testing.T) {
 				t.Fatalf("client saw status %d headers %v body %q", rec.Code, rec.Header(), rec.Body)
 			}
 		}
-		waitCharges(t, fs, 3)
+		waitLogged(t, fs, 3)
 		fs.mu.Lock()
 		for _, l := range fs.logs {
 			last := l.Attempts[len(l.Attempts)-1]

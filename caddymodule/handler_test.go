@@ -273,6 +273,26 @@ func waitCharges(tb testing.TB, fs *fakeStore, n int64) {
 	}
 }
 
+// waitLogged waits for n charges and then for their request logs, which
+// are inserted in a later batch.
+func waitLogged(tb testing.TB, fs *fakeStore, n int) {
+	tb.Helper()
+	waitCharges(tb, fs, int64(n))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		fs.mu.Lock()
+		got := len(fs.logs)
+		fs.mu.Unlock()
+		if got >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("%d request logs after 10s, want %d", got, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 func TestHandlerBillsThroughTheStore(t *testing.T) {
 	h, fs := newTestHandler(t)
 	for _, sse := range []bool{false, true} {
@@ -284,7 +304,7 @@ func TestHandlerBillsThroughTheStore(t *testing.T) {
 			t.Fatalf("status %d: %s", rec.Code, rec.Body)
 		}
 	}
-	waitCharges(t, fs, 2)
+	waitLogged(t, fs, 2)
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	if len(fs.logs) != 2 {

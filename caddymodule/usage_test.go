@@ -46,7 +46,7 @@ func TestInvalidUsageBillsTheHoldOrTheBound(t *testing.T) {
 			rec := httptest.NewRecorder()
 			require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, fs.key, body), jsonUpstream(tc.usage)))
 			require.Equal(t, 200, rec.Code)
-			waitCharges(t, fs, 1)
+			waitLogged(t, fs, 1)
 			fs.mu.Lock()
 			defer fs.mu.Unlock()
 			require.Len(t, fs.logs, 1)

@@ -123,6 +123,11 @@ func caddyfile(o configOpts) string {
 	admin %[13]s
 	persist_config off
 	grace_period 10s
+	servers {
+		timeouts {
+			read_header %[17]s
+		}
+	}
 	log {
 		output file %[1]s
 		level DEBUG
@@ -192,8 +197,12 @@ http://127.0.0.1:%[15]d {
 		ports[0], examples("models-chat.json"), env.UpstreamURL,
 		ports[1], examples("models-chat2.json"),
 		ports[2], deadPort, strings.TrimPrefix(adminURL, "http://"), proxyOpts,
-		ports[3], examples("models-priority.json"))
+		ports[3], examples("models-priority.json"), readHeaderTimeout)
 }
+
+// readHeaderTimeout is the servers' read_header timeout: a client that has
+// not sent its request's headers by then is disconnected (slow-loris).
+const readHeaderTimeout = 3 * time.Second
 
 // loadCaddy adapts a Caddyfile and runs it in this process, as `caddy run`
 // would.

@@ -22,6 +22,9 @@
 //     final usage event of a stream (OpenAI: the usage chunk, sent even
 //     without include_usage; Anthropic: the last message_delta, while
 //     message_start keeps its own). Invalid JSON is a 400.
+//   - X-Standin-Long-Line: <n> adds to a stream, after its first event, one
+//     event whose data line is n bytes long (a JSON object padded with a
+//     string; Anthropic: a ping event), as a runaway upstream might send.
 //   - X-Standin-Bound: most|over answers a non-streaming Anthropic request
 //     with the most usage a compliant upstream may report, or more output
 //     than max_tokens (see HeaderBound).
@@ -71,6 +74,9 @@ const (
 	// request's max_tokens of output. "over" reports 100 more output tokens
 	// than max_tokens (an upstream that breaks its contract).
 	HeaderBound = "X-Standin-Bound"
+	// HeaderLongLine: "<n>" adds one event with an n-byte data line to a
+	// stream, after its first event.
+	HeaderLongLine = "X-Standin-Long-Line"
 	// HeaderFixtureUsed is set on every answer replayed from a fixture: the
 	// name of the fixture actually replayed (after any fallback).
 	HeaderFixtureUsed = "X-Standin-Fixture-Used"
@@ -412,6 +418,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if len(usage) > 0 {
 			events = withUsage(fx, events, usage)
 		}
+		if v := r.Header.Get(HeaderLongLine); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 32 || n > 64<<20 {
+				writeLiteLLMError(w, http.StatusBadRequest, "standin: bad "+HeaderLongLine+": "+v, "invalid_request_error")
+				return
+			}
+			events = slices.Insert(slices.Clone(events), 1, longEvent(fx.API, n))
+		}
 		s.stream(w, r.Context(), fx, events, cutAfter, delay)
 		return
 	}
@@ -465,6 +479,16 @@ func withUsage(fx *fixtures.Fixture, events [][]byte, usage []byte) [][]byte {
 		}
 	}
 	return out
+}
+
+// longEvent is an event whose "data: " line is n bytes long (n >= 32).
+func longEvent(api string, n int) []byte {
+	head, prefix := "", `data: {"pad":"`
+	if api == fixtures.Anthropic {
+		head, prefix = "event: ping\n", `data: {"type":"ping","pad":"`
+	}
+	pad := n - len(prefix) - len(`"}`)
+	return []byte(head + prefix + strings.Repeat("a", pad) + `"}` + "\n\n")
 }
 
 // eventData returns the data of one event as Fixture.Events writes it.
