@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
@@ -60,6 +61,35 @@ func formatRow(r logRow, sites map[string]string) string {
 		float64(r.CostNano)/1e9, r.CreditField, r.UserID, r.UsageSource)
 }
 
+// balancesNow renders what the user has left in the fields of pool (a
+// credit field list joined by "+"), read now, or nothing if it cannot be
+// read.
+func balancesNow(ctx context.Context, db *mongo.Database, user, pool string) string {
+	var doc bson.M
+	if err := db.Collection("usersNew").FindOne(ctx, bson.D{{Key: "_id", Value: user}}).Decode(&doc); err != nil {
+		return ""
+	}
+	return formatBalances(doc, pool)
+}
+
+// formatBalances renders the fields of pool in a user document.
+func formatBalances(doc bson.M, pool string) string {
+	out := "  left"
+	for _, f := range strings.Split(pool, "+") {
+		var v float64
+		switch n := doc[f].(type) {
+		case float64:
+			v = n
+		case int32:
+			v = float64(n)
+		case int64:
+			v = float64(n)
+		}
+		out += fmt.Sprintf(" %s $%.6f", f, v)
+	}
+	return out
+}
+
 // followLogs prints a line for every request_logs row written since start,
 // polling every interval until ctx ends. A row's _id is chosen when its hold
 // is taken, not when it is written, so rows arrive out of _id order: every
@@ -88,7 +118,7 @@ func followLogs(ctx context.Context, db *mongo.Database, w io.Writer, sites map[
 		for _, r := range rows {
 			if !seen[r.ID] {
 				seen[r.ID] = true
-				fmt.Fprintln(w, formatRow(r, sites))
+				fmt.Fprintln(w, formatRow(r, sites)+balancesNow(ctx, db, r.UserID, r.CreditField))
 			}
 		}
 	}

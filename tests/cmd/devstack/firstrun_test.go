@@ -33,3 +33,9 @@ func TestFormatRow(t *testing.T) {
 		assert.Contains(t, line, want)
 	}
 }
+
+func TestFormatBalances(t *testing.T) {
+	doc := bson.M{"creditsNew": 9.5, "credits": 1.25, "refCredits": 0.0}
+	assert.Equal(t, "  left creditsNew $9.500000", formatBalances(doc, "creditsNew"))
+	assert.Equal(t, "  left credits $1.250000 refCredits $0.000000", formatBalances(doc, "credits+refCredits"))
+}

@@ -144,8 +144,8 @@ Try:
 
 The stand-in upstream answers with canned recordings: their model name, text and
 token counts do not match the request. Every billed request prints a line below
-(site, model, tokens, cost, pool). Balances are in usersNew and the logs in
-request_logs (any MongoDB client can read the store above).
+(site, model, tokens, cost, pool, and what the user has left in that pool).
+Balances are in usersNew and the logs in request_logs.
   Caddy admin: http://%[9]s   settlement journal: %[10]s
 
 `, chatPort, chat2Port, st.MongoURI, st.Database,
