@@ -119,13 +119,15 @@ func caddyfile(o configOpts) string {
 	if o.headerTimeout != "" {
 		proxyOpts = " {\n\t\ttransport http {\n\t\t\tresponse_header_timeout " + o.headerTimeout + "\n\t\t}\n\t}"
 	}
-	return fmt.Sprintf(`{
+	// The log filters of Caddyfile.example, as they are there.
+	return keyFreeLogSnippet() + fmt.Sprintf(`{
 	admin %[13]s
 	persist_config off
 	grace_period 10s
 	log {
 		output file %[1]s
 		level DEBUG
+		import key_free_log
 	}
 	llm_billing {
 		mongodb_uri %[2]s
@@ -137,10 +139,10 @@ func caddyfile(o configOpts) string {
 http://127.0.0.1:%[6]d {
 	log {
 		output file %[1]s
-		format filter {
-			request>headers>X-Api-Key delete
-		}
+		import key_free_log
 	}
+	# A handler error, which Caddy logs with the request (TestLogsCarryNoKey).
+	error /e2e-error "handler error for the log check" 500
 	llm_billing {
 		credit_field creditsNew
 		models %[7]s
@@ -152,9 +154,7 @@ http://127.0.0.1:%[6]d {
 http://127.0.0.1:%[9]d {
 	log {
 		output file %[1]s
-		format filter {
-			request>headers>X-Api-Key delete
-		}
+		import key_free_log
 	}
 	llm_billing {
 		credit_field credits refCredits
