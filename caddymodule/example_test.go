@@ -101,18 +101,24 @@ func TestCaddyfileExampleReplacesNginx(t *testing.T) {
 	assert.Zero(t, dur("write_timeout"), "a total write timeout would cut long streams, as the legacy's 300s did")
 	assert.NotZero(t, srv["max_header_bytes"], "header size bound")
 
-	var encoders, bodyLimits int
+	var encoders int
+	var bodyLimits, billed []float64
 	walk(srv["routes"], func(m map[string]any) {
 		switch m["handler"] {
 		case "encode":
 			encoders++
 			checkEncodeSkipsSSE(t, m)
 		case "request_body":
-			bodyLimits++
+			bodyLimits = append(bodyLimits, m["max_size"].(float64))
+		case "llm_billing":
+			billed = append(billed, m["max_body_size"].(float64))
 		}
 	})
 	assert.Equal(t, 5, encoders, "one encode per site")
-	assert.Equal(t, 2, bodyLimits, "request_body on api and the frontend (llm_billing bounds the chat bodies)")
+	// nginx's sizes: 50M on the chat hosts, 10M on api, its default 1m on
+	// the frontend; nginx's M is 2^20 bytes.
+	assert.ElementsMatch(t, []float64{50 << 20, 50 << 20, 50 << 20}, billed, "chat hosts' max_body_size")
+	assert.ElementsMatch(t, []float64{10 << 20, 1 << 20}, bodyLimits, "request_body on api and the frontend")
 
 	logs, ok := get(cfg, "logging", "logs").(map[string]any)
 	require.True(t, ok, "no logs")
