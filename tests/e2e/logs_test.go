@@ -85,19 +85,23 @@ func checkNoSecretsLogged() error {
 
 // keyFreeLogSnippet returns the key_free_log snippet of Caddyfile.example,
 // so that the tests run with exactly the log filters production uses.
-func keyFreeLogSnippet() string {
+func keyFreeLogSnippet() string { return exampleSnippet("key_free_log") }
+
+// exampleSnippet returns the snippet (name) of Caddyfile.example, as it is
+// there.
+func exampleSnippet(name string) string {
 	raw, err := os.ReadFile(filepath.Join("..", "..", "Caddyfile.example"))
 	if err != nil {
 		panic(err)
 	}
 	s := string(raw)
-	start := strings.Index(s, "\n(key_free_log) {\n")
+	start := strings.Index(s, "\n("+name+") {\n")
 	if start < 0 {
-		panic("Caddyfile.example has no (key_free_log) snippet")
+		panic("Caddyfile.example has no (" + name + ") snippet")
 	}
 	end := strings.Index(s[start:], "\n}\n")
 	if end < 0 {
-		panic("Caddyfile.example: the (key_free_log) snippet does not end")
+		panic("Caddyfile.example: the (" + name + ") snippet does not end")
 	}
 	return s[start+1:start+end+3] + "\n"
 }

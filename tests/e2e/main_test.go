@@ -100,6 +100,7 @@ type configOpts struct {
 	database      string // instead of the stack's
 	appExtra      string // more lines for the llm_billing global option
 	headerTimeout string // reverse_proxy response_header_timeout on chat
+	extra         string // appended: more snippets and sites
 }
 
 func caddyfile(o configOpts) string {
@@ -192,7 +193,7 @@ http://127.0.0.1:%[15]d {
 		ports[0], examples("models-chat.json"), env.UpstreamURL,
 		ports[1], examples("models-chat2.json"),
 		ports[2], deadPort, strings.TrimPrefix(adminURL, "http://"), proxyOpts,
-		ports[3], examples("models-priority.json"))
+		ports[3], examples("models-priority.json")) + o.extra
 }
 
 // loadCaddy adapts a Caddyfile and runs it in this process, as `caddy run`
