@@ -79,7 +79,7 @@ func checkNoSecretsLogged() error {
 			}
 		}
 	}
-	fmt.Fprintf(os.Stderr, "log check: %d bytes of Caddy logs, %d client keys, none logged\n", len(raw), n)
+	fmt.Fprintf(os.Stderr, "log check: %d bytes of Caddy logs, %d client keys, %d pool keys, none logged\n", len(raw), n, len(pool))
 	return errors.Join(errs...)
 }
 
