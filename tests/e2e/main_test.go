@@ -100,6 +100,7 @@ type configOpts struct {
 	database      string // instead of the stack's
 	appExtra      string // more lines for the llm_billing global option
 	headerTimeout string // reverse_proxy response_header_timeout on chat
+	extra         string // appended: more snippets and sites
 }
 
 func caddyfile(o configOpts) string {
@@ -119,7 +120,8 @@ func caddyfile(o configOpts) string {
 	if o.headerTimeout != "" {
 		proxyOpts = " {\n\t\ttransport http {\n\t\t\tresponse_header_timeout " + o.headerTimeout + "\n\t\t}\n\t}"
 	}
-	return fmt.Sprintf(`{
+	// The log filters of Caddyfile.example, as they are there.
+	return keyFreeLogSnippet() + fmt.Sprintf(`{
 	admin %[13]s
 	persist_config off
 	grace_period 10s
@@ -131,6 +133,7 @@ func caddyfile(o configOpts) string {
 	log {
 		output file %[1]s
 		level DEBUG
+		import key_free_log
 	}
 	llm_billing {
 		mongodb_uri %[2]s
@@ -142,10 +145,10 @@ func caddyfile(o configOpts) string {
 http://127.0.0.1:%[6]d {
 	log {
 		output file %[1]s
-		format filter {
-			request>headers>X-Api-Key delete
-		}
+		import key_free_log
 	}
+	# A handler error, which Caddy logs with the request (TestLogsCarryNoKey).
+	error /e2e-error "handler error for the log check" 500
 	llm_billing {
 		credit_field creditsNew
 		models %[7]s
@@ -157,9 +160,7 @@ http://127.0.0.1:%[6]d {
 http://127.0.0.1:%[9]d {
 	log {
 		output file %[1]s
-		format filter {
-			request>headers>X-Api-Key delete
-		}
+		import key_free_log
 	}
 	llm_billing {
 		credit_field credits refCredits
@@ -197,7 +198,7 @@ http://127.0.0.1:%[15]d {
 		ports[0], examples("models-chat.json"), env.UpstreamURL,
 		ports[1], examples("models-chat2.json"),
 		ports[2], deadPort, strings.TrimPrefix(adminURL, "http://"), proxyOpts,
-		ports[3], examples("models-priority.json"), readHeaderTimeout)
+		ports[3], examples("models-priority.json"), readHeaderTimeout) + o.extra
 }
 
 // readHeaderTimeout is the servers' read_header timeout: a client that has
