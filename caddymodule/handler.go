@@ -345,7 +345,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	// Only allowed headers go upstream: the pool key is the only credential.
-	h.headers.apply(r.Header)
+	h.headers.apply(r)
 	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
 	r.Header.Set("Accept-Encoding", "identity")
 

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"fmt"
 	"net/http"
+	"net/url"
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
@@ -105,14 +106,29 @@ func newHeaderFilter(extra []string) (headerFilter, error) {
 	return f, nil
 }
 
-// apply removes from h every header the filter does not allow. It works on
-// h in place; names are compared in canonical form (net/http canonicalises
-// the headers it parses, so a client's spelling does not matter).
-func (f headerFilter) apply(h http.Header) {
-	for name := range h {
+// forwardedQuery are the query parameters that reach the upstream: `beta`,
+// which Claude Code sends on /v1/messages. Neither API takes another, and a
+// client's key in the query (`?key=`) must not leave the gateway.
+var forwardedQuery = []string{"beta"}
+
+// apply removes from r every header the filter does not allow, and every
+// query parameter but forwardedQuery. It works on r in place; names are
+// compared in canonical form (net/http canonicalises the headers it parses,
+// so a client's spelling does not matter).
+func (f headerFilter) apply(r *http.Request) {
+	for name := range r.Header {
 		if !f.allows(name) {
-			delete(h, name)
+			delete(r.Header, name)
 		}
+	}
+	if r.URL.RawQuery != "" {
+		q, kept := r.URL.Query(), url.Values{}
+		for _, name := range forwardedQuery {
+			if v, ok := q[name]; ok {
+				kept[name] = v
+			}
+		}
+		r.URL.RawQuery = kept.Encode()
 	}
 }
 

@@ -166,7 +166,7 @@ func (h *Handler) countTokens(w http.ResponseWriter, r *http.Request, next inter
 		return nil
 	}
 	defer done()
-	h.headers.apply(r.Header) // the pool key is the only credential that leaves
+	h.headers.apply(r) // the pool key is the only credential that leaves
 	m := newMeter(w, billing.Anthropic)
 	defer m.release()
 	pr := &proxied{start: time.Now(), client: r.Context(), upKey: upKey, expect: expectJSON}

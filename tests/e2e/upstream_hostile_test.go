@@ -212,3 +212,18 @@ func rawRequest(t *testing.T, base string, req string) (*http.Response, string) 
 	raw, _ := io.ReadAll(resp.Body)
 	return resp, string(raw)
 }
+
+// A key in the query string never reaches the upstream: of the query only
+// beta (which Claude Code sends) is forwarded.
+func TestQueryKeyNeverReachesTheUpstream(t *testing.T) {
+	noLeaks(t)
+	_, key := newUser(t, seed.User{Active: true, Migration: true, CreditsNew: 10})
+	testID := uniq(t, "req")
+	status, raw := postRead(t, chatURL+"/v1/messages?beta=true&key="+key+"&api-key="+key, key,
+		validBody("claude-sonnet-4-5")(), map[string]string{"X-Test-Id": testID})
+	require.Equal(t, http.StatusOK, status, "%s", raw)
+	reqs := upstreamRequests(testID)
+	require.Len(t, reqs, 1)
+	assert.Equal(t, "beta=true", reqs[0].Query)
+	assert.NotContains(t, reqs[0].Query, key)
+}

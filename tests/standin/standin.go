@@ -126,6 +126,7 @@ type Options struct {
 type Recorded struct {
 	Method string
 	Path   string
+	Query  string // the raw query string
 	Header http.Header
 	Body   []byte
 	Time   time.Time
@@ -208,7 +209,7 @@ func (s *Server) Requests() []Recorded {
 	defer s.mu.Unlock()
 	out := make([]Recorded, len(s.reqs))
 	for i, r := range s.reqs {
-		out[i] = Recorded{Method: r.Method, Path: r.Path, Header: r.Header.Clone(), Body: bytes.Clone(r.Body), Time: r.Time}
+		out[i] = Recorded{Method: r.Method, Path: r.Path, Query: r.Query, Header: r.Header.Clone(), Body: bytes.Clone(r.Body), Time: r.Time}
 	}
 	return out
 }
@@ -273,7 +274,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer s.active.Done()
 
 	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody))
-	rec := Recorded{Method: r.Method, Path: r.URL.Path, Header: r.Header.Clone(), Body: body, Time: time.Now()}
+	rec := Recorded{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, Header: r.Header.Clone(), Body: body, Time: time.Now()}
 	s.mu.Lock()
 	s.reqs = append(s.reqs, rec)
 	s.mu.Unlock()
