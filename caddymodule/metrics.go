@@ -135,6 +135,14 @@ var upstreamFailovers = prometheus.NewCounterVec(prometheus.CounterOpts{
 	Help:      "Requests retried on another upstream key before any byte reached the client, by the failed key's reason (unauthorized, payment_required, forbidden, budget_exceeded, rate_limited, overloaded, upstream_<5xx status>, transport_error).",
 }, []string{"reason"})
 
+// collectors returns every collector of the module.
+func collectors() []prometheus.Collector {
+	return []prometheus.Collector{
+		dbDuration, rateLimited, usageProblems, requestsTotal, tokensTotal, chargedUSD, usageEstimated,
+		holdsOutstanding, settlementLag, upstreamFailovers, keyStates,
+	}
+}
+
 // registerMetrics registers the module's collectors with a config's
 // registry; registering them again (a second site, or a reload) is fine.
 func registerMetrics(reg prometheus.Registerer) error {
@@ -142,10 +150,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 		return nil
 	}
 	var are prometheus.AlreadyRegisteredError
-	for _, c := range []prometheus.Collector{
-		dbDuration, rateLimited, usageProblems, requestsTotal, tokensTotal, chargedUSD, usageEstimated,
-		holdsOutstanding, settlementLag, upstreamFailovers, keyStates,
-	} {
+	for _, c := range collectors() {
 		if err := reg.Register(c); err != nil && !errors.As(err, &are) {
 			return err
 		}
