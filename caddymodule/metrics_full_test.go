@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -223,4 +224,33 @@ func TestOutcomeOfRefusals(t *testing.T) {
 	assert.Equal(t, "billed", outcome(nil, 200))
 	assert.Equal(t, "upstream_error", outcome(nil, 400), "an upstream error passed through")
 	assert.Equal(t, "upstream_error", outcome(nil, 0), "no answer at all")
+}
+
+// orphanStore is a fakeStore whose sweeper query finds the given holds.
+type orphanStore struct {
+	*fakeStore
+	orphans []billing.Orphan
+}
+
+func (s *orphanStore) Orphans(context.Context, billing.OrphanQuery) ([]billing.Orphan, error) {
+	return s.orphans, nil
+}
+
+// An orphaned hold the sweeper charges is money taken from the pool:
+// charged_usd_total counts it, once.
+func TestSweeperChargeIsCounted(t *testing.T) {
+	reg := pedantic(t)
+	fs := &fakeStore{key: "k"}
+	plan, err := billing.ParseCreditPlan([]string{"credits", "refCredits"})
+	require.NoError(t, err)
+	hold := billing.Hold{RequestID: "orphan-1", User: "u1", Plan: plan, Taken: []billing.Nano{7_000}, Input: 3_000,
+		Owner: "dead/1", At: time.Now().Add(-time.Hour), Expires: time.Now().Add(-time.Minute), LogID: billing.NewLogID(time.Now())}
+	eng := newEngineWithStore(&orphanStore{fakeStore: fs, orphans: []billing.Orphan{{Hold: hold}}})
+	t.Cleanup(func() { _ = eng.Destruct() })
+	before := sample(t, reg, "caddy_llm_billing_charged_usd_total", "pool", "credits+refCredits")
+	eng.sweep(time.Now())
+	require.Equal(t, int64(1), fs.charges.Load(), "the sweeper charged the orphan")
+	charged := billing.OrphanPolicy(*eng.orphanPolicy.Load()).Cost(hold)
+	require.Positive(t, charged)
+	assert.Equal(t, before+charged.USD(), sample(t, reg, "caddy_llm_billing_charged_usd_total", "pool", "credits+refCredits"))
 }
