@@ -19,10 +19,28 @@ type refusalRecorder struct {
 	refusal *apiError
 	masked  string // the client's key, masked, once read
 	user    string // the authenticated user, once known
+	model   string // the canonical model id, once found in the site's models file
+	status  int    // the first final status written to the client, 0 until then
 }
 
 // Unwrap lets http.ResponseController reach the underlying writer.
 func (rr *refusalRecorder) Unwrap() http.ResponseWriter { return rr.ResponseWriter }
+
+// WriteHeader records the first final status (for requests_total).
+func (rr *refusalRecorder) WriteHeader(code int) {
+	if code >= 200 && rr.status == 0 {
+		rr.status = code
+	}
+	rr.ResponseWriter.WriteHeader(code)
+}
+
+// Write records the implicit 200 of a body written without a status.
+func (rr *refusalRecorder) Write(p []byte) (int, error) {
+	if rr.status == 0 {
+		rr.status = http.StatusOK
+	}
+	return rr.ResponseWriter.Write(p)
+}
 
 // Error logs are written in batches of at most errorLogBatch, at least every
 // errorLogFlush; at most errorLogQueue wait, beyond which new ones are

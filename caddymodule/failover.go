@@ -271,6 +271,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface
 		h.logger.Info("retrying on another upstream key",
 			zap.String("failed_key", pr.upKey.ID), zap.String("reason", v.Reason), zap.String("next_key", k.ID))
 		pr.upKey = k
+		upstreamFailovers.WithLabelValues(v.Reason).Inc()
 	}
 }
 

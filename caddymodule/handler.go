@@ -227,6 +227,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	rr := &refusalRecorder{ResponseWriter: w}
 	w = rr
 	defer h.logRefusal(r, rr)
+	defer h.countRequest(rr, ep)
 	if r.Method != http.MethodPost {
 		errMethod.write(w, api)
 		return nil
@@ -306,6 +307,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		errModelNotFound(api, info.Model).write(w, api)
 		return nil
 	}
+	rr.model = model.ID
 
 	upKey, err := eng.pickKey()
 	if err != nil {
@@ -344,6 +346,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		errInvalidJSON.write(w, api)
 		return nil
 	}
+	holdsOutstanding.Inc() // until its settlement is done (countDone)
 	// Only allowed headers go upstream: the pool key is the only credential.
 	h.headers.apply(r)
 	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
@@ -480,7 +483,7 @@ func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p bil
 // settle prices what the response used and hands the settlement to the
 // engine: the cost for a 2xx answer, a release of the hold otherwise.
 func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
-	s := &settlement{Hold: pr.hold, logger: h.logger, Site: r.Host}
+	s := &settlement{Hold: pr.hold, logger: h.logger, Site: r.Host, held: true}
 	if m.status < 200 || m.status >= 300 {
 		h.eng.submit(s) // nothing billed: the hold goes back
 		return

@@ -33,6 +33,7 @@ type settlement struct {
 	Site     string                `json:"site"`
 
 	logger   *zap.Logger
+	held     bool // counted in holds_outstanding until done
 	journal  bool // appended to the spool
 	queued   bool // counted in the engine's waiting settlements
 	failures int
@@ -228,6 +229,7 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 		e.addUsage(counters)
 	}
 	for _, s := range logged {
+		s.countSettled()
 		s.logBilled()
 		done = append(done, s)
 	}
@@ -243,6 +245,7 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 			e.log().Warn("marking settlements done in the spool failed", zap.Int("count", len(ids)), zap.Error(err))
 		}
 	}
+	countDone(done)
 	e.waiting.done(done)
 }
 
@@ -616,6 +619,7 @@ func (e *engine) resolve(ctx context.Context, q billing.OrphanQuery) {
 				continue // its own settlement got there first
 			}
 			if applied {
+				chargedUSD.WithLabelValues(h.Plan.String()).Add(r.Charged.USD())
 				e.log().Warn("resolved an orphaned hold", zap.String("request_id", h.RequestID), zap.String("user", h.User),
 					zap.String("owner", h.Owner), zap.Time("held_at", h.At), zap.String("policy", string(policy)),
 					zap.String("hold", h.Amount().String()), zap.String("charged", r.Charged.String()))
