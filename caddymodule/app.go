@@ -7,7 +7,6 @@ package caddymodule
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -129,14 +128,16 @@ func (App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision resolves the secrets and acquires the shared engine. It does no
-// network I/O.
+// Provision checks the settings (Validate), resolves the secrets and
+// acquires the shared engine. It does no network I/O. A config that does not
+// validate, or whose placeholders do not resolve, changes nothing in the
+// engine a running config shares.
 func (a *App) Provision(ctx caddy.Context) error {
+	if err := a.Validate(); err != nil {
+		return err
+	}
 	a.logger = ctx.Logger()
 	repl := caddy.NewReplacer()
-	if strings.TrimSpace(a.MongoDBURI) == "" {
-		return errors.New("mongodb_uri is required (global option: llm_billing { mongodb_uri {env.MONGODB_URI} })")
-	}
 	uri, err := repl.ReplaceOrErr(a.MongoDBURI, true, true)
 	if err != nil {
 		return fmt.Errorf("mongodb_uri: %v", err)
@@ -147,9 +148,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return fmt.Errorf("database: %v", err)
 		}
-	}
-	if a.KeyRefreshInterval < 0 {
-		return errors.New("key_refresh_interval must not be negative")
 	}
 	static := make([]billing.UpstreamKey, 0, len(a.UpstreamKeys))
 	for i, k := range a.UpstreamKeys {
@@ -166,6 +164,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 
 	sum := sha256.Sum256([]byte(uri + "\x00" + db))
 	key := "llm_billing:" + hex.EncodeToString(sum[:])
+	dir := a.SpoolDir
+	if dir != "" {
+		if dir, err = repl.ReplaceOrErr(dir, true, true); err != nil {
+			return fmt.Errorf("spool_dir: %w", err)
+		}
+	} else {
+		dir = filepath.Join(caddy.AppDataDir(), "llm_billing", "spool-"+hex.EncodeToString(sum[:6]))
+	}
 	v, _, err := engines.LoadOrNew(key, func() (caddy.Destructor, error) {
 		e, err := newEngine(uri, db)
 		if err != nil {
@@ -188,9 +194,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 		refresh = defaultRefresh
 	}
 	a.eng.keyRefresh.Store(int64(refresh))
-	if a.KeyAttempts < 0 || a.KeyRetryBudget < 0 || a.KeyCooldown < 0 || a.KeyErrorCooldown < 0 {
-		return errors.New("key_attempts, key_retry_budget, key_cooldown and key_error_cooldown must not be negative")
-	}
 	a.eng.attempts.Store(int64(orDefault(a.KeyAttempts, defaultAttempts)))
 	a.eng.budget.Store(int64(orDefault(time.Duration(a.KeyRetryBudget), defaultRetryBudget)))
 	a.eng.rlCooldown.Store(int64(orDefault(time.Duration(a.KeyCooldown), defaultRateLimitCooldown)))
@@ -199,58 +202,30 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if len(static) > 0 {
 		a.eng.keys.Set(static)
 	}
-	if a.HoldLease < 0 {
-		return errors.New("hold_lease must not be negative")
-	}
 	a.eng.holdLease.Store(int64(orDefault(time.Duration(a.HoldLease), defaultHoldLease)))
-	if a.BodyMemory < 0 || (a.BodyMemory > 0 && a.BodyMemory < firstChunk) {
-		return fmt.Errorf("body_memory must be at least %d bytes", firstChunk)
-	}
 	a.eng.bodies.limit.Store(orDefault(a.BodyMemory, DefaultBodyMemory))
-	pol := billing.OrphanChargeInput
+	polName := string(billing.OrphanChargeInput)
 	if a.OrphanPolicy != "" {
-		if pol, err = billing.ParseOrphanPolicy(a.OrphanPolicy); err != nil {
-			return fmt.Errorf("orphan_policy: %v", err)
-		}
+		polName = a.OrphanPolicy // checked by Validate
 	}
-	polName := string(pol)
 	a.eng.orphanPolicy.Store(&polName)
 	iso := a.Isolation
-	switch iso {
-	case "":
+	if iso == "" {
 		iso = "auto"
-	case "auto", "process", "shared":
-	default:
-		return fmt.Errorf("isolation: unknown mode %q (want auto, process or shared)", iso)
 	}
 	a.eng.isolation.Store(&iso)
-	switch a.ErrorLogs {
-	case "", "on", "off":
-		a.eng.errorLogsOn.Store(a.ErrorLogs != "off")
-	default:
-		return fmt.Errorf("error_logs: want on or off, got %q", a.ErrorLogs)
-	}
-	dir := a.SpoolDir
-	if dir != "" {
-		if dir, err = repl.ReplaceOrErr(dir, true, true); err != nil {
-			return fmt.Errorf("spool_dir: %v", err)
-		}
-	} else {
-		dir = filepath.Join(caddy.AppDataDir(), "llm_billing", "spool-"+hex.EncodeToString(sum[:6]))
-	}
+	a.eng.errorLogsOn.Store(a.ErrorLogs != "off")
 	a.eng.spoolDir.Store(&dir)
 	a.eng.logger.Store(a.logger)
 	return nil
 }
 
-// provisionRateLimits checks the limits and attaches to the pooled buckets.
+// provisionRateLimits attaches to the pooled buckets (Validate checked the
+// limits).
 func (a *App) provisionRateLimits() error {
 	rl := a.RateLimit
 	if rl == nil {
 		rl = new(RateLimits)
-	}
-	if err := rl.Validate(); err != nil {
-		return err
 	}
 	state, err := acquireLimiters()
 	if err != nil {
