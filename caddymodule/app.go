@@ -49,7 +49,7 @@ type App struct {
 	KeyCacheTTL caddy.Duration `json:"key_cache_ttl,omitempty"`
 
 	// KeyRefreshInterval is how often the upstream key pool is reloaded from
-	// openhands_keys and openhands_bindings. Default: 5s.
+	// openhands_keys and openhands_bindings. Default: 5s; at least 1s.
 	KeyRefreshInterval caddy.Duration `json:"key_refresh_interval,omitempty"`
 
 	// UpstreamKeys is a static list of upstream API keys, for deployments
@@ -60,7 +60,7 @@ type App struct {
 	// KeyAttempts is how many upstream keys a request may try before its
 	// answer reaches the client: a key that fails (401, 402, 403, 429, 529,
 	// 5xx, a budget-exceeded 400, a transport error) is retried on another
-	// key before any byte is sent. Default: 3.
+	// key before any byte is sent. From 1 to 20; default: 3.
 	KeyAttempts int `json:"key_attempts,omitempty"`
 
 	// KeyRetryBudget bounds the time a request may spend on failed attempts
@@ -77,7 +77,7 @@ type App struct {
 
 	// HoldLease is how long a hold is trusted while its owner is alive;
 	// past it the sweeper resolves it. Keep it above the longest request
-	// (the upstream timeouts). Default: 15m.
+	// (the upstream timeouts). At least 1m; default: 15m.
 	HoldLease caddy.Duration `json:"hold_lease,omitempty"`
 
 	// OrphanPolicy is what the sweeper charges for a hold whose request
@@ -111,7 +111,7 @@ type App struct {
 	// flight, across all sites: a body is counted before it is read and
 	// until its request ends, and one that does not fit gets a 503
 	// (overloaded) without being read. The bound is kept across config
-	// reloads. Default: 256 MiB.
+	// reloads. At least 64 KiB; default: 256 MiB.
 	BodyMemory int64 `json:"body_memory,omitempty"`
 
 	eng     *engine

@@ -27,13 +27,13 @@ func init() {
 //		mongodb_uri          <uri>        # required; use {env.MONGODB_URI}
 //		database             <name>       # default: fproxy
 //		key_cache_ttl        <duration>   # default: 30s; off disables
-//		key_refresh_interval <duration>   # default: 5s
+//		key_refresh_interval <duration>   # default: 5s; at least 1s
 //		upstream_keys        <key...>     # static keys instead of openhands_keys
-//		key_attempts         <n>          # keys tried per request; default 3
+//		key_attempts         <n>          # keys tried per request, 1 to 20; default 3
 //		key_retry_budget     <duration>   # time allowed for failed attempts; default 30s
 //		key_cooldown         <duration>   # 429/529 without Retry-After; default 60s
 //		key_error_cooldown   <duration>   # 5xx and transport errors; default 10s
-//		hold_lease           <duration>   # a hold's lease; default 15m
+//		hold_lease           <duration>   # a hold's lease, at least 1m; default 15m
 //		orphan_policy        charge_input | charge_hold | release   # default charge_input
 //		spool_dir            <dir>        # settlement journal; default in Caddy's data dir
 //		isolation            auto | process | shared   # default auto
@@ -44,7 +44,7 @@ func init() {
 //			other  <events> [<window>]    # any other key; default 300 1m
 //			ip     <events> [<window>]    # per client IP, before auth; default off
 //		}
-//		body_memory          <size>       # request bodies in flight, all sites; default 256MiB
+//		body_memory          <size>       # request bodies in flight, all sites; default 256MiB; at least 64KiB
 //	}
 //
 // The parser checks only the syntax and converts the values; App.Validate
@@ -248,9 +248,9 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //	llm_billing {
 //		credit_field  creditsNew | credits [refCredits]
 //		models        <path to legacy config JSON>
-//		max_body_size      <size>       # default: 50MB
+//		max_body_size      <size>       # default: 50MB; at most 1TiB
 //		hold               worst_case | check   # default worst_case
-//		default_max_tokens <n>          # output a hold assumes without max_tokens; default 4096
+//		default_max_tokens <n>          # output a hold assumes without max_tokens, 1 to 10000000; default 4096
 //		client_disconnect  drain | stop # default drain
 //		drain_timeout      <duration>   # default 2m
 //		allow_roles        <role...>    # only users of these roles (the priority line)

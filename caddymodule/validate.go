@@ -27,6 +27,9 @@ const (
 // key, which is the same in the Caddyfile and in JSON. Validate is cheap,
 // does no I/O and changes nothing; Provision calls it before it touches the
 // shared engine, and Caddy calls it again after Provision.
+//
+// key_cache_ttl has no bound: 0 is the default and a negative value (the
+// Caddyfile's off) turns the cache off.
 func (a *App) Validate() error {
 	if strings.TrimSpace(a.MongoDBURI) == "" {
 		return errors.New("mongodb_uri is required (use a placeholder such as {env.MONGODB_URI})")
