@@ -183,41 +183,39 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.eng, a.poolKey = v.(*engine), key
+	a.store(a.eng, static, dir)
+	return nil
+}
 
-	ttl := time.Duration(a.KeyCacheTTL)
-	if ttl == 0 {
-		ttl = defaultAuthTTL
-	}
-	a.eng.authTTL.Store(int64(ttl))
-	refresh := time.Duration(a.KeyRefreshInterval)
-	if refresh == 0 {
-		refresh = defaultRefresh
-	}
-	a.eng.keyRefresh.Store(int64(refresh))
-	a.eng.attempts.Store(int64(orDefault(a.KeyAttempts, defaultAttempts)))
-	a.eng.budget.Store(int64(orDefault(time.Duration(a.KeyRetryBudget), defaultRetryBudget)))
-	a.eng.rlCooldown.Store(int64(orDefault(time.Duration(a.KeyCooldown), defaultRateLimitCooldown)))
-	a.eng.errCooldown.Store(int64(orDefault(time.Duration(a.KeyErrorCooldown), defaultErrorCooldown)))
-	a.eng.static.Store(len(static) > 0)
+// store puts the app's settings, with their defaults, in the pooled engine.
+// The app has passed Validate and its placeholders are resolved (the static
+// upstream keys and the spool directory are given resolved).
+func (a *App) store(e *engine, static []billing.UpstreamKey, dir string) {
+	e.authTTL.Store(int64(orDefault(time.Duration(a.KeyCacheTTL), defaultAuthTTL))) // negative: off
+	e.keyRefresh.Store(int64(orDefault(time.Duration(a.KeyRefreshInterval), defaultRefresh)))
+	e.attempts.Store(int64(orDefault(a.KeyAttempts, defaultAttempts)))
+	e.budget.Store(int64(orDefault(time.Duration(a.KeyRetryBudget), defaultRetryBudget)))
+	e.rlCooldown.Store(int64(orDefault(time.Duration(a.KeyCooldown), defaultRateLimitCooldown)))
+	e.errCooldown.Store(int64(orDefault(time.Duration(a.KeyErrorCooldown), defaultErrorCooldown)))
+	e.static.Store(len(static) > 0)
 	if len(static) > 0 {
-		a.eng.keys.Set(static)
+		e.keys.Set(static)
 	}
-	a.eng.holdLease.Store(int64(orDefault(time.Duration(a.HoldLease), defaultHoldLease)))
-	a.eng.bodies.limit.Store(orDefault(a.BodyMemory, DefaultBodyMemory))
+	e.holdLease.Store(int64(orDefault(time.Duration(a.HoldLease), defaultHoldLease)))
+	e.bodies.limit.Store(orDefault(a.BodyMemory, DefaultBodyMemory))
 	polName := string(billing.OrphanChargeInput)
 	if a.OrphanPolicy != "" {
 		polName = a.OrphanPolicy // checked by Validate
 	}
-	a.eng.orphanPolicy.Store(&polName)
+	e.orphanPolicy.Store(&polName)
 	iso := a.Isolation
 	if iso == "" {
 		iso = "auto"
 	}
-	a.eng.isolation.Store(&iso)
-	a.eng.errorLogsOn.Store(a.ErrorLogs != "off")
-	a.eng.spoolDir.Store(&dir)
-	a.eng.logger.Store(a.logger)
-	return nil
+	e.isolation.Store(&iso)
+	e.errorLogsOn.Store(a.ErrorLogs != "off")
+	e.spoolDir.Store(&dir)
+	e.logger.Store(a.logger)
 }
 
 // provisionRateLimits attaches to the pooled buckets (Validate checked the
