@@ -7,7 +7,6 @@ package caddymodule
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -50,7 +49,7 @@ type App struct {
 	KeyCacheTTL caddy.Duration `json:"key_cache_ttl,omitempty"`
 
 	// KeyRefreshInterval is how often the upstream key pool is reloaded from
-	// openhands_keys and openhands_bindings. Default: 5s.
+	// openhands_keys and openhands_bindings. Default: 5s; at least 1s.
 	KeyRefreshInterval caddy.Duration `json:"key_refresh_interval,omitempty"`
 
 	// UpstreamKeys is a static list of upstream API keys, for deployments
@@ -61,7 +60,7 @@ type App struct {
 	// KeyAttempts is how many upstream keys a request may try before its
 	// answer reaches the client: a key that fails (401, 402, 403, 429, 529,
 	// 5xx, a budget-exceeded 400, a transport error) is retried on another
-	// key before any byte is sent. Default: 3.
+	// key before any byte is sent. From 1 to 20; default: 3.
 	KeyAttempts int `json:"key_attempts,omitempty"`
 
 	// KeyRetryBudget bounds the time a request may spend on failed attempts
@@ -78,7 +77,7 @@ type App struct {
 
 	// HoldLease is how long a hold is trusted while its owner is alive;
 	// past it the sweeper resolves it. Keep it above the longest request
-	// (the upstream timeouts). Default: 15m.
+	// (the upstream timeouts). At least 1m; default: 15m.
 	HoldLease caddy.Duration `json:"hold_lease,omitempty"`
 
 	// OrphanPolicy is what the sweeper charges for a hold whose request
@@ -112,7 +111,7 @@ type App struct {
 	// flight, across all sites: a body is counted before it is read and
 	// until its request ends, and one that does not fit gets a 503
 	// (overloaded) without being read. The bound is kept across config
-	// reloads. Default: 256 MiB.
+	// reloads. At least 64 KiB; default: 256 MiB.
 	BodyMemory int64 `json:"body_memory,omitempty"`
 
 	eng     *engine
@@ -129,14 +128,16 @@ func (App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision resolves the secrets and acquires the shared engine. It does no
-// network I/O.
+// Provision checks the settings (Validate), resolves the secrets and
+// acquires the shared engine. It does no network I/O. A config that does not
+// validate, or whose placeholders do not resolve, changes nothing in the
+// engine a running config shares.
 func (a *App) Provision(ctx caddy.Context) error {
+	if err := a.Validate(); err != nil {
+		return err
+	}
 	a.logger = ctx.Logger()
 	repl := caddy.NewReplacer()
-	if strings.TrimSpace(a.MongoDBURI) == "" {
-		return errors.New("mongodb_uri is required (global option: llm_billing { mongodb_uri {env.MONGODB_URI} })")
-	}
 	uri, err := repl.ReplaceOrErr(a.MongoDBURI, true, true)
 	if err != nil {
 		return fmt.Errorf("mongodb_uri: %v", err)
@@ -147,9 +148,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return fmt.Errorf("database: %v", err)
 		}
-	}
-	if a.KeyRefreshInterval < 0 {
-		return errors.New("key_refresh_interval must not be negative")
 	}
 	static := make([]billing.UpstreamKey, 0, len(a.UpstreamKeys))
 	for i, k := range a.UpstreamKeys {
@@ -166,6 +164,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 
 	sum := sha256.Sum256([]byte(uri + "\x00" + db))
 	key := "llm_billing:" + hex.EncodeToString(sum[:])
+	dir := a.SpoolDir
+	if dir != "" {
+		if dir, err = repl.ReplaceOrErr(dir, true, true); err != nil {
+			return fmt.Errorf("spool_dir: %w", err)
+		}
+	} else {
+		dir = filepath.Join(caddy.AppDataDir(), "llm_billing", "spool-"+hex.EncodeToString(sum[:6]))
+	}
 	v, _, err := engines.LoadOrNew(key, func() (caddy.Destructor, error) {
 		e, err := newEngine(uri, db)
 		if err != nil {
@@ -177,80 +183,47 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.eng, a.poolKey = v.(*engine), key
-
-	ttl := time.Duration(a.KeyCacheTTL)
-	if ttl == 0 {
-		ttl = defaultAuthTTL
-	}
-	a.eng.authTTL.Store(int64(ttl))
-	refresh := time.Duration(a.KeyRefreshInterval)
-	if refresh == 0 {
-		refresh = defaultRefresh
-	}
-	a.eng.keyRefresh.Store(int64(refresh))
-	if a.KeyAttempts < 0 || a.KeyRetryBudget < 0 || a.KeyCooldown < 0 || a.KeyErrorCooldown < 0 {
-		return errors.New("key_attempts, key_retry_budget, key_cooldown and key_error_cooldown must not be negative")
-	}
-	a.eng.attempts.Store(int64(orDefault(a.KeyAttempts, defaultAttempts)))
-	a.eng.budget.Store(int64(orDefault(time.Duration(a.KeyRetryBudget), defaultRetryBudget)))
-	a.eng.rlCooldown.Store(int64(orDefault(time.Duration(a.KeyCooldown), defaultRateLimitCooldown)))
-	a.eng.errCooldown.Store(int64(orDefault(time.Duration(a.KeyErrorCooldown), defaultErrorCooldown)))
-	a.eng.static.Store(len(static) > 0)
-	if len(static) > 0 {
-		a.eng.keys.Set(static)
-	}
-	if a.HoldLease < 0 {
-		return errors.New("hold_lease must not be negative")
-	}
-	a.eng.holdLease.Store(int64(orDefault(time.Duration(a.HoldLease), defaultHoldLease)))
-	if a.BodyMemory < 0 || (a.BodyMemory > 0 && a.BodyMemory < firstChunk) {
-		return fmt.Errorf("body_memory must be at least %d bytes", firstChunk)
-	}
-	a.eng.bodies.limit.Store(orDefault(a.BodyMemory, DefaultBodyMemory))
-	pol := billing.OrphanChargeInput
-	if a.OrphanPolicy != "" {
-		if pol, err = billing.ParseOrphanPolicy(a.OrphanPolicy); err != nil {
-			return fmt.Errorf("orphan_policy: %v", err)
-		}
-	}
-	polName := string(pol)
-	a.eng.orphanPolicy.Store(&polName)
-	iso := a.Isolation
-	switch iso {
-	case "":
-		iso = "auto"
-	case "auto", "process", "shared":
-	default:
-		return fmt.Errorf("isolation: unknown mode %q (want auto, process or shared)", iso)
-	}
-	a.eng.isolation.Store(&iso)
-	switch a.ErrorLogs {
-	case "", "on", "off":
-		a.eng.errorLogsOn.Store(a.ErrorLogs != "off")
-	default:
-		return fmt.Errorf("error_logs: want on or off, got %q", a.ErrorLogs)
-	}
-	dir := a.SpoolDir
-	if dir != "" {
-		if dir, err = repl.ReplaceOrErr(dir, true, true); err != nil {
-			return fmt.Errorf("spool_dir: %v", err)
-		}
-	} else {
-		dir = filepath.Join(caddy.AppDataDir(), "llm_billing", "spool-"+hex.EncodeToString(sum[:6]))
-	}
-	a.eng.spoolDir.Store(&dir)
-	a.eng.logger.Store(a.logger)
+	a.store(a.eng, static, dir)
 	return nil
 }
 
-// provisionRateLimits checks the limits and attaches to the pooled buckets.
+// store puts the app's settings, with their defaults, in the pooled engine.
+// The app has passed Validate and its placeholders are resolved (the static
+// upstream keys and the spool directory are given resolved).
+func (a *App) store(e *engine, static []billing.UpstreamKey, dir string) {
+	e.authTTL.Store(int64(orDefault(time.Duration(a.KeyCacheTTL), defaultAuthTTL))) // negative: off
+	e.keyRefresh.Store(int64(orDefault(time.Duration(a.KeyRefreshInterval), defaultRefresh)))
+	e.attempts.Store(int64(orDefault(a.KeyAttempts, defaultAttempts)))
+	e.budget.Store(int64(orDefault(time.Duration(a.KeyRetryBudget), defaultRetryBudget)))
+	e.rlCooldown.Store(int64(orDefault(time.Duration(a.KeyCooldown), defaultRateLimitCooldown)))
+	e.errCooldown.Store(int64(orDefault(time.Duration(a.KeyErrorCooldown), defaultErrorCooldown)))
+	e.static.Store(len(static) > 0)
+	if len(static) > 0 {
+		e.keys.Set(static)
+	}
+	e.holdLease.Store(int64(orDefault(time.Duration(a.HoldLease), defaultHoldLease)))
+	e.bodies.limit.Store(orDefault(a.BodyMemory, DefaultBodyMemory))
+	polName := string(billing.OrphanChargeInput)
+	if a.OrphanPolicy != "" {
+		polName = a.OrphanPolicy // checked by Validate
+	}
+	e.orphanPolicy.Store(&polName)
+	iso := a.Isolation
+	if iso == "" {
+		iso = "auto"
+	}
+	e.isolation.Store(&iso)
+	e.errorLogsOn.Store(a.ErrorLogs != "off")
+	e.spoolDir.Store(&dir)
+	e.logger.Store(a.logger)
+}
+
+// provisionRateLimits attaches to the pooled buckets (Validate checked the
+// limits).
 func (a *App) provisionRateLimits() error {
 	rl := a.RateLimit
 	if rl == nil {
 		rl = new(RateLimits)
-	}
-	if err := rl.Validate(); err != nil {
-		return err
 	}
 	state, err := acquireLimiters()
 	if err != nil {

@@ -11,8 +11,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
-
-	"github.com/trollllm/caddy-llm-billing/billing"
 )
 
 func init() {
@@ -29,13 +27,13 @@ func init() {
 //		mongodb_uri          <uri>        # required; use {env.MONGODB_URI}
 //		database             <name>       # default: fproxy
 //		key_cache_ttl        <duration>   # default: 30s; off disables
-//		key_refresh_interval <duration>   # default: 5s
+//		key_refresh_interval <duration>   # default: 5s; at least 1s
 //		upstream_keys        <key...>     # static keys instead of openhands_keys
-//		key_attempts         <n>          # keys tried per request; default 3
+//		key_attempts         <n>          # keys tried per request, 1 to 20; default 3
 //		key_retry_budget     <duration>   # time allowed for failed attempts; default 30s
 //		key_cooldown         <duration>   # 429/529 without Retry-After; default 60s
 //		key_error_cooldown   <duration>   # 5xx and transport errors; default 10s
-//		hold_lease           <duration>   # a hold's lease; default 15m
+//		hold_lease           <duration>   # a hold's lease, at least 1m; default 15m
 //		orphan_policy        charge_input | charge_hold | release   # default charge_input
 //		spool_dir            <dir>        # settlement journal; default in Caddy's data dir
 //		isolation            auto | process | shared   # default auto
@@ -46,8 +44,11 @@ func init() {
 //			other  <events> [<window>]    # any other key; default 300 1m
 //			ip     <events> [<window>]    # per client IP, before auth; default off
 //		}
-//		body_memory          <size>       # request bodies in flight, all sites; default 256MiB
+//		body_memory          <size>       # request bodies in flight, all sites; default 256MiB; at least 64KiB
 //	}
+//
+// The parser checks only the syntax and converts the values; App.Validate
+// checks their bounds, for the Caddyfile and JSON alike.
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if !d.Next() { // the option name
 		// No tokens at all: nothing to parse and no line to name. (NextArg
@@ -57,143 +58,130 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
+	seen := make(map[string]bool)
 	for d.NextBlock(0) {
 		name := d.Val()
-		switch name {
-		case "mongodb_uri":
-			if a.MongoDBURI != "" {
-				return d.Errf("mongodb_uri already specified")
-			}
-			if !d.AllArgs(&a.MongoDBURI) {
-				return d.ArgErr()
-			}
-		case "database":
-			if a.Database != "" {
-				return d.Errf("database already specified")
-			}
-			if !d.AllArgs(&a.Database) {
-				return d.ArgErr()
-			}
-		case "key_cache_ttl":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			if v == "off" {
-				a.KeyCacheTTL = caddy.Duration(-1)
-				continue
-			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil {
-				return d.Errf("key_cache_ttl: %v", err)
-			}
-			if dur <= 0 {
-				return d.Errf("key_cache_ttl must be positive (or off)")
-			}
-			a.KeyCacheTTL = caddy.Duration(dur)
-		case "key_refresh_interval":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil {
-				return d.Errf("key_refresh_interval: %v", err)
-			}
-			if dur < time.Second {
-				return d.Errf("key_refresh_interval must be at least 1s")
-			}
-			a.KeyRefreshInterval = caddy.Duration(dur)
-		case "key_attempts":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			n, err := strconv.Atoi(v)
-			if err != nil || n < 1 || n > 20 {
-				return d.Errf("key_attempts must be a number from 1 to 20, got %q", v)
-			}
-			a.KeyAttempts = n
-		case "key_retry_budget", "key_cooldown", "key_error_cooldown":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur <= 0 {
-				return d.Errf("%s must be a positive duration, got %q", name, v)
-			}
-			switch name {
-			case "key_retry_budget":
-				a.KeyRetryBudget = caddy.Duration(dur)
-			case "key_cooldown":
-				a.KeyCooldown = caddy.Duration(dur)
-			default:
-				a.KeyErrorCooldown = caddy.Duration(dur)
-			}
-		case "hold_lease":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur < time.Minute {
-				return d.Errf("hold_lease must be a duration of at least 1m, got %q", v)
-			}
-			a.HoldLease = caddy.Duration(dur)
-		case "orphan_policy":
-			if !d.AllArgs(&a.OrphanPolicy) {
-				return d.ArgErr()
-			}
-			if _, err := billing.ParseOrphanPolicy(a.OrphanPolicy); err != nil {
-				return d.Errf("orphan_policy: %v", err)
-			}
-		case "spool_dir":
-			if !d.AllArgs(&a.SpoolDir) {
-				return d.ArgErr()
-			}
-		case "isolation":
-			if !d.AllArgs(&a.Isolation) {
-				return d.ArgErr()
-			}
-			switch a.Isolation {
-			case "auto", "process", "shared":
-			default:
-				return d.Errf("isolation: unknown mode %q (want auto, process or shared)", a.Isolation)
-			}
-		case "error_logs":
-			if !d.AllArgs(&a.ErrorLogs) {
-				return d.ArgErr()
-			}
-		case "rate_limit":
-			if a.RateLimit != nil {
-				return d.Errf("rate_limit already specified")
-			}
-			rl, err := parseRateLimits(d)
-			if err != nil {
-				return err
-			}
-			a.RateLimit = rl
-		case "body_memory":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			n, err := humanize.ParseBytes(v)
-			if err != nil || n > math.MaxInt64 {
-				return d.Errf("body_memory: not a size: %q", v)
-			}
-			a.BodyMemory = int64(n)
-		case "upstream_keys":
-			keys := d.RemainingArgs()
-			if len(keys) == 0 {
-				return d.ArgErr()
-			}
-			a.UpstreamKeys = append(a.UpstreamKeys, keys...)
-		default:
-			return d.Errf("unrecognized llm_billing option '%s'", name)
+		if seen[name] && name != "upstream_keys" {
+			return d.Errf("%s already specified", name)
+		}
+		seen[name] = true
+		if err := a.unmarshalOption(d, name); err != nil {
+			return err
 		}
 	}
+	return nil
+}
+
+// unmarshalOption parses one option of the global block.
+func (a *App) unmarshalOption(d *caddyfile.Dispenser, name string) error {
+	var err error
+	switch name {
+	case "mongodb_uri":
+		err = stringArg(d, &a.MongoDBURI)
+	case "database":
+		err = stringArg(d, &a.Database)
+	case "key_cache_ttl":
+		var v string
+		if !d.AllArgs(&v) {
+			return d.ArgErr()
+		}
+		if v == "off" {
+			a.KeyCacheTTL = caddy.Duration(-1)
+			return nil
+		}
+		err = parseDuration(d, name, v, &a.KeyCacheTTL)
+	case "key_refresh_interval":
+		err = durationArg(d, &a.KeyRefreshInterval)
+	case "key_attempts":
+		err = intArg(d, &a.KeyAttempts)
+	case "key_retry_budget":
+		err = durationArg(d, &a.KeyRetryBudget)
+	case "key_cooldown":
+		err = durationArg(d, &a.KeyCooldown)
+	case "key_error_cooldown":
+		err = durationArg(d, &a.KeyErrorCooldown)
+	case "hold_lease":
+		err = durationArg(d, &a.HoldLease)
+	case "orphan_policy":
+		err = stringArg(d, &a.OrphanPolicy)
+	case "spool_dir":
+		err = stringArg(d, &a.SpoolDir)
+	case "isolation":
+		err = stringArg(d, &a.Isolation)
+	case "error_logs":
+		err = stringArg(d, &a.ErrorLogs)
+	case "rate_limit":
+		a.RateLimit, err = parseRateLimits(d)
+	case "body_memory":
+		err = sizeArg(d, &a.BodyMemory)
+	case "upstream_keys":
+		keys := d.RemainingArgs()
+		if len(keys) == 0 {
+			return d.ArgErr()
+		}
+		a.UpstreamKeys = append(a.UpstreamKeys, keys...)
+	default:
+		return d.Errf("unrecognized llm_billing option '%s'", name)
+	}
+	return err
+}
+
+// stringArg reads the option's one argument into dst.
+func stringArg(d *caddyfile.Dispenser, dst *string) error {
+	if !d.AllArgs(dst) {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+// durationArg reads the option's one argument, a duration, into dst.
+func durationArg(d *caddyfile.Dispenser, dst *caddy.Duration) error {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return d.ArgErr()
+	}
+	return parseDuration(d, name, v, dst)
+}
+
+// parseDuration converts v, the argument of option name, into dst.
+func parseDuration(d *caddyfile.Dispenser, name, v string, dst *caddy.Duration) error {
+	dur, err := caddy.ParseDuration(v)
+	if err != nil {
+		return d.Errf("%s: not a duration: %q", name, v)
+	}
+	*dst = caddy.Duration(dur)
+	return nil
+}
+
+// intArg reads the option's one argument, a whole number, into dst.
+func intArg[T int | int64](d *caddyfile.Dispenser, dst *T) error {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return d.ArgErr()
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || int64(T(n)) != n {
+		return d.Errf("%s: not a whole number: %q", name, v)
+	}
+	*dst = T(n)
+	return nil
+}
+
+// sizeArg reads the option's one argument, a size in bytes such as 64MiB or
+// 50MB, into dst.
+func sizeArg(d *caddyfile.Dispenser, dst *int64) error {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return d.ArgErr()
+	}
+	n, err := humanize.ParseBytes(v)
+	if err != nil || n > math.MaxInt64 {
+		return d.Errf("%s: not a size: %q", name, v)
+	}
+	*dst = int64(n)
 	return nil
 }
 
@@ -260,9 +248,9 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //	llm_billing {
 //		credit_field  creditsNew | credits [refCredits]
 //		models        <path to legacy config JSON>
-//		max_body_size      <size>       # default: 50MB
+//		max_body_size      <size>       # default: 50MB; at most 1TiB
 //		hold               worst_case | check   # default worst_case
-//		default_max_tokens <n>          # output a hold assumes without max_tokens; default 4096
+//		default_max_tokens <n>          # output a hold assumes without max_tokens, 1 to 10000000; default 4096
 //		client_disconnect  drain | stop # default drain
 //		drain_timeout      <duration>   # default 2m
 //		allow_roles        <role...>    # only users of these roles (the priority line)
@@ -272,6 +260,9 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		}
 //		forward_headers    <name...>    # client headers forwarded besides the built-in allow-list
 //	}
+//
+// The parser checks only the syntax and converts the values; Handler.Validate
+// checks their bounds, for the Caddyfile and JSON alike.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if !d.Next() { // the directive name
 		// No tokens at all: nothing to parse and no line to name. (NextArg
@@ -281,97 +272,58 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
+	seen := make(map[string]bool)
 	for d.NextBlock(0) {
 		name := d.Val()
-		switch name {
-		case "credit_field":
-			if len(h.CreditFields) > 0 {
-				return d.Errf("credit_field already specified")
-			}
-			h.CreditFields = d.RemainingArgs()
-			if len(h.CreditFields) == 0 {
-				return d.ArgErr()
-			}
-		case "models":
-			if h.Models != "" {
-				return d.Errf("models already specified")
-			}
-			if !d.AllArgs(&h.Models) {
-				return d.ArgErr()
-			}
-		case "max_body_size":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			n, err := humanize.ParseBytes(v)
-			if err != nil {
-				return d.Errf("max_body_size: %v", err)
-			}
-			if n == 0 || n > 1<<40 {
-				return d.Errf("max_body_size: %s is out of range", v)
-			}
-			h.MaxBodySize = int64(n)
-		case "hold":
-			if !d.AllArgs(&h.Hold) {
-				return d.ArgErr()
-			}
-			if h.Hold != HoldWorstCase && h.Hold != HoldCheck {
-				return d.Errf("hold: unknown sizing %q (want %s or %s)", h.Hold, HoldWorstCase, HoldCheck)
-			}
-		case "default_max_tokens":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil || n < 1 || n > 10_000_000 {
-				return d.Errf("default_max_tokens must be a number from 1 to 10000000, got %q", v)
-			}
-			h.DefaultMaxTokens = n
-		case "client_disconnect":
-			if !d.AllArgs(&h.ClientDisconnect) {
-				return d.ArgErr()
-			}
-			if h.ClientDisconnect != DisconnectDrain && h.ClientDisconnect != DisconnectStop {
-				return d.Errf("client_disconnect: unknown policy %q (want %s or %s)", h.ClientDisconnect, DisconnectDrain, DisconnectStop)
-			}
-		case "drain_timeout":
-			var v string
-			if !d.AllArgs(&v) {
-				return d.ArgErr()
-			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur <= 0 {
-				return d.Errf("drain_timeout must be a positive duration, got %q", v)
-			}
-			h.DrainTimeout = caddy.Duration(dur)
-		case "allow_roles":
-			roles := d.RemainingArgs()
-			if len(roles) == 0 {
-				return d.ArgErr()
-			}
-			h.AllowRoles = append(h.AllowRoles, roles...)
-		case "price_factor":
-			if h.PriceFactor != nil {
-				return d.Errf("price_factor already specified")
-			}
-			pf, err := parsePriceFactor(d)
-			if err != nil {
-				return err
-			}
-			h.PriceFactor = pf
-		case "forward_headers":
-			args := d.RemainingArgs()
-			if len(args) == 0 {
-				return d.ArgErr()
-			}
-			h.ForwardHeaders = append(h.ForwardHeaders, args...)
-		default:
-			return d.Errf("unrecognized llm_billing subdirective '%s'", name)
+		if seen[name] && name != "allow_roles" && name != "forward_headers" {
+			return d.Errf("%s already specified", name)
+		}
+		seen[name] = true
+		if err := h.unmarshalSubdirective(d, name); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// unmarshalSubdirective parses one subdirective of the handler's block.
+func (h *Handler) unmarshalSubdirective(d *caddyfile.Dispenser, name string) error {
+	var err error
+	switch name {
+	case "credit_field":
+		if h.CreditFields = d.RemainingArgs(); len(h.CreditFields) == 0 {
+			return d.ArgErr()
+		}
+	case "models":
+		err = stringArg(d, &h.Models)
+	case "max_body_size":
+		err = sizeArg(d, &h.MaxBodySize)
+	case "hold":
+		err = stringArg(d, &h.Hold)
+	case "default_max_tokens":
+		err = intArg(d, &h.DefaultMaxTokens)
+	case "client_disconnect":
+		err = stringArg(d, &h.ClientDisconnect)
+	case "drain_timeout":
+		err = durationArg(d, &h.DrainTimeout)
+	case "allow_roles":
+		roles := d.RemainingArgs()
+		if len(roles) == 0 {
+			return d.ArgErr()
+		}
+		h.AllowRoles = append(h.AllowRoles, roles...)
+	case "price_factor":
+		h.PriceFactor, err = parsePriceFactor(d)
+	case "forward_headers":
+		args := d.RemainingArgs()
+		if len(args) == 0 {
+			return d.ArgErr()
+		}
+		h.ForwardHeaders = append(h.ForwardHeaders, args...)
+	default:
+		return d.Errf("unrecognized llm_billing subdirective '%s'", name)
+	}
+	return err
 }
 
 // parsePriceFactor parses `price_factor <factor> { upstream_models ...;

@@ -19,11 +19,14 @@ var caddyfileSeeds = []string{
 	"llm_billing {\n\tunknown x\n}",
 	"llm_billing {\n\tmax_body_size\n}",
 	"llm_billing {\n\tcredit_field {\n\t}\n}",
+	"llm_billing {\n\thold_lease 1m\n\thold_lease 2m\n\tkey_cache_ttl off\n\tkey_attempts x\n}",
+	"llm_billing {\n\tallow_roles a\n\tallow_roles b\n\tprice_factor 0 {\n\t\texcept_models [\n\t}\n}",
 	"",
 }
 
 // FuzzHandlerUnmarshalCaddyfile checks that the handler's Caddyfile parser
-// never panics and that every error it returns says where it is.
+// never panics, that every error it returns says where it is, and that
+// Validate judges whatever it parsed without panicking.
 func FuzzHandlerUnmarshalCaddyfile(f *testing.F) {
 	for _, s := range caddyfileSeeds {
 		f.Add(s)
@@ -33,7 +36,12 @@ func FuzzHandlerUnmarshalCaddyfile(f *testing.F) {
 		if !ok {
 			return
 		}
-		checkPositioned(t, new(Handler).UnmarshalCaddyfile(d))
+		h := new(Handler)
+		if err := h.UnmarshalCaddyfile(d); err != nil {
+			checkPositioned(t, err)
+			return
+		}
+		_ = h.Validate() // whatever parses, Validate judges without panicking
 	})
 }
 
@@ -48,7 +56,12 @@ func FuzzAppUnmarshalCaddyfile(f *testing.F) {
 		if !ok {
 			return
 		}
-		checkPositioned(t, new(App).UnmarshalCaddyfile(d))
+		a := new(App)
+		if err := a.UnmarshalCaddyfile(d); err != nil {
+			checkPositioned(t, err)
+			return
+		}
+		_ = a.Validate()
 	})
 }
 

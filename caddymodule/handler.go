@@ -42,7 +42,7 @@ const maxKeyLength = 256
 type Handler struct {
 	// CreditFields names the balance fields this site bills, in the order
 	// they are spent: ["creditsNew"], ["credits"] or ["credits", "refCredits"].
-	CreditFields []string `json:"credit_fields,omitempty"`
+	CreditFields []string `json:"credit_field,omitempty"`
 
 	// Models is the path of the model catalogue, in the legacy config JSON
 	// format (the backend reads the same file). Placeholders are resolved.
@@ -115,65 +115,34 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision loads the model catalogue and attaches to the llm_billing app.
+// Provision checks the settings (Validate), loads the model catalogue and
+// attaches to the llm_billing app.
 func (h *Handler) Provision(ctx caddy.Context) error {
+	if err := h.Validate(); err != nil {
+		return err
+	}
 	h.logger = ctx.Logger()
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("registering metrics: %v", err)
 	}
 	plan, err := billing.ParseCreditPlan(h.CreditFields)
 	if err != nil {
-		return fmt.Errorf("credit_field: %v", err)
+		return fmt.Errorf("credit_field: %w", err)
 	}
 	h.plan = plan
-	if h.Models == "" {
-		return errors.New("models: a models file is required")
-	}
 	path, err := caddy.NewReplacer().ReplaceOrErr(h.Models, true, true)
 	if err != nil {
-		return fmt.Errorf("models: %v", err)
+		return fmt.Errorf("models: %w", err)
 	}
 	h.cat, err = billing.LoadCatalogue(path)
 	if err != nil {
-		return fmt.Errorf("models: %v", err)
+		return fmt.Errorf("models: %w", err)
 	}
-	if h.MaxBodySize < 0 {
-		return errors.New("max_body_size must not be negative")
-	}
-	if h.MaxBodySize == 0 {
-		h.MaxBodySize = DefaultMaxBodySize
-	}
-	switch h.Hold {
-	case "", HoldWorstCase, HoldCheck:
-	default:
-		return fmt.Errorf("hold: unknown sizing %q (want %s or %s)", h.Hold, HoldWorstCase, HoldCheck)
-	}
-	if h.DefaultMaxTokens < 0 {
-		return errors.New("default_max_tokens must not be negative")
-	}
-	if h.DefaultMaxTokens == 0 {
-		h.DefaultMaxTokens = DefaultMaxTokens
-	}
-	switch h.ClientDisconnect {
-	case "", DisconnectDrain, DisconnectStop:
-	default:
-		return fmt.Errorf("client_disconnect: unknown policy %q (want %s or %s)", h.ClientDisconnect, DisconnectDrain, DisconnectStop)
-	}
-	if h.DrainTimeout < 0 {
-		return errors.New("drain_timeout must not be negative")
-	}
-	if h.DrainTimeout == 0 {
-		h.DrainTimeout = caddy.Duration(DefaultDrainTimeout)
-	}
+	h.MaxBodySize = orDefault(h.MaxBodySize, DefaultMaxBodySize)
+	h.DefaultMaxTokens = orDefault(h.DefaultMaxTokens, DefaultMaxTokens)
+	h.DrainTimeout = caddy.Duration(orDefault(time.Duration(h.DrainTimeout), DefaultDrainTimeout))
 	for i, role := range h.AllowRoles {
-		if h.AllowRoles[i] = strings.ToLower(strings.TrimSpace(role)); h.AllowRoles[i] == "" {
-			return errors.New("allow_roles: a role must not be empty")
-		}
-	}
-	if h.PriceFactor != nil {
-		if err := h.PriceFactor.Validate(); err != nil {
-			return err
-		}
+		h.AllowRoles[i] = strings.ToLower(strings.TrimSpace(role))
 	}
 	if h.headers, err = newHeaderFilter(h.ForwardHeaders); err != nil {
 		return err

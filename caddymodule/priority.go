@@ -28,12 +28,9 @@ type PriceFactor struct {
 	// ExceptModels are path.Match patterns on the catalogue id of the model
 	// the client asked for (lower-cased); a match is never scaled.
 	ExceptModels []string `json:"except_models,omitempty"`
-
-	ppm int64
 }
 
-// Validate checks the factor and the patterns and fixes the factor in
-// parts per million.
+// Validate checks the factor and the patterns. It changes nothing.
 func (pf *PriceFactor) Validate() error {
 	ppm := math.Round(pf.Factor * 1e6)
 	if !(pf.Factor > 0) || ppm < 1 || ppm > billing.MaxFactor {
@@ -44,21 +41,26 @@ func (pf *PriceFactor) Validate() error {
 			return fmt.Errorf("price_factor: bad pattern %q: %v", p, err)
 		}
 	}
-	pf.ppm = int64(ppm)
 	return nil
+}
+
+// ppm is the factor in parts per million, the unit billing.Price.WithFactor
+// takes; it is within bounds once Validate has passed.
+func (pf *PriceFactor) ppm() int64 {
+	return int64(math.Round(pf.Factor * 1e6))
 }
 
 // apply returns the model as billed for a request routed to upstream: model
 // itself, or a copy whose price carries the factor when it applies.
 func (pf *PriceFactor) apply(model *billing.Model, upstream string) *billing.Model {
-	if pf == nil || pf.ppm == 0 || matchAny(pf.ExceptModels, model.ID) {
+	if pf == nil || pf.ppm() == 0 || matchAny(pf.ExceptModels, model.ID) {
 		return model
 	}
 	if len(pf.UpstreamModels) > 0 && !matchAny(pf.UpstreamModels, upstream) {
 		return model
 	}
 	scaled := *model
-	scaled.Price = model.Price.WithFactor(pf.ppm)
+	scaled.Price = model.Price.WithFactor(pf.ppm())
 	return &scaled
 }
 

@@ -65,7 +65,7 @@ func (rl *RateLimits) Validate() error {
 			return fmt.Errorf("rate_limit %s: events must not be negative, got %d", l.name, l.v.Events)
 		}
 		if l.v.Events > 0 && l.v.Window <= 0 {
-			return fmt.Errorf("rate_limit %s: the window must be positive", l.name)
+			return fmt.Errorf("rate_limit %s: the window must be positive, got %s", l.name, shortDuration(time.Duration(l.v.Window)))
 		}
 	}
 	return nil
