@@ -193,6 +193,11 @@ func (hw *holdWriter) ReadFrom(r io.Reader) (int64, error) {
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface {
 	ServeHTTP(http.ResponseWriter, *http.Request) error
 }, m *meter, pr *proxied, fwd []byte, api billing.API) error {
+	// Only allowed headers and query parameters go upstream: the pool key
+	// is the only credential that leaves. Plain bytes from the upstream, so
+	// the usage reader sees JSON, not gzip.
+	h.headers.apply(r)
+	r.Header.Set("Accept-Encoding", "identity")
 	eng := h.eng
 	maxAttempts, budget, policy := eng.retryPolicy()
 	for attempt := 1; ; attempt++ {

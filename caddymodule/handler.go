@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -178,7 +177,9 @@ var started = time.Now()
 // (a settlement lingers settleLinger, then takes a database round trip).
 const refusedWait = 500 * time.Millisecond
 
-// ServeHTTP implements caddyhttp.MiddlewareHandler.
+// ServeHTTP implements caddyhttp.MiddlewareHandler: it routes the request,
+// admits it (admit.go), and forwards it under a hold (bill), or unbilled
+// for count_tokens.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	setCORS(w, r)
 	if r.Method == http.MethodOptions {
@@ -194,121 +195,49 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	rr := &refusalRecorder{ResponseWriter: w}
-	w = rr
 	defer h.logRefusal(r, rr)
 	defer h.countRequest(rr, ep)
 	if r.Method != http.MethodPost {
-		errMethod.write(w, api)
+		errMethod.write(rr, api)
 		return nil
 	}
-	start := time.Now()
-	eng := h.eng
-	if !h.limits.allowIP(w, r, api) {
+	a := &admission{start: time.Now(), api: api}
+	defer h.release(a)
+	if !h.admit(rr, r, a) {
 		return nil
 	}
-
-	key, aerr := clientKey(r)
-	// The client's key never goes further than this handler. (Caddy's access
-	// log records the request as it arrived: drop X-Api-Key there with a log
-	// filter, as Caddyfile.example does; Authorization is redacted by Caddy.)
-	r.Header.Del("X-Api-Key")
-	if key != "" {
-		rr.masked = billing.MaskKey(key)
-	}
-	if aerr != nil {
-		aerr.write(w, api)
-		return nil
-	}
-	p, refresh, err := eng.authenticate(r.Context(), key)
-	var startRefresh func()
-	if refresh {
-		// The key is looked up again in the background once the answer
-		// starts, or when the request ends, whichever comes first.
-		var once sync.Once
-		startRefresh = func() { once.Do(func() { eng.refreshAuth(key) }) }
-		defer startRefresh()
-	}
-	if err != nil {
-		var ae *billing.AuthError
-		if errors.As(err, &ae) {
-			authErrorFor(ae).write(w, api)
-			return nil
-		}
-		h.logger.Error("authenticating key failed", zap.String("key", billing.MaskKey(key)), zap.Error(err))
-		errUnavailable.write(w, api)
-		return nil
-	}
-	rr.user = p.User
-	if !admits(h.AllowRoles, p.Role) {
-		errPriorityDenied.write(w, api) // before anything is held or counted
-		return nil
-	}
-	if !h.limits.allowKey(w, api, key) {
-		return nil // neither forwarded nor billed
-	}
-
-	// Nothing of the body is read for a user whose pool is empty; the
-	// body is counted until the request ends (reverse_proxy may replay it).
-	body, held, aerr := h.admitBody(r, key, p, api)
-	defer eng.bodies.release(held)
-	if aerr != nil {
-		aerr.write(w, api)
-		return nil
-	}
-	info, err := billing.ReadRequest(body)
-	var rerr *billing.RequestError
-	switch {
-	case errors.As(err, &rerr):
-		errBadRequest(rerr.Error()).write(w, api)
-		return nil
-	case errors.Is(err, billing.ErrInvalidJSON):
-		errInvalidJSON.write(w, api)
-		return nil
-	case err != nil:
-		errBadRequest(err.Error()).write(w, api)
-		return nil
-	case info.Model == "":
-		errNoModel.write(w, api)
-		return nil
-	}
-	model, ok := h.cat.Lookup(info.Model)
-	if !ok {
-		errModelNotFound(api, info.Model).write(w, api)
-		return nil
-	}
-	rr.model = model.ID
-
-	upKey, err := eng.pickKey()
+	upKey, err := h.eng.pickKey()
 	if err != nil {
 		h.logger.Warn("no upstream key available")
-		errNoKey.write(w, api)
+		errNoKey.write(rr, api)
 		return nil
 	}
-	upstreamModel := model.PickUpstream(rand.Uint64())
-	model = h.PriceFactor.apply(model, upstreamModel) // the price this request is held and billed at
+	upstreamModel := a.model.PickUpstream(rand.Uint64())
+	a.model = h.PriceFactor.apply(a.model, upstreamModel) // the price this request is held and billed at
 	if ep == epCountTokens {
-		fwd, err := billing.RewriteRequest(api, body, info, upstreamModel, -1)
-		if err != nil {
-			errInvalidJSON.write(w, api)
-			return nil
-		}
-		return h.countTokens(w, r, next, upKey, fwd)
+		return h.countTokens(rr, r, next, a, upKey, upstreamModel)
 	}
+	return h.bill(rr, r, next, a, upKey, upstreamModel)
+}
 
+// bill forwards an admitted request under a hold and settles what its
+// answer used: the hold is taken first, so that the forwarded max_tokens is
+// what it pays for.
+func (h *Handler) bill(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *admission, upKey billing.UpstreamKey, upstreamModel string) error {
+	api, eng := a.api, h.eng
 	done, ok := eng.begin()
 	if !ok {
 		errUnavailable.write(w, api)
 		return nil
 	}
-	reqID, masked := requestID(r), billing.MaskKey(key)
-	hold, maxTokens, aerr := h.reserve(r.Context(), api, reqID, p, model, masked, billing.ForwardedSize(len(body), upstreamModel), info)
+	reqID, masked := requestID(r), billing.MaskKey(a.key)
+	hold, maxTokens, aerr := h.reserve(r.Context(), api, reqID, a.p, a.model, masked, billing.ForwardedSize(len(a.body), upstreamModel), a.info)
 	if aerr != nil {
 		done()
 		aerr.write(w, api)
 		return nil
 	}
-	// Reserved first, so that the forwarded max_tokens is what the hold pays for.
-	fwd, err := billing.RewriteRequest(api, body, info, upstreamModel, maxTokens)
+	fwd, err := billing.RewriteRequest(api, a.body, a.info, upstreamModel, maxTokens)
 	if err != nil {
 		eng.submit(&settlement{Hold: hold, logger: h.logger}) // gives the hold back
 		done()
@@ -316,32 +245,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	holdsOutstanding.Inc() // until its settlement is done (countDone)
-	// Only allowed headers go upstream: the pool key is the only credential.
-	h.headers.apply(r)
-	// Plain bytes from the upstream, so the usage reader sees JSON, not gzip.
-	r.Header.Set("Accept-Encoding", "identity")
-
 	m := newMeter(w, api)
-	m.onStart = startRefresh
-	pr := &proxied{start: start, principal: p, key: key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
-		upKey: upKey, model: model, upstreamModel: upstreamModel, bodyLen: len(body), expect: expectJSON,
-		maxTokens: maxTokens, askedTokens: info.MaxTokens}
-	if info.Stream {
+	m.onStart = a.refresh
+	pr := &proxied{start: a.start, principal: a.p, key: a.key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
+		upKey: upKey, model: a.model, upstreamModel: upstreamModel, bodyLen: len(a.body), expect: expectJSON,
+		maxTokens: maxTokens, askedTokens: a.info.MaxTokens}
+	if a.info.Stream {
 		pr.expect = expectSSE
 	}
-	if h.ClientDisconnect != DisconnectStop {
-		// drain: the upstream request outlives the client, for at most
-		// DrainTimeout, so that the usage it reports can be billed.
-		ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
-		m.drain = true
-		stop := context.AfterFunc(r.Context(), func() {
-			m.gone.Store(true)
-			time.AfterFunc(time.Duration(h.DrainTimeout), cancel)
-		})
-		defer cancel()
-		defer stop()
-		r = r.WithContext(ctx)
-	}
+	r, undrain := h.drain(r, m)
+	defer undrain()
 	// Deferred: runs on a normal return and when reverse_proxy aborts the
 	// handler with panic(http.ErrAbortHandler) after a client disconnect.
 	defer func() {
@@ -350,6 +263,26 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		done()
 	}()
 	return h.forward(w, r, next, m, pr, fwd, api)
+}
+
+// drain returns r with a context that outlives the client by at most
+// DrainTimeout under client_disconnect drain, so that the usage the
+// upstream reports can be billed, and what ends that context. Under stop it
+// returns r as it is.
+func (h *Handler) drain(r *http.Request, m *meter) (*http.Request, func()) {
+	if h.ClientDisconnect == DisconnectStop {
+		return r, func() {}
+	}
+	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
+	m.drain = true
+	stop := context.AfterFunc(r.Context(), func() {
+		m.gone.Store(true)
+		time.AfterFunc(time.Duration(h.DrainTimeout), cancel)
+	})
+	return r.WithContext(ctx), func() {
+		stop()
+		cancel()
+	}
 }
 
 // proxied is what a forwarded request needs for its settlement.

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/trollllm/caddy-llm-billing/billing"
 )
 
@@ -157,18 +158,20 @@ func (e *engine) ping(ctx context.Context) error {
 // a pool key, on another key when one fails, as a billed request would be;
 // it takes no hold and bills nothing, since the upstream counts tokens
 // without running the model.
-func (h *Handler) countTokens(w http.ResponseWriter, r *http.Request, next interface {
-	ServeHTTP(http.ResponseWriter, *http.Request) error
-}, upKey billing.UpstreamKey, fwd []byte) error {
+func (h *Handler) countTokens(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *admission, upKey billing.UpstreamKey, upstreamModel string) error {
+	fwd, err := billing.RewriteRequest(a.api, a.body, a.info, upstreamModel, -1)
+	if err != nil {
+		errInvalidJSON.write(w, a.api)
+		return nil
+	}
 	done, ok := h.eng.begin()
 	if !ok {
-		errUnavailable.write(w, billing.Anthropic)
+		errUnavailable.write(w, a.api)
 		return nil
 	}
 	defer done()
-	h.headers.apply(r) // the pool key is the only credential that leaves
-	m := newMeter(w, billing.Anthropic)
+	m := newMeter(w, a.api)
 	defer m.release()
-	pr := &proxied{start: time.Now(), client: r.Context(), upKey: upKey, expect: expectJSON}
-	return h.forward(w, r, next, m, pr, fwd, billing.Anthropic)
+	pr := &proxied{start: a.start, client: r.Context(), upKey: upKey, expect: expectJSON}
+	return h.forward(w, r, next, m, pr, fwd, a.api)
 }
