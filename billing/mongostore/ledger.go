@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -78,22 +79,42 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 		return billing.Hold{}, err
 	}
 	defer unlock()
-	users := s.db.Collection(CollUsers)
-	holdPath := fHolds + "." + req.RequestID
-	notHeld := bson.E{Key: holdPath, Value: bson.D{{Key: "$exists", Value: false}}}
 	h := billing.Hold{
 		RequestID: req.RequestID, User: req.User, Plan: req.Plan, Taken: make([]billing.Nano, len(fields)),
 		Owner: req.Owner, At: req.At, Expires: req.Expires, LogID: req.LogID, Model: req.Model, KeyID: req.KeyID,
 	}
-	finish := func() billing.Hold {
-		h.Input = min(req.Input, h.Amount())
-		return h
+	if req.Want >= req.Min {
+		// Fast path: one conditional update.
+		ok, err := s.reserveWanted(ctx, req, fields, h.Taken)
+		if err != nil {
+			return billing.Hold{}, err
+		}
+		if ok {
+			h.Input = min(req.Input, h.Amount())
+			return h, nil
+		}
 	}
+	// Slow path: read what the pool has and take it conditionally.
+	for attempt := 0; attempt < casAttempts; attempt++ {
+		done, err := s.reserveAvailable(ctx, req, fields, &h)
+		if err != nil {
+			return billing.Hold{}, err
+		}
+		if done {
+			return h, nil
+		}
+	}
+	return billing.Hold{}, fmt.Errorf("taking a hold on %s: balance kept changing after %d attempts", req.Plan, casAttempts)
+}
 
-	// Fast path: one conditional update.
+// reserveWanted takes req.Want from the first field of the plan (or, for a
+// zero hold, checks that the pool has something) in one conditional
+// update, and reports whether it matched. taken receives the amounts.
+func (s *Store) reserveWanted(ctx context.Context, req billing.HoldRequest, fields []string, taken []billing.Nano) (bool, error) {
+	notHeld := bson.E{Key: fHolds + "." + req.RequestID, Value: bson.D{{Key: "$exists", Value: false}}}
 	var filter bson.D
 	if req.Want > 0 {
-		h.Taken[0] = req.Want
+		taken[0] = req.Want
 		filter = bson.D{{Key: "_id", Value: req.User}, {Key: fields[0], Value: bson.D{{Key: "$gte", Value: req.Want.USD()}}}, notHeld}
 	} else {
 		// A zero hold ("check" sizing): the pool must have something.
@@ -103,65 +124,71 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 		}
 		filter = bson.D{{Key: "_id", Value: req.User}, {Key: "$or", Value: any}, notHeld}
 	}
-	if req.Want >= req.Min {
-		r, err := users.UpdateOne(ctx, filter, s.reserveUpdate(req, fields, h.Taken, nil))
-		if err != nil {
-			return billing.Hold{}, fmt.Errorf("taking a hold: %w", err)
-		}
-		if r.MatchedCount == 1 {
-			return finish(), nil
-		}
+	r, err := s.db.Collection(CollUsers).UpdateOne(ctx, filter, s.reserveUpdate(req, fields, taken, nil))
+	if err != nil {
+		return false, fmt.Errorf("taking a hold: %w", err)
 	}
+	if r.MatchedCount != 1 {
+		taken[0] = 0
+		return false, nil
+	}
+	return true, nil
+}
 
-	// Slow path: read what the pool has and take it conditionally.
-	for attempt := 0; attempt < casAttempts; attempt++ {
-		vals, held, err := s.readForHold(ctx, req.User, fields, holdPath)
-		if err != nil {
-			return billing.Hold{}, err
-		}
-		if held != nil {
-			// Taken already: idempotent. The receipts it was to drop go now.
-			if len(req.Clear) > 0 {
-				if err := s.clearReceipts(ctx, req.User, req.Clear); err != nil {
-					return billing.Hold{}, err
-				}
-			}
-			h := *held
-			h.RequestID, h.User = req.RequestID, req.User
-			return h, nil
-		}
-		var avail billing.Nano
-		for _, fv := range vals {
-			if fv.v > 0 {
-				avail += billing.NanoFromUSD(fv.v)
+// reserveAvailable reads the pool and takes what it can of req.Want (at
+// least req.Min) on the condition that the balances are still what it read.
+// It reports done when h is final: taken now, or found taken before (a
+// retry of the same request is idempotent). A changed balance is not done.
+func (s *Store) reserveAvailable(ctx context.Context, req billing.HoldRequest, fields []string, h *billing.Hold) (bool, error) {
+	holdPath := fHolds + "." + req.RequestID
+	vals, held, err := s.readForHold(ctx, req.User, fields, holdPath)
+	if err != nil {
+		return false, err
+	}
+	if held != nil {
+		// Taken already: idempotent. The receipts it was to drop go now.
+		if len(req.Clear) > 0 {
+			if err := s.clearReceipts(ctx, req.User, req.Clear); err != nil {
+				return false, err
 			}
 		}
-		if avail <= 0 || avail < req.Min {
-			return billing.Hold{}, &billing.InsufficientError{Balance: avail, Need: req.Min}
-		}
-		want := min(req.Want, avail)
-		takes, taken, conds := takeFrom(fields, vals, want)
-		filter := append(bson.D{{Key: "_id", Value: req.User}, notHeld}, conds...)
-		if want == 0 {
-			// A zero hold: what was seen positive must still be.
-			filter = bson.D{{Key: "_id", Value: req.User}, notHeld}
-			for i, fv := range vals {
-				if fv.v > 0 {
-					filter = append(filter, bson.E{Key: fields[i], Value: bson.D{{Key: "$gt", Value: 0}}})
-					break
-				}
-			}
-		}
-		r, err := users.UpdateOne(ctx, filter, s.reserveUpdate(req, fields, taken, takes))
-		if err != nil {
-			return billing.Hold{}, fmt.Errorf("taking a hold: %w", err)
-		}
-		if r.MatchedCount == 1 {
-			h.Taken = taken
-			return finish(), nil
+		*h = *held
+		h.RequestID, h.User = req.RequestID, req.User
+		return true, nil
+	}
+	var avail billing.Nano
+	for _, fv := range vals {
+		if fv.v > 0 {
+			avail += billing.NanoFromUSD(fv.v)
 		}
 	}
-	return billing.Hold{}, fmt.Errorf("taking a hold on %s: balance kept changing after %d attempts", req.Plan, casAttempts)
+	if avail <= 0 || avail < req.Min {
+		return false, &billing.InsufficientError{Balance: avail, Need: req.Min}
+	}
+	want := min(req.Want, avail)
+	takes, taken, conds := takeFrom(fields, vals, want)
+	notHeld := bson.E{Key: holdPath, Value: bson.D{{Key: "$exists", Value: false}}}
+	filter := append(bson.D{{Key: "_id", Value: req.User}, notHeld}, conds...)
+	if want == 0 {
+		// A zero hold: what was seen positive must still be.
+		filter = bson.D{{Key: "_id", Value: req.User}, notHeld}
+		for i, fv := range vals {
+			if fv.v > 0 {
+				filter = append(filter, bson.E{Key: fields[i], Value: bson.D{{Key: "$gt", Value: 0}}})
+				break
+			}
+		}
+	}
+	r, err := s.db.Collection(CollUsers).UpdateOne(ctx, filter, s.reserveUpdate(req, fields, taken, takes))
+	if err != nil {
+		return false, fmt.Errorf("taking a hold: %w", err)
+	}
+	if r.MatchedCount != 1 {
+		return false, nil
+	}
+	h.Taken = taken
+	h.Input = min(req.Input, h.Amount())
+	return true, nil
 }
 
 // takeFrom plans taking amount from the fields, first to last, as they
@@ -319,59 +346,25 @@ func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.
 		return billing.Receipt{}, false, err
 	}
 	defer unlock()
-	users := s.db.Collection(CollUsers)
-	holdPath := fHolds + "." + h.RequestID
-	held := bson.E{Key: holdPath, Value: bson.D{{Key: "$exists", Value: true}}}
-
-	// The part of the cost the hold covers, first field first; the rest of
-	// the hold goes back.
-	within := min(req.Cost, h.Amount())
-	keep := make([]billing.Nano, len(fields))
-	rest := within
-	for i, t := range h.Taken {
-		keep[i] = min(rest, t)
-		rest -= keep[i]
-	}
-	extra := req.Cost - within
-	rc := billing.Receipt{
-		RequestID: h.RequestID, LogID: h.LogID, Fields: fields, Taken: keep,
-		Cost: req.Cost, Charged: within, Shortfall: extra, By: req.By, At: s.now(),
-	}
-	apply := func(filter bson.D, extraTakes []float64, extraTaken []billing.Nano) (bool, error) {
-		r := rc
-		r.Taken = append([]billing.Nano(nil), keep...)
-		for i, t := range extraTaken {
-			r.Taken[i] += t
-			r.Charged += t
-			r.Shortfall -= t
-		}
-		res, err := users.UpdateOne(ctx, filter, s.settleUpdate(req, fields, keep, extraTakes, extraTaken, r))
-		if err != nil {
-			return false, fmt.Errorf("settling a hold: %w", err)
-		}
-		if res.MatchedCount == 1 {
-			rc = r
-			return true, nil
-		}
-		return false, nil
-	}
-
+	st := s.newSettling(req, fields)
+	extra := st.rc.Shortfall
+	held := bson.D{{Key: "_id", Value: h.User}, {Key: fHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}}}
 	if extra == 0 {
-		ok, err := apply(bson.D{{Key: "_id", Value: h.User}, held}, nil, nil)
+		ok, err := st.apply(ctx, held, nil, nil)
 		if err != nil || ok {
-			return rc, ok, err
+			return st.rc, ok, err
 		}
 		return s.readReceipt(ctx, h.User, h.RequestID)
 	}
 	// A cost above the hold: the first field covers the rest...
-	ok, err := apply(bson.D{{Key: "_id", Value: h.User}, held, {Key: fields[0], Value: bson.D{{Key: "$gte", Value: extra.USD()}}}},
+	ok, err := st.apply(ctx, append(held, bson.E{Key: fields[0], Value: bson.D{{Key: "$gte", Value: extra.USD()}}}),
 		[]float64{extra.USD()}, []billing.Nano{extra})
 	if err != nil || ok {
-		return rc, ok, err
+		return st.rc, ok, err
 	}
 	// ...or what the fields have is taken, draining them to zero.
 	for attempt := 0; attempt < casAttempts; attempt++ {
-		vals, hd, err := s.readForHold(ctx, h.User, fields, holdPath)
+		vals, hd, err := s.readForHold(ctx, h.User, fields, fHolds+"."+h.RequestID)
 		if err != nil {
 			return billing.Receipt{}, false, err
 		}
@@ -379,13 +372,63 @@ func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.
 			return s.readReceipt(ctx, h.User, h.RequestID)
 		}
 		takes, taken, conds := takeFrom(fields, vals, extra)
-		filter := append(bson.D{{Key: "_id", Value: h.User}, held}, conds...)
-		ok, err := apply(filter, takes, taken)
+		ok, err := st.apply(ctx, append(slices.Clone(held), conds...), takes, taken)
 		if err != nil || ok {
-			return rc, ok, err
+			return st.rc, ok, err
 		}
 	}
 	return billing.Receipt{}, false, fmt.Errorf("settling a hold on %s: balance kept changing after %d attempts", h.Plan, casAttempts)
+}
+
+// settling is one hold's settlement on its way into the user's document:
+// the receipt it writes, at first for the part of the cost the hold covers.
+type settling struct {
+	s      *Store
+	req    billing.SettleRequest
+	fields []string
+	keep   []billing.Nano // what is kept of each field's hold, first field first
+	rc     billing.Receipt
+}
+
+// newSettling splits the cost over the hold, first field first; the rest
+// of the hold goes back, and the cost above it is the shortfall until
+// something more is taken (apply).
+func (s *Store) newSettling(req billing.SettleRequest, fields []string) *settling {
+	h := req.Hold
+	within := min(req.Cost, h.Amount())
+	keep := make([]billing.Nano, len(fields))
+	rest := within
+	for i, t := range h.Taken {
+		keep[i] = min(rest, t)
+		rest -= keep[i]
+	}
+	return &settling{s: s, req: req, fields: fields, keep: keep, rc: billing.Receipt{
+		RequestID: h.RequestID, LogID: h.LogID, Fields: fields, Taken: keep,
+		Cost: req.Cost, Charged: within, Shortfall: req.Cost - within, By: req.By, At: s.now(),
+	}}
+}
+
+// apply settles under filter, taking extraTaken (extraTakes in USD) beyond
+// the hold, and reports whether the filter matched; st.rc is then what was
+// written.
+func (st *settling) apply(ctx context.Context, filter bson.D, extraTakes []float64, extraTaken []billing.Nano) (bool, error) {
+	r := st.rc
+	r.Taken = append([]billing.Nano(nil), st.keep...)
+	for i, t := range extraTaken {
+		r.Taken[i] += t
+		r.Charged += t
+		r.Shortfall -= t
+	}
+	update := st.s.settleUpdate(st.req, st.fields, st.keep, extraTakes, extraTaken, r)
+	res, err := st.s.db.Collection(CollUsers).UpdateOne(ctx, filter, update)
+	if err != nil {
+		return false, fmt.Errorf("settling a hold: %w", err)
+	}
+	if res.MatchedCount != 1 {
+		return false, nil
+	}
+	st.rc = r
+	return true, nil
 }
 
 // settleUpdate gives back the hold's unused part, takes any cost above the
@@ -608,66 +651,92 @@ func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([
 	if len(reqs) == 0 {
 		return nil, nil
 	}
-	type group struct {
-		user string
-		idx  []int
-	}
-	var groups []*group
-	byKey := map[string]*group{}
-	for i, req := range reqs {
-		k := req.Hold.User + "\x00" + req.Hold.Plan.String()
-		g := byKey[k]
-		if g == nil {
-			g = &group{user: req.Hold.User}
-			byKey[k] = g
-			groups = append(groups, g)
-		}
-		g.idx = append(g.idx, i)
-	}
+	groups := groupSettlements(reqs)
 	out := make([]billing.Receipt, len(reqs))
 	now := s.now()
 	filters := make([]bson.D, len(groups))
 	updates := make([]bson.D, len(groups))
-	users := make([]string, len(groups))
 	for gi, g := range groups {
 		f, u, err := settleGroup(reqs, g.idx, out, now)
 		if err != nil {
 			return nil, err
 		}
-		filters[gi], updates[gi], users[gi] = f, u, g.user
+		filters[gi], updates[gi] = f, u
 	}
-	coll := s.db.Collection(CollUsers)
+	var all bool
+	var err error
 	if Isolation(s.isolation.Load()) != IsolationAtomic || len(groups) == 1 {
-		all := true
-		for gi := range groups {
-			unlock, err := s.lockUser(ctx, users[gi])
-			if err != nil {
-				return nil, err
-			}
-			r, err := coll.UpdateOne(ctx, filters[gi], updates[gi])
-			unlock()
-			if err != nil {
-				return nil, fmt.Errorf("settling holds: %w", err)
-			}
-			all = all && r.MatchedCount == 1
-		}
-		if !all {
-			return nil, billing.ErrNotAllHeld
-		}
-		return out, nil
+		all, err = s.updateEachLocked(ctx, groups, filters, updates)
+	} else {
+		all, err = s.updateBulk(ctx, filters, updates)
 	}
-	models := make([]mongo.WriteModel, len(groups))
-	for gi := range groups {
-		models[gi] = mongo.NewUpdateOneModel().SetFilter(filters[gi]).SetUpdate(updates[gi])
-	}
-	r, err := coll.BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
-	if err != nil {
+	switch {
+	case err != nil:
 		return nil, fmt.Errorf("settling holds: %w", err)
-	}
-	if r.MatchedCount != int64(len(groups)) {
+	case !all:
 		return nil, billing.ErrNotAllHeld
 	}
 	return out, nil
+}
+
+// settleGroupOf is the settlements of one user and credit plan in a batch,
+// by index: one update settles them all.
+type settleGroupOf struct {
+	user string
+	idx  []int
+}
+
+// groupSettlements groups reqs by user and plan, in the order each group
+// first appears.
+func groupSettlements(reqs []billing.SettleRequest) []*settleGroupOf {
+	var groups []*settleGroupOf
+	byKey := map[string]*settleGroupOf{}
+	for i, req := range reqs {
+		k := req.Hold.User + "\x00" + req.Hold.Plan.String()
+		g := byKey[k]
+		if g == nil {
+			g = &settleGroupOf{user: req.Hold.User}
+			byKey[k] = g
+			groups = append(groups, g)
+		}
+		g.idx = append(g.idx, i)
+	}
+	return groups
+}
+
+// updateEachLocked sends the groups' updates one by one, each under its
+// user's lock (the isolation FerretDB needs), and reports whether all
+// matched.
+func (s *Store) updateEachLocked(ctx context.Context, groups []*settleGroupOf, filters, updates []bson.D) (bool, error) {
+	coll := s.db.Collection(CollUsers)
+	all := true
+	for gi, g := range groups {
+		unlock, err := s.lockUser(ctx, g.user)
+		if err != nil {
+			return false, err
+		}
+		r, err := coll.UpdateOne(ctx, filters[gi], updates[gi])
+		unlock()
+		if err != nil {
+			return false, err
+		}
+		all = all && r.MatchedCount == 1
+	}
+	return all, nil
+}
+
+// updateBulk sends the updates as one unordered bulk write, each atomic on
+// its document, and reports whether all matched.
+func (s *Store) updateBulk(ctx context.Context, filters, updates []bson.D) (bool, error) {
+	models := make([]mongo.WriteModel, len(filters))
+	for i := range filters {
+		models[i] = mongo.NewUpdateOneModel().SetFilter(filters[i]).SetUpdate(updates[i])
+	}
+	r, err := s.db.Collection(CollUsers).BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
+	if err != nil {
+		return false, err
+	}
+	return r.MatchedCount == int64(len(filters)), nil
 }
 
 // settleGroup builds the conditional update settling reqs[idx...], holds
