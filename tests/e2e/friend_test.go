@@ -304,3 +304,54 @@ func TestFriendKeyLimitUnderConcurrency(t *testing.T) {
 	assert.InDelta(t, 100-float64(charged)/1e9, b["creditsNew"], 1e-8)
 
 }
+
+// An upstream that answers more output than the forwarded max_tokens costs
+// more than the hold; the owner's pool, nearly empty, pays what it has. The
+// friend key's usage is what the owner was charged, never the price (the
+// legacy counted the price even when the owner paid nothing), and the rest
+// is recorded as shortfall.
+func TestFriendKeyUsageIsWhatWasCharged(t *testing.T) {
+	owner := &seed.User{Active: true, Migration: true, CreditsNew: 0.004}
+	_, key := newFriend(t, owner, true, seed.FriendLimit{Model: haikuID, Limit: 1})
+	body := []byte(`{"model":"claude-haiku-4-5","max_tokens":2000,"messages":[{"role":"user","content":"count to ten"}]}`)
+	resp := post(t, chatURL+"/v1/messages", key, body, map[string]string{"X-Test-Id": uniq(t, "req"), standin.HeaderBound: "over"})
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, 200, resp.StatusCode, "%s", raw)
+
+	l := waitLogs(t, owner.ID, 1)[0]
+	cost, charged, shortfall := int64(num(t, l, "costNano")), int64(num(t, l, "chargedNano")), int64(num(t, l, "shortfallNano"))
+	t.Logf("cost %d, charged %d, shortfall %d nano", cost, charged, shortfall)
+	require.Less(t, charged, cost, "the owner cannot pay the whole cost")
+	assert.Equal(t, cost, charged+shortfall)
+	assert.EqualValues(t, 4_000_000, charged, "the owner pays what the pool had")
+
+	d := waitNoFriendHolds(t, key)
+	assert.InDelta(t, float64(charged)/1e9, d.Limits[0].Used, 1e-12, "usedUsd counts what was charged")
+	assert.InDelta(t, float64(charged)/1e9, d.TotalUsed, 1e-12)
+	assert.EqualValues(t, 1, d.Requests)
+	assert.InDelta(t, 0, balances(t, owner.ID)["creditsNew"], 1e-12)
+}
+
+// An upstream that answers more than max_tokens cannot spend past a friend
+// key's limit either: the charge is capped by the friend hold, the rest is
+// shortfall.
+func TestFriendKeyLimitCapsAnOverlongAnswer(t *testing.T) {
+	owner := &seed.User{Active: true, Migration: true, CreditsNew: 100}
+	_, key := newFriend(t, owner, true, seed.FriendLimit{Model: haikuID, Limit: 0.005})
+	body := []byte(`{"model":"claude-haiku-4-5","max_tokens":2000,"messages":[{"role":"user","content":"count to ten"}]}`)
+	resp := post(t, chatURL+"/v1/messages", key, body, map[string]string{"X-Test-Id": uniq(t, "req"), standin.HeaderBound: "over"})
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, 200, resp.StatusCode, "%s", raw)
+
+	l := waitLogs(t, owner.ID, 1)[0]
+	cost, charged, shortfall := int64(num(t, l, "costNano")), int64(num(t, l, "chargedNano")), int64(num(t, l, "shortfallNano"))
+	t.Logf("cost %d, charged %d, shortfall %d nano", cost, charged, shortfall)
+	assert.LessOrEqual(t, charged, int64(5_000_000), "charged past the friend key's limit")
+	assert.Greater(t, cost, charged)
+	assert.Equal(t, cost, charged+shortfall)
+	d := waitNoFriendHolds(t, key)
+	assert.InDelta(t, float64(charged)/1e9, d.Limits[0].Used, 1e-12)
+	assert.InDelta(t, 100-float64(charged)/1e9, balances(t, owner.ID)["creditsNew"], 1e-9)
+}
