@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
 )
@@ -51,10 +52,18 @@ func (f *friendStore) SettleFriend(_ context.Context, s billing.FriendSettlement
 // path: one key lookup for two requests, named by an alias, and each
 // request's hold is on the canonical model and settled with the charge.
 func TestFriendKeyCachedCostsOnlyItsHold(t *testing.T) {
-	h, fs := newTestHandler(t)
+	cat, err := billing.LoadCatalogue("testdata/models.json")
+	require.NoError(t, err)
+	plan, _ := billing.ParseCreditPlan([]string{"creditsNew"})
+	fs := &fakeStore{key: "sk-trollllm-" + strings.Repeat("ab", 32)}
 	store := &friendStore{fakeStore: fs, friend: billing.FriendKeyPrefix + strings.Repeat("cd", 32)}
-	h.eng.store = store
-	h.eng.friends = store
+	eng := newEngineWithStore(store) // a FriendLedger: eng.friends is set
+	keys, _ := fs.LoadUpstreamKeys(context.Background())
+	eng.static.Store(true)
+	eng.keys.Set(keys)
+	eng.start()
+	t.Cleanup(func() { _ = eng.Destruct() })
+	h := &Handler{MaxBodySize: DefaultMaxBodySize, eng: eng, plan: plan, cat: cat, logger: zap.NewNop()}
 	for range 2 {
 		rec := httptest.NewRecorder()
 		require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, store.friend, jsonBody), upstream(false, 0)))
