@@ -78,6 +78,9 @@ type Hold struct {
 	LogID   LogID
 	Model   string
 	KeyID   string
+	// Friend is the hold on a friend key's limit that goes with this one
+	// (nil for other keys); settling or releasing the hold settles it too.
+	Friend *FriendHold `json:",omitempty"`
 }
 
 // Amount is the total reserved.

@@ -116,6 +116,9 @@ type Principal struct {
 	// old as the key cache's entry: good for a cheap pre-check only (the
 	// hold reads the balance afresh and is what decides).
 	Balances Balances
+	// Friend is set for a friend key: User is then its owner, who pays,
+	// within the key's per-model limits.
+	Friend *FriendKey
 }
 
 // Balances are the balance fields of a usersNew document, in nano-USD. A
@@ -160,10 +163,12 @@ type AuthFailure uint8
 
 // The reasons an API key can be refused, mirroring the legacy catalogue.
 const (
-	AuthInvalid           AuthFailure = iota + 1 // unknown key: 401
-	AuthRevoked                                  // isActive false: 401
-	AuthExpired                                  // expiresAt in the past: 402 credits_expired
-	AuthMigrationRequired                        // migration not done and not admin: 403
+	AuthInvalid             AuthFailure = iota + 1 // unknown key: 401
+	AuthRevoked                                    // isActive false: 401
+	AuthExpired                                    // expiresAt in the past: 402 credits_expired
+	AuthMigrationRequired                          // migration not done and not admin: 403
+	AuthFriendInactive                             // friend key isActive false: 401
+	AuthFriendOwnerInactive                        // friend key owner isActive false: 401
 )
 
 // AuthError is returned by Authenticate for a key that is refused. Any other
@@ -178,6 +183,10 @@ func (e *AuthError) Error() string {
 		return "credits expired"
 	case AuthMigrationRequired:
 		return "migration required"
+	case AuthFriendInactive:
+		return "friend key deactivated"
+	case AuthFriendOwnerInactive:
+		return "friend key owner inactive"
 	}
 	return "invalid api key"
 }
@@ -244,6 +253,9 @@ type RequestLog struct {
 	LatencyMs        int64     `bson:"latencyMs"`
 	IsSuccess        bool      `bson:"isSuccess"`
 	CreatedAt        time.Time `bson:"createdAt"`
+	// FriendKeyID is the friend key, masked (MaskKey), when the request
+	// used one: the dashboard's friend key filter reads it.
+	FriendKeyID string `bson:"friendKeyId,omitempty"`
 
 	RequestID     string  `bson:"requestId"`
 	CreditField   string  `bson:"creditField"`

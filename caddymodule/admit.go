@@ -86,7 +86,7 @@ func (h *Handler) readRequest(rr *refusalRecorder, r *http.Request, a *admission
 	body, held, aerr := h.admitBody(r, a.key, a.p, a.api)
 	a.held = held // counted until the request ends: reverse_proxy may replay the body
 	if aerr != nil {
-		aerr.write(rr, a.api)
+		friendCredit(a.p, aerr).write(rr, a.api)
 		return false
 	}
 	info, err := billing.ReadRequest(body)
@@ -111,6 +111,10 @@ func (h *Handler) readRequest(rr *refusalRecorder, r *http.Request, a *admission
 		return false
 	}
 	a.body, a.info, a.model, rr.model = body, info, model, model.ID
+	if aerr := checkFriend(a.p, model.ID, info.Model); aerr != nil {
+		aerr.write(rr, a.api) // limits are per canonical model id
+		return false
+	}
 	return true
 }
 

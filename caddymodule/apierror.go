@@ -142,6 +142,10 @@ func authErrorFor(err *billing.AuthError) *apiError {
 		return errExpired
 	case billing.AuthMigrationRequired:
 		return errMigration
+	case billing.AuthFriendInactive:
+		return errFriendInactive
+	case billing.AuthFriendOwnerInactive:
+		return errFriendOwnerInactive
 	}
 	return errInvalidKey
 }

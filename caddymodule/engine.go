@@ -31,6 +31,9 @@ import (
 type engine struct {
 	client *mongo.Client // nil when the store is not MongoDB (tests)
 	store  billing.Store
+	// friends keeps the friend keys' limits; nil when the store has none
+	// (friend keys are then refused with friend_key_error).
+	friends billing.FriendLedger
 
 	auth *authCache
 	// errorLogs queues refusals for error_logs (errorLogLoop writes them).
@@ -139,6 +142,7 @@ func newEngineWithStore(store billing.Store) *engine {
 
 		errorLogs: make(chan billing.ErrorLog, errorLogQueue),
 	}
+	e.friends, _ = store.(billing.FriendLedger)
 	e.errorLogsOn.Store(true)
 	e.authTTL.Store(int64(defaultAuthTTL))
 	e.keyRefresh.Store(int64(defaultRefresh))

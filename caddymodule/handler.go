@@ -231,7 +231,7 @@ func (h *Handler) bill(w http.ResponseWriter, r *http.Request, next caddyhttp.Ha
 		return nil
 	}
 	reqID, masked := requestID(r), billing.MaskKey(a.key)
-	hold, maxTokens, aerr := h.reserve(r.Context(), api, reqID, a.p, a.model, masked, billing.ForwardedSize(len(a.body), upstreamModel), a.info)
+	hold, maxTokens, aerr := h.reserve(r.Context(), api, reqID, a.key, a.p, a.model, masked, billing.ForwardedSize(len(a.body), upstreamModel), a.info)
 	if aerr != nil {
 		done()
 		aerr.write(w, api)
@@ -308,7 +308,7 @@ type proxied struct {
 // returns the max_tokens to forward: what the hold pays for after the
 // input bound of a forwarded body of size bytes (billing.HoldTerms), or -1
 // (leave the body's as it is) under hold check.
-func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p billing.Principal, model *billing.Model, masked string, size int64, info billing.RequestInfo) (billing.Hold, int64, *apiError) {
+func (h *Handler) reserve(ctx context.Context, api billing.API, reqID, key string, p billing.Principal, model *billing.Model, masked string, size int64, info billing.RequestInfo) (billing.Hold, int64, *apiError) {
 	eng := h.eng
 	if eng.backlogged() {
 		h.logger.Error("refusing requests: settlements are waiting for the database", zap.Int("pending", eng.pendingRetries()))
@@ -322,14 +322,26 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID string, p 
 	// An orphaned hold is still charged the estimated input (charge_input),
 	// not the bound.
 	estimate := model.Price.Cost(billing.Usage{Input: billing.EstimateTokens(size)})
+	fh, want, aerr := h.holdFriend(ctx, key, reqID, p, model, info.Model, want, need)
+	if aerr != nil {
+		return billing.Hold{}, 0, aerr
+	}
 	hold, aerr := h.take(ctx, api, reqID, p, model, masked, want, need, estimate)
-	if aerr != nil || h.Hold == HoldCheck {
-		return hold, -1, aerr
+	if aerr != nil {
+		h.eng.releaseFriend(fh)
+		return hold, -1, friendCredit(p, aerr)
+	}
+	hold.Friend = fh // settled with the hold, or given back with it
+	if h.Hold == HoldCheck {
+		return hold, -1, nil
 	}
 	maxTokens := terms.Cap(model, hold.Amount(), info.ThinkingBudget)
 	if maxTokens < 1 {
 		eng.submit(&settlement{Hold: hold, logger: h.logger}) // gives the hold back
-		return billing.Hold{}, 0, errInsufficient(api, h.plan, hold.Amount())
+		if fh != nil && fh.Amount < terms.Want && hold.Amount() >= fh.Amount {
+			return billing.Hold{}, 0, errFriendLimit(billing.FriendLimitExceeded, info.Model) // the limit, not the pool
+		}
+		return billing.Hold{}, 0, friendCredit(p, errInsufficient(api, h.plan, hold.Amount()))
 	}
 	return hold, maxTokens, nil
 }
@@ -402,7 +414,7 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 	if upKey.ID != "" {
 		trollKey = "openhands:" + upKey.ID
 	}
-	s.Cost, s.Usage, s.Weighted, s.Bill = cost, u, weighted, true
+	s.Cost, s.Usage, s.Weighted, s.Bill = friendCap(pr.hold, cost), u, weighted, true
 	s.Log = billing.RequestLog{
 		ID: pr.hold.LogID, UserID: p.User, UserKeyID: pr.masked, TrollKeyID: trollKey, Model: model.ID,
 		InputTokens: u.Input, OutputTokens: u.Output, CacheWriteTokens: u.CacheWrite, CacheHitTokens: u.CacheRead,
@@ -411,6 +423,9 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 		RequestID: pr.reqID, CreditField: h.plan.String(), Endpoint: r.URL.Path, Stream: m.sse,
 		Attempts: pr.attempts, UpstreamModel: pr.upstreamModel, UsageSource: source, EndReason: end, CostNano: int64(cost),
 		HoldNano: int64(pr.hold.Amount()),
+	}
+	if p.Friend != nil {
+		s.Log.FriendKeyID = pr.masked
 	}
 	s.Counters = billing.UsageCounters{
 		UpstreamKeyID: upKeyID(upKey), WeightedTokens: weighted, RawTokens: billing.ClampTokens(u.Input + u.Output), At: now,

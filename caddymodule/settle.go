@@ -174,7 +174,9 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 		}
 		switch {
 		case errors.Is(err, billing.ErrNoHold):
-			// Settled and logged before (a replay): nothing left to do.
+			// Settled and logged before (a replay): nothing left to do
+			// but a friend hold, which the settlement settles first.
+			e.settleFriendOrWarn(ctx, s, billing.Receipt{})
 			done = append(done, s)
 			continue
 		case err != nil:
@@ -186,11 +188,19 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 			// presumed dead): its charge and its log row stand.
 			s.logger.Warn("hold was resolved by the sweeper before its settlement",
 				zap.String("request_id", s.Hold.RequestID), zap.String("charged", rc.Charged.String()))
+			e.settleFriendOrWarn(ctx, s, rc)
 			done = append(done, s)
 			continue
 		}
 		if applied && s.Bill {
 			counters = append(counters, s.Counters)
+		}
+		// Before the log row: a retry, which finds the receipt, settles
+		// it again (once), and only then writes the row and drops it.
+		if err := e.settleFriend(ctx, s, rc); err != nil {
+			down = err
+			e.failed(s, err)
+			continue
 		}
 		if !s.Bill {
 			// A release: no log row, its receipt can go.
@@ -199,8 +209,10 @@ func (e *engine) settleBatchCtx(ctx context.Context, batch []*settlement) {
 			continue
 		}
 		s.Log.ChargedNano = int64(rc.Charged)
-		s.Log.ShortfallNano = int64(rc.Shortfall)
-		s.Log.Shortfall = rc.Shortfall.USD()
+		// A friend key's charge is capped by its hold (friendCap): the
+		// rest of the cost is shortfall too.
+		s.Log.ShortfallNano = int64(rc.Shortfall) + max(s.Log.CostNano-int64(s.Cost), 0)
+		s.Log.Shortfall = billing.Nano(s.Log.ShortfallNano).USD()
 		s.Log.TakenNano = rc.TakenByField()
 		logs = append(logs, s.Log)
 		logged = append(logged, s)
@@ -273,6 +285,14 @@ func (e *engine) findHold(ctx context.Context, s *settlement) error {
 		return err
 	}
 	return nil
+}
+
+// settleFriendOrWarn settles the friend hold of a settlement that is done
+// otherwise; a failure leaves the hold to expire.
+func (e *engine) settleFriendOrWarn(ctx context.Context, s *settlement, rc billing.Receipt) {
+	if err := e.settleFriend(ctx, s, rc); err != nil {
+		s.logger.Warn("settling a friend key hold failed; it expires on its own", zap.String("request_id", s.Hold.RequestID), zap.Error(err))
+	}
 }
 
 func (s *settlement) request() billing.SettleRequest {

@@ -67,16 +67,21 @@ func (s *stripes) lock(key string) func() {
 // (IsolationProcess), across processes too (IsolationShared), or not at all
 // (IsolationAtomic).
 func (s *Store) lockUser(ctx context.Context, user string) (func(), error) {
+	return s.lockDoc(ctx, user, "usersNew:"+user)
+}
+
+// lockDoc serialises the writes of one document as lockUser does: local
+// keys the in-process stripe, id the shared lock's _id.
+func (s *Store) lockDoc(ctx context.Context, local, id string) (func(), error) {
 	iso := Isolation(s.isolation.Load())
 	if iso == IsolationAtomic {
 		return func() {}, nil
 	}
-	unlockLocal := s.local.lock(user)
+	unlockLocal := s.local.lock(local)
 	if iso != IsolationShared {
 		return unlockLocal, nil
 	}
 	locks := s.db.Collection(CollLocks)
-	id := "usersNew:" + user
 	var tb [8]byte
 	_, _ = crand.Read(tb[:])
 	token := hex.EncodeToString(tb[:])
@@ -94,7 +99,7 @@ func (s *Store) lockUser(ctx context.Context, user string) (func(), error) {
 		}
 		if !mongo.IsDuplicateKeyError(err) {
 			unlockLocal()
-			return nil, fmt.Errorf("locking user: %w", err)
+			return nil, fmt.Errorf("locking %s: %w", id, err)
 		}
 		if tries%16 == 15 {
 			// Take over a lock whose holder died with it.
@@ -112,7 +117,7 @@ func (s *Store) lockUser(ctx context.Context, user string) (func(), error) {
 		case <-ctx.Done():
 			t.Stop()
 			unlockLocal()
-			return nil, fmt.Errorf("locking user: %w", ctx.Err())
+			return nil, fmt.Errorf("locking %s: %w", id, ctx.Err())
 		case <-t.C:
 		}
 		backoff = min(2*backoff, 20*time.Millisecond)

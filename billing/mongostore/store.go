@@ -1,6 +1,7 @@
 // Package mongostore implements the billing store interfaces on MongoDB,
 // over the collections the legacy proxy and the Node backend share:
-// usersNew, user_keys, openhands_keys, openhands_bindings and request_logs.
+// usersNew, user_keys, friend_keys, openhands_keys, openhands_bindings and
+// request_logs.
 //
 // Every operation is written to work on MongoDB 6+ and on FerretDB 1.24 (the
 // test database): conditional filters, $inc, $set and plain finds only; no
@@ -155,10 +156,14 @@ func (s *Store) Balances(ctx context.Context, user string) (billing.Balances, er
 	return d.balances(), nil
 }
 
-// Authenticate resolves key as the legacy proxy did: user_keys by _id first,
-// then usersNew by apiKey. A missing isActive counts as active (the backend
+// Authenticate resolves key as the legacy proxy did: a friend key
+// (billing.IsFriendKey) in friend_keys, any other key in user_keys by _id
+// first, then usersNew by apiKey. A missing isActive counts as active (the backend
 // schema defaults it to true); a missing migration counts as not migrated.
 func (s *Store) Authenticate(ctx context.Context, key string) (billing.Principal, error) {
+	if billing.IsFriendKey(key) {
+		return s.authenticateFriend(ctx, key)
+	}
 	now := s.now()
 	var uk userKeyDoc
 	err := s.db.Collection(CollUserKeys).FindOne(ctx, bson.D{{Key: "_id", Value: key}},

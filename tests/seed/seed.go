@@ -26,6 +26,7 @@ const (
 	UpstreamKeyCollection = "openhands_keys"
 	BindingsCollection    = "openhands_bindings"
 	RequestLogsCollection = "request_logs"
+	FriendKeysCollection  = "friend_keys"
 )
 
 // User is a usersNew document (_id = username).
@@ -69,6 +70,53 @@ type UpstreamKey struct {
 	// Status is healthy, rate_limited, exhausted, need_refresh or error;
 	// empty means healthy.
 	Status string
+}
+
+// FriendKey is a friend_keys document (_id = the key): a key its owner
+// gives a friend, billed to the owner within per-model USD limits.
+type FriendKey struct {
+	// Key is the friend key (sk-trollllm-friend- and 64 hex digits), the
+	// document's _id.
+	Key string
+	// Owner is the ownerId: the usersNew _id who pays.
+	Owner string
+	// Active is isActive.
+	Active bool
+	// Limits are the modelLimits entries, in order.
+	Limits []FriendLimit
+}
+
+// FriendLimit is one modelLimits entry of a friend key.
+type FriendLimit struct {
+	// Model is the modelId.
+	Model string
+	// Limit is limitUsd, Used usedUsd.
+	Limit, Used float64
+	// Enabled, when set, is written as enabled; nil leaves it out (the
+	// backend's default: enabled).
+	Enabled *bool
+}
+
+// Doc returns the friend_keys document of k, with createdAt = now.
+func (k FriendKey) Doc(now time.Time) bson.D {
+	limits := bson.A{}
+	for _, l := range k.Limits {
+		e := bson.D{{Key: "modelId", Value: l.Model}, {Key: "limitUsd", Value: number(l.Limit)}, {Key: "usedUsd", Value: number(l.Used)}}
+		if l.Enabled != nil {
+			e = append(e, bson.E{Key: "enabled", Value: *l.Enabled})
+		}
+		limits = append(limits, e)
+	}
+	return bson.D{
+		{Key: "_id", Value: k.Key},
+		{Key: "ownerId", Value: k.Owner},
+		{Key: "isActive", Value: k.Active},
+		{Key: "modelLimits", Value: limits},
+		{Key: "totalUsedUsd", Value: number(0)},
+		{Key: "requestsCount", Value: number(0)},
+		{Key: "lastUsedAt", Value: nil},
+		{Key: "createdAt", Value: now.UTC()},
+	}
 }
 
 // number returns v as js-bson would store it: int32 when integral and in
@@ -158,7 +206,8 @@ func BindingDoc(keyID string, now time.Time) bson.D {
 }
 
 // Insert writes each of docs into its collection: a User (or *User) into
-// usersNew, a UserKey into user_keys, an UpstreamKey into openhands_keys;
+// usersNew, a UserKey into user_keys, a FriendKey into friend_keys, an
+// UpstreamKey into openhands_keys;
 // slices of these are accepted too. Upstream keys are not bound: see
 // [Bind]. It stops at the first error (a duplicate _id, for instance).
 func Insert(ctx context.Context, db *mongo.Database, docs ...any) error {
@@ -177,6 +226,10 @@ func Insert(ctx context.Context, db *mongo.Database, docs ...any) error {
 			coll, doc = UserKeysCollection, v.Doc(now)
 		case *UserKey:
 			coll, doc = UserKeysCollection, v.Doc(now)
+		case FriendKey:
+			coll, doc = FriendKeysCollection, v.Doc(now)
+		case *FriendKey:
+			coll, doc = FriendKeysCollection, v.Doc(now)
 		case UpstreamKey:
 			coll, doc = UpstreamKeyCollection, v.Doc(now)
 		case *UpstreamKey:

@@ -1,0 +1,147 @@
+package mongostore
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+	"github.com/trollllm/caddy-llm-billing/tests/seed"
+)
+
+var friendKey = billing.FriendKeyPrefix + strings.Repeat("ab", 32)
+
+type friendState struct {
+	Limits []struct {
+		ModelID string  `bson:"modelId"`
+		Used    float64 `bson:"usedUsd"`
+	} `bson:"modelLimits"`
+	TotalUsed float64           `bson:"totalUsedUsd"`
+	Requests  int64             `bson:"requestsCount"`
+	Holds     map[string]string `bson:"llmFriendHolds"`
+}
+
+func readFriend(t *testing.T, db *mongo.Database) friendState {
+	t.Helper()
+	var d friendState
+	require.NoError(t, db.Collection(seed.FriendKeysCollection).FindOne(context.Background(), bson.D{{Key: "_id", Value: friendKey}}).Decode(&d))
+	return d
+}
+
+func seedFriend(t *testing.T, db *mongo.Database, limits ...seed.FriendLimit) {
+	t.Helper()
+	require.NoError(t, seed.Insert(context.Background(), db,
+		seed.User{ID: "owner", Role: "user", Active: true, Migration: true, CreditsNew: 5},
+		seed.FriendKey{Key: friendKey, Owner: "owner", Active: true, Limits: limits}))
+}
+
+func friendReq(rid string, slot int, limit, want, minimum billing.Nano) billing.FriendHoldRequest {
+	return billing.FriendHoldRequest{Key: friendKey, RequestID: rid, Model: "m", Slot: slot, Limit: limit,
+		Want: want, Min: minimum, Expires: time.Now().Add(time.Minute)}
+}
+
+// A friend key resolves to its owner, who pays, with its limits; a key
+// that only looks like one is a user key, unknown here.
+func TestFriendAuthenticate(t *testing.T) {
+	s, db := open(t)
+	ctx := context.Background()
+	off := false
+	seedFriend(t, db, seed.FriendLimit{Model: "a", Limit: 2, Used: 0.5}, seed.FriendLimit{Model: "m", Limit: 1, Enabled: &off})
+	p, err := s.Authenticate(ctx, friendKey)
+	require.NoError(t, err)
+	assert.Equal(t, "owner", p.User)
+	assert.Equal(t, billing.Nano(5_000_000_000), p.Balances.CreditsNew)
+	require.NotNil(t, p.Friend)
+	assert.Equal(t, []billing.FriendLimit{
+		{ModelID: "a", Slot: 0, Limit: 2_000_000_000, Used: 500_000_000, Enabled: true},
+		{ModelID: "m", Slot: 1, Limit: 1_000_000_000, Enabled: false},
+	}, p.Friend.Limits)
+
+	_, err = s.Authenticate(ctx, billing.FriendKeyPrefix+"short")
+	var ae *billing.AuthError
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, billing.AuthInvalid, ae.Reason)
+}
+
+// A hold counts in usedUsd at once; asking again for the same request
+// returns it; settling it, even without the key (a settlement replayed
+// from the journal), replaces it by the charge, once.
+func TestFriendHoldSettlesOnce(t *testing.T) {
+	s, db := open(t)
+	ctx := context.Background()
+	seedFriend(t, db, seed.FriendLimit{Model: "m", Limit: 1})
+	h, err := s.ReserveFriend(ctx, friendReq("r1", 0, usd(1), usd(0.3), usd(0.01)))
+	require.NoError(t, err)
+	assert.Equal(t, usd(0.3), h.Amount)
+	again, err := s.ReserveFriend(ctx, friendReq("r1", 0, usd(1), usd(0.3), usd(0.01)))
+	require.NoError(t, err)
+	assert.Equal(t, h.Amount, again.Amount)
+	d := readFriend(t, db)
+	assert.InDelta(t, 0.3, d.Limits[0].Used, 1e-12, "the hold counts against the limit")
+	assert.Len(t, d.Holds, 1)
+
+	h.Key = "" // as journaled
+	st := billing.FriendSettlement{Hold: h, Charged: usd(0.1), Billed: true, At: time.Now()}
+	require.NoError(t, s.SettleFriend(ctx, st))
+	require.NoError(t, s.SettleFriend(ctx, st))
+	d = readFriend(t, db)
+	assert.InDelta(t, 0.1, d.Limits[0].Used, 1e-12)
+	assert.InDelta(t, 0.1, d.TotalUsed, 1e-12)
+	assert.EqualValues(t, 1, d.Requests)
+	assert.Empty(t, d.Holds)
+}
+
+// With a stale cached slot the limit is found by reading; the room left is
+// held when it is less than wanted, and a request needing more than the
+// room is refused; a settlement finds its entry after the dashboard moved
+// it.
+func TestFriendHoldReadsWhenTheCacheIsStale(t *testing.T) {
+	s, db := open(t)
+	ctx := context.Background()
+	seedFriend(t, db, seed.FriendLimit{Model: "x", Limit: 5}, seed.FriendLimit{Model: "m", Limit: 1, Used: 0.75})
+	h, err := s.ReserveFriend(ctx, friendReq("r1", 0, usd(5), usd(0.5), usd(0.01)))
+	require.NoError(t, err)
+	assert.Equal(t, 1, h.Slot)
+	assert.Equal(t, usd(0.25), h.Amount, "the room left")
+	_, err = s.ReserveFriend(ctx, friendReq("r2", 1, usd(1), usd(0.5), usd(0.01)))
+	var le *billing.FriendLimitError
+	require.ErrorAs(t, err, &le)
+	assert.Equal(t, billing.FriendLimitExceeded, le.Reason)
+
+	// The dashboard rewrites the list, "m" first, keeping usedUsd.
+	_, err = db.Collection(seed.FriendKeysCollection).UpdateOne(ctx, bson.D{{Key: "_id", Value: friendKey}}, bson.D{{Key: "$set", Value: bson.D{
+		{Key: "modelLimits", Value: bson.A{
+			bson.D{{Key: "modelId", Value: "m"}, {Key: "limitUsd", Value: 1.0}, {Key: "usedUsd", Value: 1.0}},
+			bson.D{{Key: "modelId", Value: "x"}, {Key: "limitUsd", Value: 5.0}, {Key: "usedUsd", Value: 0.0}},
+		}}}}})
+	require.NoError(t, err)
+	require.NoError(t, s.SettleFriend(ctx, billing.FriendSettlement{Hold: h, Charged: usd(0.2), Billed: true, At: time.Now()}))
+	d := readFriend(t, db)
+	assert.InDelta(t, 0.95, d.Limits[0].Used, 1e-12)
+	assert.Zero(t, d.Limits[1].Used)
+}
+
+// A hold whose process died stops counting once it expires: the next
+// request that finds the limit full gives it back.
+func TestFriendExpiredHoldGivenBack(t *testing.T) {
+	s, db := open(t)
+	ctx := context.Background()
+	seedFriend(t, db, seed.FriendLimit{Model: "m", Limit: 1})
+	dead := friendReq("dead", 0, usd(1), usd(1), usd(0.01))
+	dead.Expires = time.Now().Add(-time.Second)
+	_, err := s.ReserveFriend(ctx, dead)
+	require.NoError(t, err)
+	h, err := s.ReserveFriend(ctx, friendReq("next", 0, usd(1), usd(0.5), usd(0.01)))
+	require.NoError(t, err)
+	assert.Equal(t, usd(0.5), h.Amount)
+	d := readFriend(t, db)
+	assert.InDelta(t, 0.5, d.Limits[0].Used, 1e-12)
+	assert.Len(t, d.Holds, 1)
+	assert.Zero(t, d.TotalUsed, "an expired hold charges nothing")
+}
