@@ -52,6 +52,7 @@ type harness struct {
 	db     *mongo.Database
 
 	users        []benchUser
+	friendKeys   []string // one per user, owned by it (friend phase)
 	upstreamKeys []string
 
 	load   *loadClient
@@ -221,7 +222,8 @@ func (h *harness) seed(ctx context.Context) error {
 		users = append(users, seed.User{ID: u.ID, APIKey: u.Key, Role: "user", Active: true, Migration: true,
 			Credits: 1000, RefCredits: 1000, CreditsNew: 1000})
 	}
-	if err := seed.Insert(ctx, h.db, users, ups); err != nil {
+	friends := h.friends()
+	if err := seed.Insert(ctx, h.db, users, ups, friends); err != nil {
 		return err
 	}
 	for _, k := range ups {
@@ -230,6 +232,24 @@ func (h *harness) seed(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// friendModel is the canonical id of the model the bench requests
+// (claude-sonnet-4-5 is its alias): friend limits are kept by it.
+const friendModel = "claude-sonnet-4-5-20250929"
+
+// friends makes one friend key per bench user, owned by it, with a limit on
+// the bench's model that no phase reaches.
+func (h *harness) friends() []seed.FriendKey {
+	var out []seed.FriendKey
+	for _, u := range h.users {
+		sum := sha256.Sum256(fmt.Appendf(nil, "bench-friend-%s", u.ID))
+		k := seed.FriendKey{Key: "sk-trollllm-friend-" + hex.EncodeToString(sum[:]), Owner: u.ID, Active: true,
+			Limits: []seed.FriendLimit{{Model: friendModel, Limit: 1_000_000}}}
+		h.friendKeys = append(h.friendKeys, k.Key)
+		out = append(out, k)
+	}
+	return out
 }
 
 // caddyfile is the one config: the same reverse_proxy to the stand-in
@@ -252,6 +272,12 @@ func (h *harness) caddyfile(adminPort, plainPort, gwPort int) string {
 	llm_billing {
 		mongodb_uri {env.BENCH_MONGODB_URI}
 		database %s
+		# The limiter runs on every request, at limits no phase reaches.
+		rate_limit {
+			user   1000000 1m
+			friend 1000000 1m
+			other  1000000 1m
+		}
 %s	}
 }
 

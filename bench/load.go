@@ -125,6 +125,7 @@ type reqSpec struct {
 	bytes  int64         // X-Bench-Stream-Bytes: one long stream of at least this many bytes
 	evSize int           // X-Bench-Event-Bytes
 	delay  time.Duration // pause between events
+	friend bool          // gateway: the users' friend keys instead of their own
 }
 
 // targets returns one target per user (gateway: the user's key) or per
@@ -151,11 +152,14 @@ func (h *harness) targets(s reqSpec) []vegeta.Target {
 		}
 	}
 	var keys []string
-	if s.site == "gateway" {
+	switch {
+	case s.site == "gateway" && s.friend:
+		keys = h.friendKeys
+	case s.site == "gateway":
 		for _, u := range h.users {
 			keys = append(keys, u.Key)
 		}
-	} else {
+	default:
 		keys = h.upstreamKeys
 	}
 	var out []vegeta.Target

@@ -23,7 +23,8 @@ const (
 	phIdle     = "idle"
 	phRestart  = "warmup_after_restart"
 	phSat      = "nonstream_saturation"
-	phRate     = "nonstream_rate_" // + rate
+	phFriend   = "friend_nonstream_saturation" // gateway only: friend keys, one limit hold each
+	phRate     = "nonstream_rate_"             // + rate
 	phSSETTFB  = "sse_first_byte"
 	phSSESat   = "sse_saturation"
 	phStreams  = "long_streams"
@@ -595,6 +596,14 @@ func (h *harness) runAll() error {
 			})); err != nil {
 				return err
 			}
+		}
+		// Friend keys: the same load as the saturation phase, each request
+		// also holding against its key's per-model limit.
+		fs := reqSpec{site: siteGW, friend: true}
+		if err := add(h.measured(round, phFriend, siteGW, func() ([]outcome, time.Duration) {
+			return h.attack(fs, 0, cfg.SatConcurrency, cfg.SatDuration)
+		})); err != nil {
+			return err
 		}
 		for _, rate := range cfg.Rates {
 			for _, site := range sites {

@@ -139,6 +139,17 @@ func (r *results) summarize() {
 
 	both("non-stream: max req/s at saturation", "req/s", 0, phSat, rps)
 	both("non-stream: max req/s counting the settlement drain", "req/s", 0, phSat, settled)
+	// Friend keys have no plain counterpart: set against plain's saturation.
+	friendRow := func(fig, unit string, digits int, f func(*phase) float64) {
+		pl, gw := r.pick(phSat, sitePlain, f), r.pick(phFriend, siteGW, f)
+		rw := row{Figure: fig, Unit: unit, Plain: fp(pl), Gateway: fp(gw), digits: digits}
+		if pl > 0 && !math.IsNaN(gw) {
+			rw.Ratio, rw.Delta = fp(gw/pl), fp(gw-pl)
+		}
+		rows = append(rows, rw)
+	}
+	friendRow("friend keys, non-stream: max req/s at saturation (plain: its saturation phase)", "req/s", 0, rps)
+	friendRow("friend keys, non-stream: p50 latency at saturation", "ms", 2, p50)
 	for _, rate := range c.Rates {
 		name := fmt.Sprintf("%s%d", phRate, rate)
 		both(fmt.Sprintf("non-stream at %d req/s: p50 latency", rate), "ms", 2, name, p50)
@@ -173,6 +184,7 @@ func (r *results) summarize() {
 	rows[len(rows)-1].Text[1] = fmt.Sprintf("%.2f / %.2f", r.pick(phSat, siteGW, func(p *phase) float64 { return p.DB.ReadsPerReq }),
 		r.pick(phSat, siteGW, func(p *phase) float64 { return p.DB.WritesPerReq }))
 	gwOnly(fmt.Sprintf("database round trips per %d-event stream under load", c.SSEEvents), "ops", 2, phSSESat, func(p *phase) float64 { return p.DB.OpsPerReq })
+	gwOnly("database round trips per friend-key request under load (request path)", "ops", 2, phFriend, func(p *phase) float64 { return p.DB.OpsPerReq })
 	for _, pr := range r.Probes {
 		rows = append(rows, row{Figure: fmt.Sprintf("database round trips before / after the first byte, %s (sequential probe, median of %d; max)", pr.Kind, pr.Requests), Unit: "ops",
 			Text: [2]string{"0 / 0", fmt.Sprintf("%g / %g (max %d / %d)", pr.BeforeMedian, pr.AfterMedian, pr.BeforeMax, pr.AfterMax)}})
