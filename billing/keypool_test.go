@@ -1,17 +1,18 @@
 package billing
 
 import (
-	"errors"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 func TestKeyPoolRoundRobinSkipsUnusableKeys(t *testing.T) {
 	now := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
 	var p KeyPool
-	if _, err := p.Pick(now); !errors.Is(err, ErrNoUpstreamKey) {
-		t.Fatalf("empty pool: err = %v", err)
-	}
+	_, err := p.Pick(now)
+	require.ErrorIs(t, err, ErrNoUpstreamKey, "empty pool")
 	p.Set([]UpstreamKey{
 		{ID: "a", Status: "healthy"},
 		{ID: "b", Status: "exhausted"},
@@ -24,28 +25,25 @@ func TestKeyPoolRoundRobinSkipsUnusableKeys(t *testing.T) {
 	counts := map[string]int{}
 	for i := 0; i < 300; i++ {
 		k, err := p.Pick(now)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		counts[k.ID]++
 	}
 	for _, id := range []string{"b", "d", "e", "g"} {
-		if counts[id] != 0 {
-			t.Errorf("unusable key %s picked %d times", id, counts[id])
-		}
+		assert.Zero(t, counts[id], "unusable key %s picked", id)
 	}
 	// a, c, f share the picks; a skipped key's turn goes to the next usable one.
-	if counts["a"]+counts["c"]+counts["f"] != 300 || counts["a"] == 0 || counts["c"] == 0 || counts["f"] == 0 {
-		t.Errorf("picks %v", counts)
+	assert.Equal(t, 300, counts["a"]+counts["c"]+counts["f"], "picks %v", counts)
+	for _, id := range []string{"a", "c", "f"} {
+		assert.NotZero(t, counts[id], "key %s never picked: %v", id, counts)
 	}
 
 	p.Set([]UpstreamKey{{ID: "x", Status: "exhausted"}, {ID: "y", Status: "rate_limited", CooldownUntil: now.Add(time.Minute)}})
-	if _, err := p.Pick(now); !errors.Is(err, ErrNoUpstreamKey) {
-		t.Errorf("only exhausted and rate-limited keys: err = %v", err)
-	}
+	_, err = p.Pick(now)
+	assert.ErrorIs(t, err, ErrNoUpstreamKey, "only exhausted and rate-limited keys")
 	p.Set([]UpstreamKey{{ID: "x", Status: "exhausted"}, {ID: "z", Status: "error", CooldownUntil: now.Add(time.Minute)}})
-	if k, err := p.Pick(now); err != nil || k.ID != "z" {
-		t.Errorf("a key in error cooldown is the last resort: %v %v", k, err)
+	k, err := p.Pick(now)
+	if assert.NoError(t, err) {
+		assert.Equal(t, "z", k.ID, "a key in error cooldown is the last resort")
 	}
 }
 
@@ -53,9 +51,7 @@ func TestKeyPoolPickDoesNotAllocate(t *testing.T) {
 	var p KeyPool
 	p.Set([]UpstreamKey{{ID: "a"}, {ID: "b"}})
 	now := time.Now()
-	if n := testing.AllocsPerRun(1000, func() { _, _ = p.Pick(now) }); n != 0 {
-		t.Errorf("Pick allocates %v times", n)
-	}
+	assert.Zero(t, testing.AllocsPerRun(1000, func() { _, _ = p.Pick(now) }), "Pick allocates")
 }
 
 func TestKeyPoolRefreshKeepsRunningCooldowns(t *testing.T) {
@@ -66,9 +62,8 @@ func TestKeyPoolRefreshKeepsRunningCooldowns(t *testing.T) {
 	// The database still says healthy: the cooldown survives the refresh.
 	p.SetAt([]UpstreamKey{{ID: "a", Status: "healthy"}, {ID: "b", Status: "healthy"}}, now.Add(time.Second))
 	for i := 0; i < 4; i++ {
-		if k, _ := p.Pick(now.Add(2 * time.Second)); k.ID != "b" {
-			t.Fatalf("picked %s during a's cooldown", k.ID)
-		}
+		k, _ := p.Pick(now.Add(2 * time.Second))
+		require.Equal(t, "b", k.ID, "picked during a's cooldown")
 	}
 	// Once it is over, a refresh no longer carries it.
 	p.SetAt([]UpstreamKey{{ID: "a"}, {ID: "b"}}, now.Add(11*time.Second))
@@ -77,7 +72,5 @@ func TestKeyPoolRefreshKeepsRunningCooldowns(t *testing.T) {
 		k, _ := p.Pick(now.Add(11 * time.Second))
 		seen[k.ID] = true
 	}
-	if !seen["a"] || !seen["b"] {
-		t.Errorf("after the cooldown: %v", seen)
-	}
+	assert.Equal(t, map[string]bool{"a": true, "b": true}, seen, "after the cooldown")
 }

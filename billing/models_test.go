@@ -2,12 +2,10 @@ package billing
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"testing"
 
@@ -18,9 +16,7 @@ import (
 func loadExample(t *testing.T, name string) *Catalogue {
 	t.Helper()
 	c, err := LoadCatalogue(filepath.Join("..", "examples", name))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	return c
 }
 
@@ -63,22 +59,14 @@ func TestExampleFiles(t *testing.T) {
 		t.Run(f.file, func(t *testing.T) {
 			c := loadExample(t, f.file)
 			models := c.Models()
-			if len(models) != len(f.models) {
-				t.Fatalf("%d models, want %d", len(models), len(f.models))
-			}
+			require.Len(t, models, len(f.models))
 			for i, w := range f.models {
 				m := models[i]
 				got := want{m.ID, m.Name, m.Aliases, m.Type, m.Reasoning, m.BillingUpstream, m.ThinkingBudget,
 					m.Price, m.UpstreamIDs, m.UpstreamWeights, (m.Created - 1735689600) / 86400}
-				if !reflect.DeepEqual(got, w) {
-					t.Errorf("model %d:\n got %+v\nwant %+v", i, got, w)
-				}
-				if m.Upstream != "openhands" {
-					t.Errorf("model %d: upstream %q", i, m.Upstream)
-				}
-				if m.Created != 1735689600+int64(i)*86400 {
-					t.Errorf("model %d: created %d", i, m.Created)
-				}
+				assert.Equal(t, w, got, "model %d", i)
+				assert.Equal(t, "openhands", m.Upstream, "model %d: upstream", i)
+				assert.Equal(t, 1735689600+int64(i)*86400, m.Created, "model %d: created", i)
 			}
 		})
 	}
@@ -103,12 +91,8 @@ func TestExampleFilesBillTheGoldenVectors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		m, ok := loadExample(t, tt.file).Lookup(tt.model)
-		if !ok {
-			t.Fatalf("%s: no model %q", tt.file, tt.model)
-		}
-		if got := m.Price.Cost(tt.usage); got != tt.cost {
-			t.Errorf("%s %s: cost %v, want %v", tt.file, tt.model, got, tt.cost)
-		}
+		require.True(t, ok, "%s: no model %q", tt.file, tt.model)
+		assert.Equal(t, tt.cost, m.Price.Cost(tt.usage), "%s %s: cost", tt.file, tt.model)
 	}
 }
 
@@ -175,18 +159,13 @@ func TestParseCatalogueErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			c, err := ParseCatalogue([]byte(tt.json))
-			if err == nil {
-				t.Fatalf("no error, got %d models", len(c.Models()))
-			}
+			_, err := ParseCatalogue([]byte(tt.json))
+			require.Error(t, err)
 			for _, w := range tt.want {
-				if !strings.Contains(err.Error(), w) {
-					t.Errorf("error %q does not mention %q", err, w)
-				}
+				assert.ErrorContains(t, err, w)
 			}
-			if msg := err.Error(); msg != strings.ToLower(msg[:1])+msg[1:] {
-				t.Errorf("error %q does not start in lower case", msg)
-			}
+			msg := err.Error()
+			assert.Equal(t, strings.ToLower(msg[:1])+msg[1:], msg, "error does not start in lower case")
 		})
 	}
 }
@@ -205,9 +184,7 @@ func TestParseCatalogueDefaultsAndIgnoredFields(t *testing.T) {
 			 "cache_write_price_per_mtok": 1.56, "cache_hit_price_per_mtok": 0.13, "billing_multiplier": 1.1,
 			 "thinking_budget": 7, "upstream_model_id": ["only"], "upstream_model_weights": [5]}
 		]}`))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	ms := c.Models()
 	tests := []struct {
 		m          *Model
@@ -229,29 +206,27 @@ func TestParseCatalogueDefaultsAndIgnoredFields(t *testing.T) {
 	}
 	for i, tt := range tests {
 		m := tt.m
-		if m.Price != tt.price || m.ThinkingBudget != tt.budget || !reflect.DeepEqual(m.UpstreamIDs, tt.upstreams) ||
-			!reflect.DeepEqual(m.UpstreamWeights, tt.weights) || m.Upstream != tt.upstream || m.BillingUpstream != tt.billingUps {
-			t.Errorf("model %d (%s): got price %+v budget %d upstreams %v weights %v upstream %q billing %q",
-				i, m.ID, m.Price, m.ThinkingBudget, m.UpstreamIDs, m.UpstreamWeights, m.Upstream, m.BillingUpstream)
-		}
+		assert.Equal(t, tt.price, m.Price, "model %d (%s): price", i, m.ID)
+		assert.Equal(t, tt.budget, m.ThinkingBudget, "model %d (%s): thinking budget", i, m.ID)
+		assert.Equal(t, tt.upstreams, m.UpstreamIDs, "model %d (%s): upstream ids", i, m.ID)
+		assert.Equal(t, tt.weights, m.UpstreamWeights, "model %d (%s): upstream weights", i, m.ID)
+		assert.Equal(t, tt.upstream, m.Upstream, "model %d (%s): upstream", i, m.ID)
+		assert.Equal(t, tt.billingUps, m.BillingUpstream, "model %d (%s): billing upstream", i, m.ID)
 	}
 }
 
 func TestLoadCatalogueErrors(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "nope.json")
 	_, err := LoadCatalogue(missing)
-	if err == nil || !errors.Is(err, fs.ErrNotExist) || !strings.HasPrefix(err.Error(), `reading models file "`+missing+`": `) {
-		t.Fatalf("missing file: %v", err)
-	}
+	require.ErrorIs(t, err, fs.ErrNotExist, "missing file")
+	assert.True(t, strings.HasPrefix(err.Error(), `reading models file "`+missing+`": `), "missing file: %v", err)
 
 	bad := filepath.Join(t.TempDir(), "bad.json")
-	if err := os.WriteFile(bad, []byte(model(`"id":"claude-x","input_price_per_mtok":3`)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, os.WriteFile(bad, []byte(model(`"id":"claude-x","input_price_per_mtok":3`)), 0o600))
 	_, err = LoadCatalogue(bad)
-	if want := `models file "` + bad + `": model 1 ("claude-x"): output_price_per_mtok is missing`; err == nil || !strings.HasPrefix(err.Error(), want) {
-		t.Fatalf("bad file: %v, want prefix %q", err, want)
-	}
+	require.Error(t, err, "bad file")
+	want := `models file "` + bad + `": model 1 ("claude-x"): output_price_per_mtok is missing`
+	assert.True(t, strings.HasPrefix(err.Error(), want), "bad file: %v, want prefix %q", err, want)
 }
 
 func TestLookup(t *testing.T) {
@@ -271,8 +246,8 @@ func TestLookup(t *testing.T) {
 	}
 	for _, tt := range tests {
 		m, ok := c.Lookup(tt.name)
-		if ok != (tt.want != "") || ok && m.ID != tt.want {
-			t.Errorf("Lookup(%q) = %v, %v; want %q", tt.name, m, ok, tt.want)
+		if assert.Equal(t, tt.want != "", ok, "Lookup(%q) found", tt.name) && ok {
+			assert.Equal(t, tt.want, m.ID, "Lookup(%q)", tt.name)
 		}
 	}
 }
@@ -295,73 +270,47 @@ func TestPickUpstream(t *testing.T) {
 		if off%100 != 0 {
 			off -= off % 100
 		}
-		if got := count(opus, 100, off); !reflect.DeepEqual(got, want) {
-			t.Errorf("weights [60,40] from r=%d: %v, want %v", off, got, want)
-		}
+		assert.Equal(t, want, count(opus, 100, off), "weights [60,40] from r=%d", off)
 	}
-	if got := opus.PickUpstream(59); got != "prod/claude-sonnet-4-5-20250929" {
-		t.Errorf("r=59: %q", got)
-	}
-	if got := opus.PickUpstream(60); got != "glm-4.6" {
-		t.Errorf("r=60: %q", got)
-	}
+	assert.Equal(t, "prod/claude-sonnet-4-5-20250929", opus.PickUpstream(59), "r=59")
+	assert.Equal(t, "glm-4.6", opus.PickUpstream(60), "r=60")
 
 	// Uniform over three.
 	uni := &Model{ID: "m", UpstreamIDs: []string{"a", "b", "c"}}
-	if got, want := count(uni, 300, 0), map[string]int{"a": 100, "b": 100, "c": 100}; !reflect.DeepEqual(got, want) {
-		t.Errorf("uniform: %v, want %v", got, want)
-	}
-	if uni.PickUpstream(4) != "b" {
-		t.Errorf("uniform r=4: %q", uni.PickUpstream(4))
-	}
+	assert.Equal(t, map[string]int{"a": 100, "b": 100, "c": 100}, count(uni, 300, 0), "uniform")
+	assert.Equal(t, "b", uni.PickUpstream(4), "uniform r=4")
 
 	// One upstream, or none (hand-built): no choice.
 	haiku, _ := c.Lookup("claude-haiku-4-5")
-	if got := count(haiku, 10, 1<<63); got["glm-4.6"] != 10 {
-		t.Errorf("single: %v", got)
-	}
-	if got := (&Model{ID: "bare"}).PickUpstream(7); got != "bare" {
-		t.Errorf("no upstream ids: %q", got)
-	}
+	assert.Equal(t, 10, count(haiku, 10, 1<<63)["glm-4.6"], "single")
+	assert.Equal(t, "bare", (&Model{ID: "bare"}).PickUpstream(7), "no upstream ids")
 
 	// Hand-built models with unusable weights fall back to uniform, or skip
 	// the unusable entries.
 	mismatch := &Model{UpstreamIDs: []string{"a", "b"}, UpstreamWeights: []int{1}}
-	if got, want := count(mismatch, 4, 0), map[string]int{"a": 2, "b": 2}; !reflect.DeepEqual(got, want) {
-		t.Errorf("mismatched weights: %v, want %v", got, want)
-	}
+	assert.Equal(t, map[string]int{"a": 2, "b": 2}, count(mismatch, 4, 0), "mismatched weights")
 	allZero := &Model{UpstreamIDs: []string{"a", "b"}, UpstreamWeights: []int{0, -3}}
-	if got, want := count(allZero, 4, 0), map[string]int{"a": 2, "b": 2}; !reflect.DeepEqual(got, want) {
-		t.Errorf("zero weights: %v, want %v", got, want)
-	}
+	assert.Equal(t, map[string]int{"a": 2, "b": 2}, count(allZero, 4, 0), "zero weights")
 	someZero := &Model{UpstreamIDs: []string{"a", "b", "c"}, UpstreamWeights: []int{0, 3, 1}}
-	if got, want := count(someZero, 8, 0), map[string]int{"b": 6, "c": 2}; !reflect.DeepEqual(got, want) {
-		t.Errorf("a zero weight: %v, want %v", got, want)
-	}
+	assert.Equal(t, map[string]int{"b": 6, "c": 2}, count(someZero, 8, 0), "a zero weight")
 }
 
 func TestListJSON(t *testing.T) {
 	c, err := ParseCatalogue([]byte(`{"port":8004,"models":[
 		{"id":"claude-sonnet-4-5-20250929","id_aliases":["claude-sonnet-4-5"],"name":"Claude Sonnet 4.5","input_price_per_mtok":3,"output_price_per_mtok":14},
 		{"id":"gpt-<5>&","input_price_per_mtok":1,"output_price_per_mtok":2}]}`))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	want := `{"object":"list","data":[` +
 		`{"id":"claude-sonnet-4-5-20250929","object":"model","created":1735689600,"owned_by":"trollLLM"},` +
 		`{"id":"gpt-\u003c5\u003e\u0026","object":"model","created":1735776000,"owned_by":"trollLLM"}]}`
-	if got := string(c.ListJSON()); got != want {
-		t.Errorf("ListJSON:\n got %s\nwant %s", got, want)
-	}
+	assert.Equal(t, want, string(c.ListJSON()), "ListJSON")
 }
 
 func TestModelsIsACopy(t *testing.T) {
 	c := loadExample(t, "models-chat.json")
 	ms := c.Models()
 	ms[0] = nil
-	if c.Models()[0] == nil {
-		t.Fatal("Models returned the catalogue's own slice")
-	}
+	assert.NotNil(t, c.Models()[0], "Models returned the catalogue's own slice")
 }
 
 func TestLookupAndPickUpstreamDoNotAllocate(t *testing.T) {
@@ -379,9 +328,7 @@ func TestLookupAndPickUpstreamDoNotAllocate(t *testing.T) {
 		sink = opus.PickUpstream(r)
 		r += 7
 	})
-	if allocs != 0 {
-		t.Fatalf("Lookup+PickUpstream allocate %v times per run", allocs)
-	}
+	assert.Zero(t, allocs, "Lookup+PickUpstream allocate per run")
 	_ = sink
 }
 

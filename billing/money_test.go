@@ -5,6 +5,9 @@ import (
 	"math/big"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 func TestNanoString(t *testing.T) {
@@ -23,9 +26,7 @@ func TestNanoString(t *testing.T) {
 		{math.MinInt64, "-$9223372036.854775808"},
 	}
 	for _, tt := range tests {
-		if got := tt.n.String(); got != tt.want {
-			t.Errorf("Nano(%d).String() = %q, want %q", int64(tt.n), got, tt.want)
-		}
+		assert.Equal(t, tt.want, tt.n.String(), "Nano(%d).String()", int64(tt.n))
 	}
 }
 
@@ -41,9 +42,7 @@ func TestNanoUSD(t *testing.T) {
 		{123_456_789_012, 123.456789012},
 	}
 	for _, tt := range tests {
-		if got := tt.n.USD(); got != tt.want {
-			t.Errorf("Nano(%d).USD() = %v, want %v", int64(tt.n), got, tt.want)
-		}
+		assert.Equal(t, tt.want, tt.n.USD(), "Nano(%d).USD()", int64(tt.n))
 	}
 }
 
@@ -81,9 +80,7 @@ func TestNanoFromUSD(t *testing.T) {
 		{math.Inf(-1), 0},
 	}
 	for _, tt := range tests {
-		if got := NanoFromUSD(tt.usd); got != tt.want {
-			t.Errorf("NanoFromUSD(%v) = %d, want %d", tt.usd, got, tt.want)
-		}
+		assert.Equal(t, tt.want, NanoFromUSD(tt.usd), "NanoFromUSD(%v)", tt.usd)
 	}
 }
 
@@ -115,9 +112,7 @@ func TestNanoFromUSDAgainstBig(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	check := func(usd float64) {
 		t.Helper()
-		if got, want := NanoFromUSD(usd), refNanoFromUSD(usd); got != want {
-			t.Fatalf("NanoFromUSD(%v = %x) = %d, exact rounding gives %d", usd, usd, got, want)
-		}
+		require.Equal(t, refNanoFromUSD(usd), NanoFromUSD(usd), "NanoFromUSD(%v = %x) against exact rounding", usd, usd)
 	}
 	// Near every half Nano up to 20000, where float products tie.
 	for k := 0; k < 20_000; k++ {
@@ -153,8 +148,6 @@ func TestNanoUSDRoundTrip(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	for i := 0; i < 100_000; i++ {
 		n := Nano(rng.Int64N(1<<52)) * Nano(1-2*rng.IntN(2))
-		if got := NanoFromUSD(n.USD()); got != n {
-			t.Fatalf("NanoFromUSD(Nano(%d).USD()) = %d", n, got)
-		}
+		require.Equal(t, n, NanoFromUSD(n.USD()), "NanoFromUSD(Nano(%d).USD())", n)
 	}
 }

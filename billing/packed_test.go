@@ -3,6 +3,9 @@ package billing
 import (
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 func TestPackedHoldAndReceiptRoundTrip(t *testing.T) {
@@ -11,28 +14,36 @@ func TestPackedHoldAndReceiptRoundTrip(t *testing.T) {
 	h := Hold{Plan: plan, Taken: []Nano{500, 7}, Input: 90, Owner: "0b7c1f0e-9f5a/5f2a", At: at, Expires: at.Add(time.Minute),
 		LogID: NewLogID(at), Model: "glm|4.6", KeyID: "sk-troll...8c70"}
 	got, err := DecodeHold(EncodeHold(h))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got.Plan.String() != "credits+refCredits" || got.Amount() != 507 || got.Input != 90 || !got.At.Equal(at) || !got.Expires.Equal(h.Expires) ||
-		got.Owner != h.Owner || got.LogID != h.LogID || got.Model != "glm_4.6" || got.KeyID != h.KeyID {
-		t.Fatalf("hold round trip: %+v", got)
-	}
+	require.NoError(t, err)
+	assert.Equal(t, "credits+refCredits", got.Plan.String(), "hold plan")
+	assert.Equal(t, Nano(507), got.Amount(), "hold amount")
+	assert.Equal(t, Nano(90), got.Input, "hold input")
+	assert.True(t, got.At.Equal(at), "hold at %v, want %v", got.At, at)
+	assert.True(t, got.Expires.Equal(h.Expires), "hold expires %v, want %v", got.Expires, h.Expires)
+	assert.Equal(t, h.Owner, got.Owner, "hold owner")
+	assert.Equal(t, h.LogID, got.LogID, "hold log id")
+	assert.Equal(t, "glm_4.6", got.Model, "hold model")
+	assert.Equal(t, h.KeyID, got.KeyID, "hold key id")
+
 	r := Receipt{Taken: []Nano{500, 3}, Cost: 510, Charged: 503, Shortfall: 7, By: SettledBySweeper, At: at, LogID: h.LogID}
 	gr, gp, err := DecodeReceipt(EncodeReceipt(r, plan))
-	if err != nil {
-		t.Fatal(err)
+	require.NoError(t, err)
+	assert.Equal(t, plan.String(), gp.String(), "receipt plan")
+	assert.Equal(t, Nano(503), gr.Charged, "receipt charged")
+	assert.Equal(t, Nano(7), gr.Shortfall, "receipt shortfall")
+	assert.Equal(t, Nano(510), gr.Cost, "receipt cost")
+	assert.Equal(t, SettledBySweeper, gr.By, "receipt by")
+	if assert.Len(t, gr.Taken, 2, "receipt taken") {
+		assert.Equal(t, Nano(3), gr.Taken[1], "receipt taken[1]")
 	}
-	if gp.String() != plan.String() || gr.Charged != 503 || gr.Shortfall != 7 || gr.Cost != 510 || gr.By != SettledBySweeper ||
-		gr.Taken[1] != 3 || !gr.At.Equal(at) || gr.LogID != h.LogID || len(gr.Fields) != 2 {
-		t.Fatalf("receipt round trip: %+v", gr)
-	}
+	assert.True(t, gr.At.Equal(at), "receipt at %v, want %v", gr.At, at)
+	assert.Equal(t, h.LogID, gr.LogID, "receipt log id")
+	assert.Len(t, gr.Fields, 2, "receipt fields")
+
 	for _, bad := range []string{"", "h1|creditsNew", "h1|creditsNew|x|1|2|3|o|00|m|k", "h2|creditsNew|1|1|2|3|o|" + h.LogID.String() + "|m|k", "h1|bogus|1|1|2|3|o|" + h.LogID.String() + "|m|k"} {
-		if _, err := DecodeHold(bad); err == nil {
-			t.Errorf("DecodeHold(%q) accepted", bad)
-		}
+		_, err := DecodeHold(bad)
+		assert.Error(t, err, "DecodeHold(%q) accepted", bad)
 	}
-	if _, _, err := DecodeReceipt("r1|creditsNew|1,2|1|1|0|request|1|" + h.LogID.String()); err == nil {
-		t.Error("a receipt with more amounts than fields was accepted")
-	}
+	_, _, err = DecodeReceipt("r1|creditsNew|1,2|1|1|0|request|1|" + h.LogID.String())
+	assert.Error(t, err, "a receipt with more amounts than fields was accepted")
 }

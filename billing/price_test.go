@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // The prod price lists of the legacy doc, section 5, in integer units
@@ -217,21 +218,17 @@ var edgeVectors = []priceVector{
 func TestPriceGoldenVectors(t *testing.T) {
 	for _, tt := range append(append([]priceVector(nil), prodVectors...), edgeVectors...) {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := tt.price.Cost(tt.usage); got != tt.cost {
-				t.Errorf("Cost = %d (%v), want %d (%v)", got, got, tt.cost, tt.cost)
-			}
-			if got := tt.price.WeightedTokens(tt.usage); got != tt.weighted {
-				t.Errorf("WeightedTokens = %d, want %d", got, tt.weighted)
-			}
+			got := tt.price.Cost(tt.usage)
+			assert.Equal(t, tt.cost, got, "Cost = %v, want %v", got, tt.cost)
+			assert.Equal(t, tt.weighted, tt.price.WeightedTokens(tt.usage), "WeightedTokens")
 		})
 	}
 }
 
 func TestWorkedExampleIsTwoCentsAndABit(t *testing.T) {
 	got := chatSonnet.Cost(workedExample)
-	if got.String() != "$0.020910000" || got.USD() != 0.02091 {
-		t.Fatalf("worked example: %v (%v USD), want $0.020910000", got, got.USD())
-	}
+	assert.Equal(t, "$0.020910000", got.String(), "worked example")
+	assert.Equal(t, 0.02091, got.USD(), "worked example in USD")
 }
 
 // refCost and refWeighted are Cost and WeightedTokens in math/big.
@@ -289,23 +286,18 @@ func TestCostAgainstBig(t *testing.T) {
 	for i := 0; i < 100_000; i++ {
 		p := Price{Input: val(), Output: val(), CacheWrite: val(), CacheRead: val(), Multiplier: val()}
 		u := Usage{Input: val(), Output: val(), CacheWrite: val(), CacheRead: val()}
-		if got, want := p.Cost(u), refCost(p, u); got != want {
-			t.Fatalf("%+v.Cost(%+v) = %d, want %d", p, u, got, want)
-		}
-		if got, want := p.WeightedTokens(u), refWeighted(p, u); got != want {
-			t.Fatalf("%+v.WeightedTokens(%+v) = %d, want %d", p, u, got, want)
-		}
+		require.Equal(t, refCost(p, u), p.Cost(u), "%+v.Cost(%+v)", p, u)
+		require.Equal(t, refWeighted(p, u), p.WeightedTokens(u), "%+v.WeightedTokens(%+v)", p, u)
 	}
 }
 
 func TestCostDoesNotAllocate(t *testing.T) {
 	u := Usage{Input: 123, Output: 456, CacheWrite: 789, CacheRead: 1011}
-	if n := testing.AllocsPerRun(100, func() {
+	n := testing.AllocsPerRun(100, func() {
 		_ = chatOpus.Cost(u)
 		_ = chatOpus.WeightedTokens(u)
-	}); n != 0 {
-		t.Fatalf("Cost+WeightedTokens allocate %v times", n)
-	}
+	})
+	assert.Zero(t, n, "Cost+WeightedTokens allocate")
 }
 
 func BenchmarkCost(b *testing.B) {

@@ -310,9 +310,7 @@ func TestSSEScannerFixtures(t *testing.T) {
 	for _, fx := range loadSSEFixtures(t) {
 		wantUsage := fx.file.Usage.want(fx.api)
 		refUsage, refText := referenceUsage(t, fx.api, fx.chunks)
-		if refUsage != wantUsage {
-			t.Fatalf("%s: fixtures.json says %+v but %s decodes to %+v; refusing to run", fx.name, wantUsage, fx.file.File, refUsage)
-		}
+		require.Equal(t, wantUsage, refUsage, "%s: fixtures.json disagrees with what %s decodes to; refusing to run", fx.name, fx.file.File)
 		wantEvents := len(chunkLines(fx.chunks))
 		if fx.api == OpenAI {
 			wantEvents++ // [DONE]
@@ -321,12 +319,8 @@ func TestSSEScannerFixtures(t *testing.T) {
 		for _, form := range streamForms {
 			t.Run(fx.name+"/"+form.name, func(t *testing.T) {
 				got := scanSSE(fx.api, 0, sseStreamForm(t, fx.api, fx.chunks, form))
-				if got != want {
-					t.Errorf("%s:\n got %+v\nwant %+v", fx.file.File, got, want)
-				}
-				if int(got.TextBytes) < len(fx.file.Text) {
-					t.Errorf("TextBytes = %d, less than the %d bytes of the fixture's text", got.TextBytes, len(fx.file.Text))
-				}
+				assert.Equal(t, want, got, fx.file.File)
+				assert.GreaterOrEqual(t, int(got.TextBytes), len(fx.file.Text), "TextBytes less than the fixture's text")
 			})
 		}
 	}
@@ -337,23 +331,19 @@ func TestSSEScannerFixtures(t *testing.T) {
 func TestSSEScannerAnthropicCacheMerge(t *testing.T) {
 	chunks := readLLMFixture(t, "anthropic-code-execution-20260120-prompt-cache.1.chunks.txt")
 	got := scanSSE(Anthropic, 0, sseStream(t, Anthropic, chunks, "\n"))
-	want := Usage{Input: 6, Output: 198, CacheWrite: 3337, CacheRead: 6289}
-	if got.Usage != want || !got.HasUsage || !got.Done {
-		t.Errorf("got %+v, want usage %+v, HasUsage and Done", got, want)
-	}
+	assert.Equal(t, Usage{Input: 6, Output: 198, CacheWrite: 3337, CacheRead: 6289}, got.Usage)
+	assert.True(t, got.HasUsage, "HasUsage")
+	assert.True(t, got.Done, "Done")
 }
 
 // TestSSEScannerAnthropicTextBytes checks TextBytes against the text the
 // manifest gives for a stream whose text needs no JSON escaping.
 func TestSSEScannerAnthropicTextBytes(t *testing.T) {
 	fx := loadLLMManifest(t)["ant-text"]
-	if fx.SSE == nil || fx.SSE.Text == "" {
-		t.Fatal("fixtures.json has no ant-text stream with text")
-	}
+	require.NotNil(t, fx.SSE, "fixtures.json has no ant-text stream")
+	require.NotEmpty(t, fx.SSE.Text, "fixtures.json has no ant-text stream with text")
 	got := scanSSE(Anthropic, 0, sseStream(t, Anthropic, readLLMFixture(t, fx.SSE.File), "\n"))
-	if got.TextBytes != int64(len(fx.SSE.Text)) {
-		t.Errorf("TextBytes = %d, want %d (len of %q)", got.TextBytes, len(fx.SSE.Text), fx.SSE.Text)
-	}
+	assert.Equal(t, int64(len(fx.SSE.Text)), got.TextBytes, "TextBytes (len of %q)", fx.SSE.Text)
 }
 
 func TestParseUsageJSONFixtures(t *testing.T) {
@@ -367,13 +357,11 @@ func TestParseUsageJSONFixtures(t *testing.T) {
 		n++
 		api := llmManifestAPI(t, name, fx.API)
 		u, problem, err := ParseUsageJSON(api, readLLMFixture(t, fx.JSON.File), 0)
-		if want := fx.JSON.Usage.want(api); u != want || problem != UsageValid || err != nil {
-			t.Errorf("%s: ParseUsageJSON(%s) = %+v, %v, %v; want %+v, valid, nil", name, fx.JSON.File, u, problem, err, want)
-		}
+		assert.NoError(t, err, "%s: ParseUsageJSON(%s)", name, fx.JSON.File)
+		assert.Equal(t, fx.JSON.Usage.want(api), u, "%s: ParseUsageJSON(%s)", name, fx.JSON.File)
+		assert.Equal(t, UsageValid, problem, "%s: ParseUsageJSON(%s)", name, fx.JSON.File)
 	}
-	if n == 0 {
-		t.Fatal("fixtures.json lists no JSON fixture")
-	}
+	assert.NotZero(t, n, "fixtures.json lists no JSON fixture")
 }
 
 // scannerState is everything an SSEScanner carries from one write to the
@@ -423,14 +411,10 @@ func TestSSEScannerSplitEveryOffset(t *testing.T) {
 						s := cloneScanner(before)
 						s.Write(ev[:i])
 						s.Write(ev[i:])
-						if got := scannerStateOf(s); got != after {
-							t.Fatalf("event %d split at %d:\n got %+v\nwant %+v", k, i, got, after)
-						}
+						require.Equal(t, after, scannerStateOf(s), "event %d split at %d", k, i)
 					}
 				}
-				if got := whole.Result(); got != want {
-					t.Fatalf("event by event:\n got %+v\nwant %+v", got, want)
-				}
+				require.Equal(t, want, whole.Result(), "event by event")
 
 				s := NewSSEScanner(fx.api)
 				if len(stream) <= 16<<10 && form.splitData && !testing.Short() {
@@ -438,18 +422,14 @@ func TestSSEScannerSplitEveryOffset(t *testing.T) {
 						s.Reset(fx.api)
 						s.Write(stream[:i])
 						s.Write(stream[i:])
-						if got := s.Result(); got != want {
-							t.Fatalf("split at %d of %d:\n got %+v\nwant %+v", i, len(stream), got, want)
-						}
+						require.Equal(t, want, s.Result(), "split at %d of %d", i, len(stream))
 					}
 				}
 				s.Reset(fx.api)
 				for i := range stream {
 					s.Write(stream[i : i+1])
 				}
-				if got := s.Result(); got != want {
-					t.Fatalf("one byte at a time:\n got %+v\nwant %+v", got, want)
-				}
+				require.Equal(t, want, s.Result(), "one byte at a time")
 			})
 		}
 	}
@@ -681,14 +661,9 @@ func TestSSEScannerCases(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := scanSSE(tt.api, tt.maxLine, []byte(tt.stream))
-			if got != tt.want {
-				t.Fatalf("\n got %+v\nwant %+v", got, tt.want)
-			}
+			require.Equal(t, tt.want, scanSSE(tt.api, tt.maxLine, []byte(tt.stream)))
 			for i := range len(tt.stream) + 1 {
-				if got := scanSSE(tt.api, tt.maxLine, []byte(tt.stream[:i]), []byte(tt.stream[i:])); got != tt.want {
-					t.Fatalf("split at %d:\n got %+v\nwant %+v", i, got, tt.want)
-				}
+				require.Equal(t, tt.want, scanSSE(tt.api, tt.maxLine, []byte(tt.stream[:i]), []byte(tt.stream[i:])), "split at %d", i)
 			}
 		})
 	}
@@ -752,26 +727,19 @@ func TestSSEScannerOversizedDefault(t *testing.T) {
 	s := NewSSEScanner(OpenAI)
 	for chunk := range slices.Chunk(stream, 4096) {
 		s.Write(chunk)
-		if cap(s.line) > DefaultMaxSSELine || cap(s.data) > DefaultMaxSSELine {
-			t.Fatalf("scanner holds %d/%d bytes, more than DefaultMaxSSELine", cap(s.line), cap(s.data))
-		}
+		require.LessOrEqual(t, cap(s.line), DefaultMaxSSELine, "scanner holds more line than DefaultMaxSSELine")
+		require.LessOrEqual(t, cap(s.data), DefaultMaxSSELine, "scanner holds more data than DefaultMaxSSELine")
 	}
 	want := StreamResult{Usage: Usage{Input: 5}, HasUsage: true, Events: 1, Oversized: 1, Problem: UsageFieldMissing}
-	if got := s.Result(); got != want {
-		t.Fatalf("\n got %+v\nwant %+v", got, want)
-	}
+	require.Equal(t, want, s.Result())
 	// One unterminated line, however long, is never held beyond MaxLine.
 	s.Reset(OpenAI)
 	s.MaxLine = 1000
 	for range 100 {
 		s.Write([]byte(strings.Repeat("d", 100)))
 	}
-	if len(s.line) > 1000 {
-		t.Fatalf("scanner holds %d bytes of a line, MaxLine is 1000", len(s.line))
-	}
-	if got := s.Result(); got.Oversized != 1 {
-		t.Fatalf("Oversized = %d, want 1", got.Oversized)
-	}
+	require.LessOrEqual(t, len(s.line), 1000, "scanner holds more of a line than MaxLine")
+	assert.EqualValues(t, 1, s.Result().Oversized, "Oversized")
 }
 
 // TestSSEScannerCRLFSplit checks a CRLF split across writes is one line
@@ -782,9 +750,7 @@ func TestSSEScannerCRLFSplit(t *testing.T) {
 		s.Write([]byte(p))
 	}
 	want := StreamResult{Usage: Usage{Input: 4}, HasUsage: true, Done: true, Events: 2, Problem: UsageFieldMissing}
-	if got := s.Result(); got != want {
-		t.Fatalf("\n got %+v\nwant %+v", got, want)
-	}
+	assert.Equal(t, want, s.Result())
 }
 
 // TestSSEScannerResultMidStream checks Result can be called at any time
@@ -798,18 +764,15 @@ func TestSSEScannerResultMidStream(t *testing.T) {
 			s.Write(stream[i : i+1])
 			s.Result()
 		}
-		if got := s.Result(); got != want {
-			t.Fatalf("%s:\n got %+v\nwant %+v", fx.name, got, want)
-		}
+		require.Equal(t, want, s.Result(), fx.name)
 	}
 	// A pending event is reported, but not yet counted as processed.
 	s := NewSSEScanner(OpenAI)
 	s.Write([]byte("data: {\"usage\":{\"prompt_tokens\":1}}\n"))
 	first := s.Result()
 	s.Write([]byte("data: \n\n"))
-	if second := s.Result(); first != second || first.Events != 1 {
-		t.Fatalf("pending event read as %+v, then %+v", first, second)
-	}
+	assert.Equal(t, first, s.Result(), "pending event read twice")
+	assert.EqualValues(t, 1, first.Events, "pending event counted as processed")
 }
 
 func TestSSEScannerReset(t *testing.T) {
@@ -821,18 +784,13 @@ func TestSSEScannerReset(t *testing.T) {
 		s.Reset(fx.api)
 		stream := sseStream(t, fx.api, fx.chunks, "\n")
 		s.Write(stream)
-		if got, want := s.Result(), scanSSE(fx.api, 0, stream); got != want {
-			t.Errorf("%s after Reset:\n got %+v\nwant %+v", fx.name, got, want)
-		}
+		assert.Equal(t, scanSSE(fx.api, 0, stream), s.Result(), "%s after Reset", fx.name)
 	}
-	if s.MaxLine != 4<<20 {
-		t.Errorf("Reset changed MaxLine to %d", s.MaxLine)
-	}
+	assert.Equal(t, 4<<20, s.MaxLine, "Reset changed MaxLine")
 	s.Write([]byte("data: " + strings.Repeat("x", 1<<20) + "\n"))
 	s.Reset(OpenAI)
-	if cap(s.data) > maxRetainedBuffer || cap(s.line) > maxRetainedBuffer {
-		t.Errorf("Reset kept %d/%d byte buffers", cap(s.line), cap(s.data))
-	}
+	assert.LessOrEqual(t, cap(s.line), maxRetainedBuffer, "Reset kept the line buffer")
+	assert.LessOrEqual(t, cap(s.data), maxRetainedBuffer, "Reset kept the data buffer")
 }
 
 // TestSSEScannerZeroAllocs checks the steady state allocates nothing for
@@ -867,12 +825,8 @@ func TestSSEScannerZeroAllocs(t *testing.T) {
 				s.Write(p[:len(p)/2]) // also through the partial-line buffer
 				s.Write(p[len(p)/2:])
 			})
-			if allocs != 0 {
-				t.Errorf("%s: %.1f allocs per event, want 0, for %q", tt.name, allocs, ev)
-			}
-			if s.Result().Events <= before.Events {
-				t.Errorf("%s: events not processed: %q", tt.name, ev)
-			}
+			assert.Zero(t, allocs, "%s: allocs per event for %q", tt.name, ev)
+			assert.Greater(t, s.Result().Events, before.Events, "%s: events not processed: %q", tt.name, ev)
 		}
 	}
 }
@@ -984,9 +938,7 @@ func TestEstimateTokens(t *testing.T) {
 		{math.MaxInt64, math.MaxInt64/4 + 1},
 	}
 	for _, tt := range tests {
-		if got := EstimateTokens(tt.n); got != tt.want {
-			t.Errorf("EstimateTokens(%d) = %d, want %d", tt.n, got, tt.want)
-		}
+		assert.Equal(t, tt.want, EstimateTokens(tt.n), "EstimateTokens(%d)", tt.n)
 	}
 }
 

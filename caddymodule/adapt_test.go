@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden adapt files")
@@ -20,40 +22,25 @@ var update = flag.Bool("update", false, "rewrite the golden adapt files")
 // order line), the JSON names and the global app.
 func TestAdaptGolden(t *testing.T) {
 	files, err := filepath.Glob("testdata/adapt/*.caddyfile")
-	if err != nil || len(files) == 0 {
-		t.Fatalf("no golden inputs: %v", err)
-	}
+	require.NoError(t, err)
+	require.NotEmpty(t, files, "no golden inputs")
 	for _, f := range files {
 		t.Run(filepath.Base(f), func(t *testing.T) {
 			in, err := os.ReadFile(f)
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			out, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt(in, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(warnings) > 0 {
-				t.Errorf("warnings: %v", warnings)
-			}
+			require.NoError(t, err)
+			assert.Empty(t, warnings, "warnings")
 			var pretty bytes.Buffer
-			if err := json.Indent(&pretty, out, "", "\t"); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, json.Indent(&pretty, out, "", "\t"))
 			pretty.WriteByte('\n')
 			golden := strings.TrimSuffix(f, ".caddyfile") + ".json"
 			if *update {
-				if err := os.WriteFile(golden, pretty.Bytes(), 0o644); err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, os.WriteFile(golden, pretty.Bytes(), 0o644))
 			}
 			want, err := os.ReadFile(golden)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(pretty.Bytes(), want) {
-				t.Errorf("adapted JSON differs from %s:\n%s", golden, pretty.String())
-			}
+			require.NoError(t, err)
+			assert.Equal(t, string(want), pretty.String(), "adapted JSON differs from %s (go test -update rewrites it)", golden)
 		})
 	}
 }

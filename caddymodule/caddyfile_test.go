@@ -126,11 +126,7 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 // now parses to the zero value and Validate reports what is missing.
 func TestUnmarshalCaddyfileWithoutTokens(t *testing.T) {
 	for _, input := range []string{"", "#0", "# only a comment\n"} {
-		if err := new(Handler).UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
-			t.Errorf("Handler, %q: %v", input, err)
-		}
-		if err := new(App).UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
-			t.Errorf("App, %q: %v", input, err)
-		}
+		assert.NoError(t, new(Handler).UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)), "Handler, %q", input)
+		assert.NoError(t, new(App).UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)), "App, %q", input)
 	}
 }

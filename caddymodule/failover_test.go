@@ -55,37 +55,36 @@ func TestFailoverRetriesOnAnotherKeyBeforeAnyByte(t *testing.T) {
 		// the good key's answer and nothing of the failed attempts.
 		for i := 0; i < 3; i++ {
 			rec := httptest.NewRecorder()
-			if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, bodyFor(sse)), next); err != nil {
-				t.Fatal(err)
-			}
-			if rec.Code != 200 || rec.Header().Get("X-Upstream-Secret-Header") != "" || strings.Contains(rec.Body.String(), "failed") {
-				t.Fatalf("client saw status %d headers %v body %q", rec.Code, rec.Header(), rec.Body)
-			}
+			require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, fs.key, bodyFor(sse)), next))
+			require.Equal(t, 200, rec.Code, "client saw body %q", rec.Body)
+			require.Empty(t, rec.Header().Get("X-Upstream-Secret-Header"), "client saw a failed attempt's header")
+			require.NotContains(t, rec.Body.String(), "failed", "client saw a failed attempt's body")
 		}
 		waitLogged(t, fs, 3)
 		fs.mu.Lock()
 		for _, l := range fs.logs {
-			last := l.Attempts[len(l.Attempts)-1]
-			if l.TrollKeyID != "openhands:id-good" || last.KeyID != "id-good" || last.Reason != "ok" || len(l.Attempts) > 3 {
-				t.Errorf("log %s attempts %+v", l.TrollKeyID, l.Attempts)
+			if !assert.NotEmpty(t, l.Attempts, "log %s", l.TrollKeyID) {
+				continue
 			}
+			last := l.Attempts[len(l.Attempts)-1]
+			assert.Equal(t, "openhands:id-good", l.TrollKeyID, "log attempts %+v", l.Attempts)
+			assert.Equal(t, "id-good", last.KeyID, "log %s attempts %+v", l.TrollKeyID, l.Attempts)
+			assert.Equal(t, "ok", last.Reason, "log %s attempts %+v", l.TrollKeyID, l.Attempts)
+			assert.LessOrEqual(t, len(l.Attempts), 3, "log %s attempts %+v", l.TrollKeyID, l.Attempts)
 		}
 		fs.mu.Unlock()
-		if fs.charges.Load() != 3 {
-			t.Errorf("%d charges for 3 requests", fs.charges.Load())
-		}
+		assert.EqualValues(t, 3, fs.charges.Load(), "charges for 3 requests")
 		// The failed keys are out of the pool: 401 for good once its probe
 		// also got 401, 429 for its Retry-After.
 		waitKeyStatus(t, h, "id-bad-401", billing.KeyNeedRefresh)
 		now := time.Now()
 		for i := 0; i < 10; i++ {
-			if k, err := h.eng.keys.Pick(now); err != nil || k.APIKey != "good" {
-				t.Fatalf("pick after failures: %+v %v", k, err)
-			}
+			k, err := h.eng.keys.Pick(now)
+			require.NoError(t, err, "pick after failures")
+			require.Equal(t, "good", k.APIKey, "pick after failures")
 		}
-		if k, _ := h.eng.keys.Pick(now.Add(8 * time.Second)); k.APIKey == "bad-401" {
-			t.Error("a 401 key came back by itself")
-		}
+		k, _ := h.eng.keys.Pick(now.Add(8 * time.Second))
+		assert.NotEqual(t, "bad-401", k.APIKey, "a 401 key came back by itself")
 	}
 }
 
@@ -100,10 +99,10 @@ func TestFailoverLimits(t *testing.T) {
 			Type  string `json:"type"`
 			Error struct{ Type, Message string }
 		}
-		if rec.Code != 503 || json.Unmarshal(rec.Body.Bytes(), &body) != nil || body.Error.Type != "api_error" ||
-			body.Error.Message != "Service temporarily unavailable. Please try again later." {
-			t.Fatalf("status %d body %s", rec.Code, rec.Body)
-		}
+		require.Equal(t, 503, rec.Code, "body %s", rec.Body)
+		require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &body), "body %s", rec.Body)
+		assert.Equal(t, "api_error", body.Error.Type)
+		assert.Equal(t, "Service temporarily unavailable. Please try again later.", body.Error.Message)
 	})
 	t.Run("attempts exhausted: the last answer is passed on, unbilled", func(t *testing.T) {
 		h, fs := newTestHandler(t)
@@ -111,18 +110,14 @@ func TestFailoverLimits(t *testing.T) {
 		next := failingUpstream(map[string]int{"a": 500, "b": 500, "c": 500, "d": 500}, upstream(false, 0))
 		rec := httptest.NewRecorder()
 		_ = h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next)
-		if rec.Code != 500 || !json.Valid(rec.Body.Bytes()) {
-			t.Fatalf("status %d body %s", rec.Code, rec.Body)
-		}
+		require.Equal(t, 500, rec.Code, "body %s", rec.Body)
+		require.True(t, json.Valid(rec.Body.Bytes()), "body %s", rec.Body)
 		time.Sleep(50 * time.Millisecond)
-		if fs.charges.Load() != 0 {
-			t.Error("a failed request was charged")
-		}
+		assert.Zero(t, fs.charges.Load(), "a failed request was charged")
 		// Three attempts (the default), so one key was never tried.
 		now := time.Now()
-		if k, err := h.eng.keys.Pick(now); err != nil {
-			t.Errorf("the untried key is not usable: %v %v", k, err)
-		}
+		k, err := h.eng.keys.Pick(now)
+		assert.NoError(t, err, "the untried key is not usable: %v", k)
 	})
 	t.Run("a client error is not retried", func(t *testing.T) {
 		h, fs := newTestHandler(t)
@@ -137,9 +132,9 @@ func TestFailoverLimits(t *testing.T) {
 		})
 		rec := httptest.NewRecorder()
 		_ = h.ServeHTTP(rec, newRequest(t, rec, fs.key, benchBody), next)
-		if rec.Code != 400 || calls != 1 || !strings.Contains(rec.Body.String(), "field required") {
-			t.Fatalf("status %d calls %d body %s", rec.Code, calls, rec.Body)
-		}
+		assert.Equal(t, 400, rec.Code, "body %s", rec.Body)
+		assert.Equal(t, 1, calls, "upstream calls")
+		assert.Contains(t, rec.Body.String(), "field required")
 	})
 }
 
@@ -165,9 +160,7 @@ func TestJudgeResponse(t *testing.T) {
 		{404, "", "", billing.KeyVerdict{}},
 		{499, "", "", billing.KeyVerdict{}},
 	} {
-		if got := p.JudgeResponse(tc.status, []byte(tc.body), tc.retryAfter, now); got != tc.want {
-			t.Errorf("%d %q: got %+v, want %+v", tc.status, tc.body, got, tc.want)
-		}
+		assert.Equal(t, tc.want, p.JudgeResponse(tc.status, []byte(tc.body), tc.retryAfter, now), "%d %q", tc.status, tc.body)
 	}
 }
 

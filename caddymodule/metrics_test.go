@@ -6,6 +6,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"github.com/stretchr/testify/require"
 )
 
 // holdCount is how many holds dbDuration has seen, read through a registry
@@ -13,9 +14,7 @@ import (
 func holdCount(t *testing.T, reg *prometheus.Registry) uint64 {
 	t.Helper()
 	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	for _, mf := range mfs {
 		if mf.GetName() != "caddy_llm_billing_database_duration_seconds" || mf.GetType() != dto.MetricType_HISTOGRAM {
 			continue
@@ -28,7 +27,7 @@ func holdCount(t *testing.T, reg *prometheus.Registry) uint64 {
 			}
 		}
 	}
-	t.Fatal("no hold series in the registry")
+	require.FailNow(t, "no hold series in the registry")
 	return 0
 }
 
@@ -37,24 +36,15 @@ func TestDatabaseDurationMetrics(t *testing.T) {
 	// the same one: neither is an error, and the series keep their values.
 	reg := prometheus.NewPedanticRegistry()
 	for range 2 {
-		if err := registerMetrics(reg); err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, registerMetrics(reg))
 	}
 	h, fs := newTestHandler(t)
 	before := holdCount(t, reg)
 	rec := httptest.NewRecorder()
-	if err := h.ServeHTTP(rec, newRequest(t, rec, fs.key, jsonBody), upstream(false, 0)); err != nil || rec.Code != 200 {
-		t.Fatalf("%v %d", err, rec.Code)
-	}
-	if got := holdCount(t, reg) - before; got != 1 {
-		t.Fatalf("%d holds observed for one request, want 1", got)
-	}
+	require.NoError(t, h.ServeHTTP(rec, newRequest(t, rec, fs.key, jsonBody), upstream(false, 0)))
+	require.Equal(t, 200, rec.Code)
+	require.Equal(t, uint64(1), holdCount(t, reg)-before, "holds observed for one request")
 	reloaded := prometheus.NewPedanticRegistry()
-	if err := registerMetrics(reloaded); err != nil {
-		t.Fatal(err)
-	}
-	if got := holdCount(t, reloaded); got < before+1 {
-		t.Fatalf("after a reload the hold count is %d, want at least %d", got, before+1)
-	}
+	require.NoError(t, registerMetrics(reloaded))
+	require.GreaterOrEqual(t, holdCount(t, reloaded), before+1, "hold count after a reload")
 }

@@ -2,8 +2,10 @@ package caddymodule
 
 import (
 	"net/http/httptest"
-	"strings"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
 )
@@ -48,19 +50,18 @@ func TestSanitizeUpstreamError(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			e, raw := sanitizeUpstreamError(tt.api, tt.status, []byte(tt.body))
 			if tt.raw {
-				if string(raw) != tt.body {
-					t.Fatalf("raw = %s", raw)
-				}
+				require.Equal(t, tt.body, string(raw), "raw")
 				return
 			}
-			if e == nil || e.status != tt.status || e.message != tt.message || e.oaiCode != tt.oaiCode {
-				t.Fatalf("got %+v, want message %q code %q", e, tt.message, tt.oaiCode)
-			}
+			require.NotNil(t, e)
+			require.Equal(t, tt.status, e.status, "status")
+			require.Equal(t, tt.message, e.message, "message")
+			require.Equal(t, tt.oaiCode, e.oaiCode, "OpenAI code")
 			for _, api := range []billing.API{billing.OpenAI, billing.Anthropic} {
 				rec := httptest.NewRecorder()
 				e.write(rec, api)
-				if strings.Contains(rec.Body.String(), "sk-") || strings.Contains(rec.Body.String(), "litellm") || strings.Contains(rec.Body.String(), "glm-4.6") {
-					t.Errorf("internals reach the client: %s", rec.Body)
+				for _, internal := range []string{"sk-", "litellm", "glm-4.6"} {
+					assert.NotContains(t, rec.Body.String(), internal, "internals reach the client")
 				}
 			}
 		})

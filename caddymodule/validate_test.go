@@ -26,18 +26,14 @@ func validate(t *testing.T, caddyfile string) error {
 		return err
 	}
 	var cfg caddy.Config
-	if err := json.Unmarshal(raw, &cfg); err != nil {
-		t.Fatalf("adapted config does not parse: %v", err)
-	}
+	require.NoError(t, json.Unmarshal(raw, &cfg), "adapted config does not parse")
 	return caddy.Validate(&cfg)
 }
 
 func writeFile(t *testing.T, name, content string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), name)
-	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, os.WriteFile(p, []byte(content), 0o600))
 	return p
 }
 
@@ -65,12 +61,8 @@ func TestValidateDoesNotDialDatabase(t *testing.T) {
 	models, _ := filepath.Abs("testdata/models.json")
 	start := time.Now()
 	err := validate(t, config("mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=60000", "credit_field creditsNew\nmodels "+models))
-	if err != nil {
-		t.Fatalf("valid config refused: %v", err)
-	}
-	if d := time.Since(start); d > 20*time.Second {
-		t.Fatalf("validate took %v: it must not wait for the database", d)
-	}
+	require.NoError(t, err, "valid config refused")
+	assert.LessOrEqual(t, time.Since(start), 20*time.Second, "validate must not wait for the database")
 }
 
 func TestValidateRefusesBadConfig(t *testing.T) {
@@ -111,13 +103,9 @@ func TestValidateRefusesBadConfig(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			err := validate(t, tt.cfg)
-			if err == nil {
-				t.Fatal("config accepted, want an error")
-			}
+			require.Error(t, err, "config accepted")
 			for _, want := range tt.wantErr {
-				if !strings.Contains(err.Error(), want) {
-					t.Errorf("error %q does not mention %q", err, want)
-				}
+				assert.ErrorContains(t, err, want)
 			}
 		})
 	}
@@ -129,12 +117,8 @@ func TestValidateDoesNotEchoURI(t *testing.T) {
 	secret := "mongodb+srv://admin:hunter2@"
 	t.Setenv("LLM_TEST_BAD_URI", secret)
 	err := validate(t, config("{env.LLM_TEST_BAD_URI}", "credit_field creditsNew\nmodels "+models))
-	if err == nil {
-		t.Fatal("malformed URI accepted")
-	}
-	if strings.Contains(err.Error(), "hunter2") {
-		t.Fatalf("error leaks the URI: %v", err)
-	}
+	require.Error(t, err, "malformed URI accepted")
+	assert.NotContains(t, err.Error(), "hunter2", "error leaks the URI")
 }
 
 // Caddyfile.example, the production config, adapts and validates with the
@@ -147,23 +131,15 @@ func TestCaddyfileExampleValidates(t *testing.T) {
 		"models-priority.json": "config-openhands-prod-uutien.json",
 	} {
 		b, err := os.ReadFile(filepath.Join("..", "examples", src))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dir, dst), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(filepath.Join(dir, dst), b, 0o600))
 	}
 	t.Setenv("MONGODB_URI", "mongodb://127.0.0.1:1")
 	t.Setenv("MONGODB_DB_NAME", "fproxy")
 	t.Setenv("LLM_MODELS_DIR", dir)
 	cf, err := os.ReadFile(filepath.Join("..", "Caddyfile.example"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := validate(t, string(cf)); err != nil {
-		t.Fatalf("Caddyfile.example does not validate: %v", err)
-	}
+	require.NoError(t, err)
+	assert.NoError(t, validate(t, string(cf)), "Caddyfile.example does not validate")
 }
 
 // examples/Caddyfile.minimal, the generic one-site config the README shows,
@@ -172,20 +148,12 @@ func TestCaddyfileMinimalValidates(t *testing.T) {
 	t.Setenv("MONGODB_URI", "mongodb://127.0.0.1:1")
 	t.Setenv("UPSTREAM_KEY", "sk-upstream")
 	cf, err := os.ReadFile(filepath.Join("..", "examples", "Caddyfile.minimal"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	models, err := filepath.Abs(filepath.Join("..", "examples", "models-chat.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	src := strings.Replace(string(cf), "examples/models-chat.json", models, 1)
-	if src == string(cf) {
-		t.Fatal("the models path of Caddyfile.minimal changed; update this test")
-	}
-	if err := validate(t, src); err != nil {
-		t.Fatalf("Caddyfile.minimal does not validate: %v", err)
-	}
+	require.NotEqual(t, string(cf), src, "the models path of Caddyfile.minimal changed; update this test")
+	assert.NoError(t, validate(t, src), "Caddyfile.minimal does not validate")
 }
 
 // TestAppValidate holds every bound of the app's settings: a zero value is

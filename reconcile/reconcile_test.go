@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.mongodb.org/mongo-driver/v2/bson"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
@@ -17,9 +19,7 @@ import (
 func raw(t *testing.T, d bson.D) bson.Raw {
 	t.Helper()
 	b, err := bson.Marshal(d)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	return b
 }
 
@@ -50,58 +50,53 @@ func TestRedact(t *testing.T) {
 	for _, tc := range tests {
 		got := redact(tc.msg, tc.uri)
 		for _, s := range tc.secrets {
-			if strings.Contains(got, s) {
-				t.Errorf("redact(%q) = %q: still contains %q", tc.msg, got, s)
-			}
+			assert.NotContains(t, got, s, "redact(%q)", tc.msg)
 		}
-		if strings.Contains(got, "mongodb://") && !strings.Contains(got, "mongodb://[redacted]") {
-			t.Errorf("redact(%q) = %q: a URI is left", tc.msg, got)
+		if strings.Contains(got, "mongodb://") {
+			assert.Contains(t, got, "mongodb://[redacted]", "redact(%q): a URI is left", tc.msg)
 		}
 	}
-	if got := redact("plain message", ""); got != "plain message" {
-		t.Errorf("redact without a URI changed the message: %q", got)
-	}
+	assert.Equal(t, "plain message", redact("plain message", ""), "redact without a URI changed the message")
 }
 
 func TestNanoValue(t *testing.T) {
 	doc := raw(t, bson.D{{Key: "i32", Value: int32(-7)}, {Key: "i64", Value: int64(1) << 60}, {Key: "f", Value: 20000000.0},
 		{Key: "fr", Value: 2.6}, {Key: "s", Value: "12"}, {Key: "n", Value: nil}})
 	for key, want := range map[string]int64{"i32": -7, "i64": 1 << 60, "f": 20000000, "fr": 3} {
-		if got, ok := nanoValue(doc.Lookup(key)); !ok || got != want {
-			t.Errorf("nanoValue(%s) = %d, %v; want %d", key, got, ok, want)
+		got, ok := nanoValue(doc.Lookup(key))
+		if assert.True(t, ok, "nanoValue(%s) not read", key) {
+			assert.Equal(t, want, got, "nanoValue(%s)", key)
 		}
 	}
-	if _, ok := nanoValue(doc.Lookup("s")); ok {
-		t.Error("a string read as an amount")
-	}
-	if !absent(doc.Lookup("n")) || !absent(doc.Lookup("missing")) {
-		t.Error("null or missing not absent")
-	}
+	_, ok := nanoValue(doc.Lookup("s"))
+	assert.False(t, ok, "a string read as an amount")
+	assert.True(t, absent(doc.Lookup("n")), "null not absent")
+	assert.True(t, absent(doc.Lookup("missing")), "missing not absent")
 }
 
 func TestCheckRow(t *testing.T) {
 	ok := &logRow{id: "r", user: "u", hasUser: true, rid: "q", creditField: "credits+refCredits",
 		cost: 30, charged: 25, shortfall: 5, taken: []fieldAmount{{"credits", 10}, {"refCredits", 15}}}
-	if items := checkRow(ok); len(items) != 0 {
-		t.Fatalf("consistent row: %+v", items)
-	}
+	assert.Empty(t, checkRow(ok), "consistent row")
 	bad := *ok
 	bad.charged, bad.cost = 26, 31
 	items := checkRow(&bad)
-	if len(items) != 1 || items[0].Kind != KindRowMismatch || items[0].Amount != 1 {
-		t.Fatalf("charged ≠ Σ taken: %+v", items)
+	if assert.Len(t, items, 1, "charged ≠ Σ taken") {
+		assert.Equal(t, KindRowMismatch, items[0].Kind, "charged ≠ Σ taken")
+		assert.Equal(t, billing.Nano(1), items[0].Amount, "charged ≠ Σ taken")
 	}
 	bad = *ok
 	bad.shortfall = 4
 	items = checkRow(&bad)
-	if len(items) != 1 || items[0].Amount != 1 || !strings.Contains(items[0].Detail, "costNano") {
-		t.Fatalf("cost ≠ charged + shortfall: %+v", items)
+	if assert.Len(t, items, 1, "cost ≠ charged + shortfall") {
+		assert.Equal(t, billing.Nano(1), items[0].Amount, "cost ≠ charged + shortfall")
+		assert.Contains(t, items[0].Detail, "costNano", "cost ≠ charged + shortfall")
 	}
 	bad = *ok
 	bad.taken = []fieldAmount{{"creditsNew", 25}}
 	items = checkRow(&bad)
-	if len(items) != 1 || items[0].Field != "creditsNew" {
-		t.Fatalf("field outside the plan: %+v", items)
+	if assert.Len(t, items, 1, "field outside the plan") {
+		assert.Equal(t, "creditsNew", items[0].Field, "field outside the plan")
 	}
 }
 
@@ -117,17 +112,19 @@ func TestLedgerItems(t *testing.T) {
 	}
 	seen := map[string]bool{"logged": true}
 	items, pending := ledgerItems("u", u, map[string]int64{"credits": 10}, seen)
-	if len(items) != 0 || pending != 1 {
-		t.Fatalf("consistent ledger: %+v, pending %d", items, pending)
-	}
+	assert.Empty(t, items, "consistent ledger")
+	assert.Equal(t, 1, pending, "consistent ledger: pending")
 	u.net["credits"] = -111
 	items, _ = ledgerItems("u", u, map[string]int64{"credits": 10}, seen)
-	if len(items) != 1 || items[0].Kind != KindChargeWithoutLog || items[0].Amount != 1 || items[0].Field != "credits" {
-		t.Fatalf("one nano more charged: %+v", items)
+	if assert.Len(t, items, 1, "one nano more charged") {
+		assert.Equal(t, KindChargeWithoutLog, items[0].Kind, "one nano more charged")
+		assert.Equal(t, billing.Nano(1), items[0].Amount, "one nano more charged")
+		assert.Equal(t, "credits", items[0].Field, "one nano more charged")
 	}
 	items, _ = ledgerItems("ghost", nil, map[string]int64{"creditsNew": 7}, seen)
-	if len(items) != 1 || items[0].Kind != KindLogWithoutCharge || items[0].Amount != 7 {
-		t.Fatalf("rows of a user without a document: %+v", items)
+	if assert.Len(t, items, 1, "rows of a user without a document") {
+		assert.Equal(t, KindLogWithoutCharge, items[0].Kind, "rows of a user without a document")
+		assert.Equal(t, billing.Nano(7), items[0].Amount, "rows of a user without a document")
 	}
 }
 
@@ -146,24 +143,22 @@ func TestParseUser(t *testing.T) {
 		}},
 		{Key: "llmHeld", Value: int32(2)},
 	}))
-	if u.balances["creditsNew"] != 10*1_000_000_000 || u.balances["credits"] != 250_000_000 {
-		t.Errorf("balances %v", u.balances)
-	}
-	if _, ok := u.balances["refCredits"]; ok {
-		t.Error("a missing balance read as present")
-	}
-	if u.net["creditsNew"] != -5 || u.net["credits"] != -3 || !u.hasNet {
-		t.Errorf("net %v", u.net)
-	}
+	assert.Equal(t, billing.Nano(10*1_000_000_000), u.balances["creditsNew"], "balances %v", u.balances)
+	assert.Equal(t, billing.Nano(250_000_000), u.balances["credits"], "balances %v", u.balances)
+	assert.NotContains(t, u.balances, "refCredits", "a missing balance read as present")
+	assert.Equal(t, int64(-5), u.net["creditsNew"], "net %v", u.net)
+	assert.Equal(t, int64(-3), u.net["credits"], "net %v", u.net)
+	assert.True(t, u.hasNet, "hasNet")
 	h := u.holds["r1"]
-	if h == nil || h.total() != 5 || h.owner != "i1" || h.log != oid.Hex() || !h.exp.Equal(now.Add(time.Minute)) {
-		t.Errorf("hold r1 %+v", h)
+	if assert.NotNil(t, h, "hold r1") {
+		assert.Equal(t, billing.Nano(5), h.total(), "hold r1 total")
+		assert.Equal(t, "i1", h.owner, "hold r1 owner")
+		assert.Equal(t, oid.Hex(), h.log, "hold r1 log")
+		assert.True(t, h.exp.Equal(now.Add(time.Minute)), "hold r1 exp %v", h.exp)
 	}
-	if u.held != 2 {
-		t.Errorf("held %d", u.held)
-	}
-	if len(u.malformed) != 1 || !strings.Contains(u.malformed[0].Detail, "2 fields but 1 amounts") {
-		t.Errorf("malformed %+v", u.malformed)
+	assert.Equal(t, int64(2), u.held, "held")
+	if assert.Len(t, u.malformed, 1, "malformed") {
+		assert.Contains(t, u.malformed[0].Detail, "2 fields but 1 amounts")
 	}
 }
 
@@ -171,19 +166,13 @@ func TestBaselineFileRoundTrip(t *testing.T) {
 	b := &Baseline{Version: BaselineVersion, TakenAt: time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC),
 		Users: map[string]map[string]BaselineField{"alice": {"creditsNew": {Balance: 9_980_000_000, Net: -20_000_000}}}}
 	path := filepath.Join(t.TempDir(), "base.json")
-	if err := WriteBaselineFile(path, b); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, WriteBaselineFile(path, b))
 	got, err := ReadBaselineFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !got.TakenAt.Equal(b.TakenAt) || got.Users["alice"]["creditsNew"] != b.Users["alice"]["creditsNew"] {
-		t.Fatalf("round trip: %+v", got)
-	}
-	if _, err := ReadBaselineFile(filepath.Join(t.TempDir(), "none.json")); err == nil {
-		t.Fatal("a missing baseline read")
-	}
+	require.NoError(t, err)
+	assert.True(t, got.TakenAt.Equal(b.TakenAt), "round trip: taken at %v", got.TakenAt)
+	assert.Equal(t, b.Users["alice"]["creditsNew"], got.Users["alice"]["creditsNew"], "round trip")
+	_, err = ReadBaselineFile(filepath.Join(t.TempDir(), "none.json"))
+	assert.Error(t, err, "a missing baseline read")
 }
 
 func TestCompareBaseline(t *testing.T) {
@@ -201,19 +190,23 @@ func TestCompareBaseline(t *testing.T) {
 	rep := &Report{}
 	compareBaseline(rep, base, users, false)
 	sortItems(rep.Drift)
-	if len(rep.External) != 2 || len(rep.Drift) != 3 {
-		t.Fatalf("external %+v drift %+v", rep.External, rep.Drift)
-	}
-	if d := rep.Drift[0]; d.Kind != KindExternalCredit || d.User != "a" || d.Amount != 501 {
-		t.Errorf("drift[0] %+v", d)
-	}
-	if d := rep.Drift[2]; d.Kind != KindUserMissing || d.User != "gone" || d.Amount != 50 {
-		t.Errorf("drift[2] %+v", d)
-	}
+	require.Len(t, rep.External, 2, "external")
+	require.Len(t, rep.Drift, 3, "drift %+v", rep.Drift)
+	d := rep.Drift[0]
+	assert.Equal(t, KindExternalCredit, d.Kind, "drift[0] %+v", d)
+	assert.Equal(t, "a", d.User, "drift[0] %+v", d)
+	assert.Equal(t, billing.Nano(501), d.Amount, "drift[0] %+v", d)
+	d = rep.Drift[2]
+	assert.Equal(t, KindUserMissing, d.Kind, "drift[2] %+v", d)
+	assert.Equal(t, "gone", d.User, "drift[2] %+v", d)
+	assert.Equal(t, billing.Nano(50), d.Amount, "drift[2] %+v", d)
 	rep = &Report{}
 	compareBaseline(rep, base, users, true)
-	if len(rep.Drift) != 1 || rep.Drift[0].Kind != KindUserMissing || !rep.External[0].Allowed {
-		t.Errorf("allow credit: external %+v drift %+v", rep.External, rep.Drift)
+	if assert.Len(t, rep.Drift, 1, "allow credit: drift") {
+		assert.Equal(t, KindUserMissing, rep.Drift[0].Kind, "allow credit: drift")
+	}
+	if assert.NotEmpty(t, rep.External, "allow credit: external") {
+		assert.True(t, rep.External[0].Allowed, "allow credit: external %+v", rep.External)
 	}
 }
 
@@ -226,24 +219,17 @@ func TestRender(t *testing.T) {
 			At: now.Add(-time.Minute), Exp: now.Add(time.Minute), Owner: "i1"}},
 	}
 	var text bytes.Buffer
-	if err := rep.WriteText(&text); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, rep.WriteText(&text))
 	for _, want := range []string{"users checked:     2", "charged:           $0.025000000", "in-flight", "OK: "} {
-		if !strings.Contains(text.String(), want) {
-			t.Errorf("text report lacks %q:\n%s", want, text.String())
-		}
+		assert.Contains(t, text.String(), want, "text report")
 	}
 	rep.Drift = []Item{{Kind: KindChargeWithoutLog, User: "alice", Field: "creditsNew", Amount: 1, Detail: "x"}}
 	text.Reset()
 	_ = rep.WriteText(&text)
-	if !strings.Contains(text.String(), "DRIFT: 1 item(s)") || !strings.Contains(text.String(), "$0.000000001") {
-		t.Errorf("text report with drift:\n%s", text.String())
-	}
+	assert.Contains(t, text.String(), "DRIFT: 1 item(s)", "text report with drift")
+	assert.Contains(t, text.String(), "$0.000000001", "text report with drift")
 	var js bytes.Buffer
-	if err := rep.WriteJSON(&js); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, rep.WriteJSON(&js))
 	var got struct {
 		OK    bool `json:"ok"`
 		Drift []struct {
@@ -254,13 +240,14 @@ func TestRender(t *testing.T) {
 		ChargedNano int64  `json:"chargedNano"`
 		Since       string `json:"since"`
 	}
-	if err := json.Unmarshal(js.Bytes(), &got); err != nil {
-		t.Fatal(err)
+	require.NoError(t, json.Unmarshal(js.Bytes(), &got))
+	assert.False(t, got.OK, "JSON report: %s", js.String())
+	if assert.Len(t, got.Drift, 1, "JSON report: %s", js.String()) {
+		assert.Equal(t, "$0.000000001", got.Drift[0].Amount, "JSON report: %s", js.String())
+		assert.Equal(t, int64(1), got.Drift[0].AmountNano, "JSON report: %s", js.String())
 	}
-	if got.OK || len(got.Drift) != 1 || got.Drift[0].Amount != "$0.000000001" || got.Drift[0].AmountNano != 1 ||
-		got.ChargedNano != 25_000_000 || got.Since != "2026-04-30T12:00:00Z" {
-		t.Errorf("JSON report: %s", js.String())
-	}
+	assert.Equal(t, int64(25_000_000), got.ChargedNano, "JSON report: %s", js.String())
+	assert.Equal(t, "2026-04-30T12:00:00Z", got.Since, "JSON report: %s", js.String())
 }
 
 // Amounts near int64 max (a row priced from absurd usage before the
@@ -274,25 +261,17 @@ func TestSumsSaturate(t *testing.T) {
 	}
 	r2 := &logRow{id: "r2", user: "u", hasUser: true, rid: "q2", cost: huge, charged: huge, taken: []fieldAmount{{"credits", huge}}}
 	l.add(r2, nil, true)
-	if got := l.taken["u"]["credits"]; got != math.MaxInt64 {
-		t.Errorf("taken sum = %d, want saturated at max", got)
-	}
-	if got := l.dups["q"].extraCharged; got != math.MaxInt64 {
-		t.Errorf("extra charged = %d, want saturated at max", got)
-	}
+	assert.Equal(t, int64(math.MaxInt64), l.taken["u"]["credits"], "taken sum, want saturated at max")
+	assert.Equal(t, int64(math.MaxInt64), l.dups["q"].extraCharged, "extra charged, want saturated at max")
 	items, _ := ledgerItems("u", nil, l.taken["u"], l.seen)
 	for _, it := range items {
-		if it.Amount < 0 {
-			t.Errorf("negative drift amount: %+v", it)
-		}
+		assert.GreaterOrEqual(t, it.Amount, billing.Nano(0), "negative drift amount: %+v", it)
 	}
 	// charged + shortfall past int64 max is still seen as a mismatch.
 	bad := &logRow{id: "b", user: "u", hasUser: true, rid: "b", cost: math.MaxInt64, charged: math.MaxInt64, shortfall: 1,
 		taken: []fieldAmount{{"credits", math.MaxInt64}}}
-	if items := checkRow(bad); len(items) != 1 || !strings.Contains(items[0].Detail, "costNano") {
-		t.Errorf("cost ≠ charged + shortfall at the limit: %+v", items)
+	if items := checkRow(bad); assert.Len(t, items, 1, "cost ≠ charged + shortfall at the limit") {
+		assert.Contains(t, items[0].Detail, "costNano", "cost ≠ charged + shortfall at the limit")
 	}
-	if got := (&holdState{amounts: []billing.Nano{math.MaxInt64, math.MaxInt64}}).total(); got != math.MaxInt64 {
-		t.Errorf("hold total = %d, want saturated", got)
-	}
+	assert.Equal(t, billing.Nano(math.MaxInt64), (&holdState{amounts: []billing.Nano{math.MaxInt64, math.MaxInt64}}).total(), "hold total, want saturated")
 }

@@ -4,7 +4,6 @@ package spool
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -13,6 +12,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // The tests below re-exec the test binary as a child process: the test
@@ -34,9 +36,7 @@ func childCmd(t *testing.T, test, mode, dir string) *exec.Cmd {
 func runChild(t *testing.T, mode, dir string) string {
 	t.Helper()
 	out, err := childCmd(t, t.Name(), mode, dir).Output()
-	if err != nil {
-		t.Fatalf("child %s: %v\n%s", mode, err, out)
-	}
+	require.NoError(t, err, "child %s: %s", mode, out)
 	return string(out)
 }
 
@@ -54,13 +54,10 @@ func TestSecondOpenFromAnotherProcess(t *testing.T) {
 	dir := t.TempDir()
 	s, _ := openT(t, dir, Options{})
 	out := runChild(t, "lock", dir)
-	if !strings.Contains(out, "spool "+dir+" in use") || !strings.Contains(out, fmt.Sprintf("pid %d", os.Getpid())) {
-		t.Fatalf("Open from another process: %q", out)
-	}
+	assert.Contains(t, out, "spool "+dir+" in use", "Open from another process")
+	assert.Contains(t, out, fmt.Sprintf("pid %d", os.Getpid()), "Open from another process")
 	closeT(t, s)
-	if out := runChild(t, "lock", dir); !strings.Contains(out, "opened") {
-		t.Fatalf("Open from another process after Close: %q", out)
-	}
+	assert.Contains(t, runChild(t, "lock", dir), "opened", "Open from another process after Close")
 }
 
 // startChild starts a child and returns its output lines as they come; the
@@ -69,12 +66,8 @@ func startChild(t *testing.T, mode, dir string) (*exec.Cmd, <-chan string) {
 	t.Helper()
 	cmd := childCmd(t, t.Name(), mode, dir)
 	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
 	lines := make(chan string, 1024)
 	go func() {
 		defer close(lines)
@@ -89,17 +82,14 @@ func startChild(t *testing.T, mode, dir string) (*exec.Cmd, <-chan string) {
 // kill9 SIGKILLs the child and checks that it died of it.
 func kill9(t *testing.T, cmd *exec.Cmd, lines <-chan string) (rest []string) {
 	t.Helper()
-	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
 	for l := range lines { // what the child wrote before it died
 		rest = append(rest, l)
 	}
 	err := cmd.Wait()
 	var ee *exec.ExitError
-	if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
-		t.Fatalf("child did not die of SIGKILL: %v", err)
-	}
+	require.ErrorAs(t, err, &ee, "child did not die of a signal")
+	require.Equal(t, syscall.SIGKILL, ee.Sys().(syscall.WaitStatus).Signal(), "child did not die of SIGKILL: %v", err)
 	return rest
 }
 
@@ -133,12 +123,10 @@ func TestKill9(t *testing.T) {
 	cmd, lines := startChild(t, "kill9", dir)
 	select {
 	case l := <-lines:
-		if l != "ready" {
-			t.Fatalf("child: %q", l)
-		}
+		require.Equal(t, "ready", l, "child")
 	case <-time.After(2 * time.Minute):
 		cmd.Process.Kill()
-		t.Fatal("child not ready")
+		require.FailNow(t, "child not ready")
 	}
 	kill9(t, cmd, lines)
 
@@ -202,9 +190,7 @@ func TestKill9UnderLoad(t *testing.T) {
 		count := 0
 		for count < threshold {
 			l, ok := <-lines
-			if !ok {
-				t.Fatalf("child ended: %v", out[max(0, len(out)-5):])
-			}
+			require.True(t, ok, "child ended: %v", out[max(0, len(out)-5):])
 			out = append(out, l)
 			if strings.HasPrefix(l, "A ") {
 				count++
@@ -215,7 +201,7 @@ func TestKill9UnderLoad(t *testing.T) {
 			kind, id, ok := strings.Cut(l, " ")
 			switch {
 			case !ok || strings.HasPrefix(l, "error"):
-				t.Fatalf("child: %q", l)
+				require.FailNow(t, "child failed", "child: %q", l)
 			case kind == "A":
 				appended[id] = true
 				var r, g, i int
@@ -233,39 +219,30 @@ func TestKill9UnderLoad(t *testing.T) {
 		prev := map[string]int{}
 		for _, r := range recs {
 			var rd, g, i int
-			if n, _ := fmt.Sscanf(r.ID, "r%d-g%d-%d", &rd, &g, &i); n != 3 {
-				t.Fatalf("record %q", r.ID)
-			}
-			if string(r.Data) != string(dataFor(r.ID, sizeFor(r.ID))) {
-				t.Fatalf("record %q: wrong data", r.ID)
-			}
+			n, _ := fmt.Sscanf(r.ID, "r%d-g%d-%d", &rd, &g, &i)
+			require.Equal(t, 3, n, "record %q", r.ID)
+			require.Equal(t, string(dataFor(r.ID, sizeFor(r.ID))), string(r.Data), "record %q: wrong data", r.ID)
 			key := fmt.Sprintf("r%d-g%d", rd, g)
-			if p, ok := prev[key]; ok && p >= i {
-				t.Fatalf("record %q out of order", r.ID)
+			if p, ok := prev[key]; ok {
+				require.Less(t, p, i, "record %q out of order", r.ID)
 			}
 			prev[key] = i
 			got[r.ID] = true
-			switch {
-			case doneEnded[r.ID]:
-				t.Fatalf("record %q is back after its Done returned", r.ID)
-			case !appended[r.ID]:
+			require.False(t, doneEnded[r.ID], "record %q is back after its Done returned", r.ID)
+			if !appended[r.ID] {
 				// Its Append was under way: the goroutine's next record.
 				last, ok := lastA[key]
 				if !ok {
 					last = -1
 				}
-				if i != last+1 {
-					t.Fatalf("record %q was never appended", r.ID)
-				}
+				require.Equal(t, last+1, i, "record %q was never appended", r.ID)
 			}
 		}
 		must := 0
 		for id := range appended {
 			if !doneBegun[id] {
 				must++
-				if !got[id] {
-					t.Fatalf("round %d: record %q lost (appended, never done)", round, id)
-				}
+				require.True(t, got[id], "round %d: record %q lost (appended, never done)", round, id)
 			}
 		}
 		t.Logf("round %d: killed after %d appends; %d records back, %d of them required", round, len(appended), len(recs), must)

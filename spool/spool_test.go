@@ -13,6 +13,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // dataFor is the payload every test stores under id, so that any record read
@@ -37,31 +40,23 @@ func sizeFor(id string) int {
 func openT(t testing.TB, dir string, opts Options) (*Spool, []Record) {
 	t.Helper()
 	s, recs, err := Open(dir, opts)
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
+	require.NoError(t, err, "Open")
 	return s, recs
 }
 
 func appendT(t testing.TB, s *Spool, id string) {
 	t.Helper()
-	if err := s.Append(id, dataFor(id, sizeFor(id))); err != nil {
-		t.Fatalf("Append(%q): %v", id, err)
-	}
+	require.NoError(t, s.Append(id, dataFor(id, sizeFor(id))), "Append(%q)", id)
 }
 
 func doneT(t testing.TB, s *Spool, id string) {
 	t.Helper()
-	if err := s.Done(id); err != nil {
-		t.Fatalf("Done(%q): %v", id, err)
-	}
+	require.NoError(t, s.Done(id), "Done(%q)", id)
 }
 
 func closeT(t testing.TB, s *Spool) {
 	t.Helper()
-	if err := s.Close(); err != nil {
-		t.Fatalf("Close: %v", err)
-	}
+	require.NoError(t, s.Close(), "Close")
 }
 
 // checkRecs checks that recs are exactly want, in order, with their data.
@@ -70,21 +65,19 @@ func checkRecs(t testing.TB, recs []Record, want []string) {
 	got := make([]string, len(recs))
 	for i, r := range recs {
 		got[i] = r.ID
-		if d := dataFor(r.ID, sizeFor(r.ID)); !bytes.Equal(r.Data, d) {
-			t.Errorf("record %q: data %q, want %q", r.ID, r.Data, d)
-		}
+		assert.Equal(t, string(dataFor(r.ID, sizeFor(r.ID))), string(r.Data), "record %q: data", r.ID)
 	}
-	if !slices.Equal(got, want) {
-		t.Fatalf("records %v, want %v", got, want)
+	if len(want) == 0 {
+		require.Empty(t, got, "records")
+		return
 	}
+	require.Equal(t, want, got, "records")
 }
 
 func segFiles(t testing.TB, dir string) []string {
 	t.Helper()
 	m, err := filepath.Glob(filepath.Join(dir, "seg-*.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	slices.Sort(m)
 	return m
 }
@@ -92,17 +85,13 @@ func segFiles(t testing.TB, dir string) []string {
 func dirUsage(t testing.TB, dir string) (size int64, files int) {
 	t.Helper()
 	des, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	for _, de := range des {
 		fi, err := de.Info()
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		size += fi.Size()
 		files++
 	}
@@ -121,9 +110,9 @@ func TestAppendDoneReopen(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "spool") // Open creates it
 	s, recs := openT(t, dir, Options{})
 	checkRecs(t, recs, nil)
-	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
-		t.Fatalf("directory: %v, %v", fi.Mode(), err)
-	}
+	fi, err := os.Stat(dir)
+	require.NoError(t, err, "directory")
+	assert.Equal(t, fs.FileMode(0o700), fi.Mode().Perm(), "directory mode")
 	all := ids("r", 10)
 	for _, id := range all {
 		appendT(t, s, id)
@@ -133,16 +122,12 @@ func TestAppendDoneReopen(t *testing.T) {
 	}
 	doneT(t, s, "r3")      // again: no-op
 	doneT(t, s, "unknown") // never appended: no-op
-	if n := s.Pending(); n != 6 {
-		t.Fatalf("Pending = %d, want 6", n)
-	}
+	require.Equal(t, 6, s.Pending())
 	closeT(t, s)
 
 	s, recs = openT(t, dir, Options{})
 	checkRecs(t, recs, []string{"r0", "r2", "r5", "r6", "r7", "r9"})
-	if n := s.Pending(); n != 6 {
-		t.Fatalf("Pending after reopen = %d, want 6", n)
-	}
+	require.Equal(t, 6, s.Pending(), "Pending after reopen")
 	doneT(t, s, "r0") // a record of the previous run
 	appendT(t, s, "r10")
 	appendT(t, s, "r1") // done in the previous run: may come again
@@ -154,9 +139,7 @@ func TestAppendDoneReopen(t *testing.T) {
 		doneT(t, s, r.ID)
 	}
 	closeT(t, s)
-	if segs := segFiles(t, dir); len(segs) != 0 {
-		t.Fatalf("segments left with nothing pending: %v", segs)
-	}
+	require.Empty(t, segFiles(t, dir), "segments left with nothing pending")
 	s, recs = openT(t, dir, Options{})
 	checkRecs(t, recs, nil)
 	closeT(t, s)
@@ -170,28 +153,16 @@ func TestDoneAll(t *testing.T) {
 	for _, id := range ids("r", 6) {
 		appendT(t, s, id)
 	}
-	if err := s.DoneAll([]string{"r0", "r2", "r2", "unknown", "r5"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.DoneAll(nil); err != nil {
-		t.Fatal(err)
-	}
-	if n := s.Pending(); n != 3 {
-		t.Fatalf("Pending = %d, want 3", n)
-	}
+	require.NoError(t, s.DoneAll([]string{"r0", "r2", "r2", "unknown", "r5"}))
+	require.NoError(t, s.DoneAll(nil))
+	require.Equal(t, 3, s.Pending())
 	closeT(t, s)
 	s, recs := openT(t, dir, Options{})
 	checkRecs(t, recs, []string{"r1", "r3", "r4"})
-	if err := s.DoneAll([]string{"r1", "r3", "r4"}); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, s.DoneAll([]string{"r1", "r3", "r4"}))
 	closeT(t, s)
-	if segs := segFiles(t, dir); len(segs) != 0 {
-		t.Fatalf("segments left with nothing pending: %v", segs)
-	}
-	if err := s.DoneAll([]string{"r1"}); !errors.Is(err, ErrClosed) {
-		t.Fatalf("DoneAll after Close: %v, want ErrClosed", err)
-	}
+	require.Empty(t, segFiles(t, dir), "segments left with nothing pending")
+	assert.ErrorIs(t, s.DoneAll([]string{"r1"}), ErrClosed, "DoneAll after Close")
 }
 
 func TestCloseWithoutDoneThenReopen(t *testing.T) {
@@ -208,9 +179,7 @@ func TestCloseWithoutDoneThenReopen(t *testing.T) {
 		checkRecs(t, recs, want)
 		closeT(t, s)
 	}
-	if segs := segFiles(t, dir); len(segs) != 1 {
-		t.Fatalf("segments after 20 idle reopens: %v", segs)
-	}
+	assert.Len(t, segFiles(t, dir), 1, "segments after 20 idle reopens")
 }
 
 func TestErrFull(t *testing.T) {
@@ -219,48 +188,32 @@ func TestErrFull(t *testing.T) {
 	for _, id := range ids("f", 3) {
 		appendT(t, s, id)
 	}
-	if err := s.Append("f3", nil); !errors.Is(err, ErrFull) {
-		t.Fatalf("4th Append: %v, want ErrFull", err)
-	}
+	require.ErrorIs(t, s.Append("f3", nil), ErrFull, "4th Append")
 	doneT(t, s, "f0")
 	appendT(t, s, "f3")
-	if err := s.Append("f4", nil); !errors.Is(err, ErrFull) {
-		t.Fatalf("Append after refill: %v, want ErrFull", err)
-	}
+	require.ErrorIs(t, s.Append("f4", nil), ErrFull, "Append after refill")
 	closeT(t, s)
 	// The records of the previous run count.
 	s, recs := openT(t, dir, Options{MaxPending: 3})
 	checkRecs(t, recs, []string{"f1", "f2", "f3"})
-	if err := s.Append("f5", nil); !errors.Is(err, ErrFull) {
-		t.Fatalf("Append with 3 replayed: %v, want ErrFull", err)
-	}
+	assert.ErrorIs(t, s.Append("f5", nil), ErrFull, "Append with 3 replayed")
 	closeT(t, s)
 }
 
 func TestDuplicatePendingID(t *testing.T) {
 	dir := t.TempDir()
 	s, _ := openT(t, dir, Options{})
-	if err := s.Append("a", []byte("one")); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Append("a", []byte("two")); !errors.Is(err, ErrDuplicate) {
-		t.Fatalf("duplicate Append: %v, want ErrDuplicate", err)
-	}
+	require.NoError(t, s.Append("a", []byte("one")))
+	require.ErrorIs(t, s.Append("a", []byte("two")), ErrDuplicate, "duplicate Append")
 	doneT(t, s, "a")
-	if err := s.Append("a", []byte("three")); err != nil {
-		t.Fatalf("Append after Done: %v", err)
-	}
-	if n := s.Pending(); n != 1 {
-		t.Fatalf("Pending = %d", n)
-	}
+	require.NoError(t, s.Append("a", []byte("three")), "Append after Done")
+	require.Equal(t, 1, s.Pending())
 	closeT(t, s)
 	s, recs := openT(t, dir, Options{})
-	if len(recs) != 1 || recs[0].ID != "a" || string(recs[0].Data) != "three" {
-		t.Fatalf("records %+v", recs)
-	}
-	if err := s.Append("a", []byte("four")); !errors.Is(err, ErrDuplicate) {
-		t.Fatalf("Append of a replayed id: %v, want ErrDuplicate", err)
-	}
+	require.Len(t, recs, 1)
+	assert.Equal(t, "a", recs[0].ID)
+	assert.Equal(t, "three", string(recs[0].Data))
+	assert.ErrorIs(t, s.Append("a", []byte("four")), ErrDuplicate, "Append of a replayed id")
 	closeT(t, s)
 }
 
@@ -271,26 +224,20 @@ func TestBounds(t *testing.T) {
 		id   string
 		data int
 	}{{"", 1}, {strings.Repeat("i", MaxIDLen+1), 1}, {"big", MaxDataLen + 1}} {
-		if err := s.Append(c.id, make([]byte, c.data)); !errors.Is(err, ErrTooLarge) {
-			t.Errorf("Append(%d-byte id, %d bytes): %v, want ErrTooLarge", len(c.id), c.data, err)
-		}
+		assert.ErrorIs(t, s.Append(c.id, make([]byte, c.data)), ErrTooLarge, "Append(%d-byte id, %d bytes)", len(c.id), c.data)
 	}
 	longID := strings.Repeat("i", MaxIDLen)
 	big := bytes.Repeat([]byte{0xAB}, MaxDataLen)
-	if err := s.Append(longID, big); err != nil {
-		t.Fatalf("Append at the limits: %v", err)
-	}
-	if err := s.Append("empty", nil); err != nil {
-		t.Fatalf("Append without data: %v", err)
-	}
-	if n := s.Pending(); n != 2 {
-		t.Fatalf("Pending = %d, want 2", n)
-	}
+	require.NoError(t, s.Append(longID, big), "Append at the limits")
+	require.NoError(t, s.Append("empty", nil), "Append without data")
+	require.Equal(t, 2, s.Pending())
 	closeT(t, s)
 	s, recs := openT(t, dir, Options{})
-	if len(recs) != 2 || recs[0].ID != longID || !bytes.Equal(recs[0].Data, big) || recs[1].ID != "empty" || len(recs[1].Data) != 0 {
-		t.Fatalf("records at the limits did not round-trip")
-	}
+	require.Len(t, recs, 2, "records at the limits")
+	assert.Equal(t, longID, recs[0].ID, "long id did not round-trip")
+	assert.True(t, bytes.Equal(big, recs[0].Data), "largest data did not round-trip")
+	assert.Equal(t, "empty", recs[1].ID)
+	assert.Empty(t, recs[1].Data)
 	closeT(t, s)
 }
 
@@ -299,17 +246,11 @@ func copyDir(t testing.TB, src string) string {
 	t.Helper()
 	dst := t.TempDir()
 	des, err := os.ReadDir(src)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	for _, de := range des {
 		b, err := os.ReadFile(filepath.Join(src, de.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dst, de.Name()), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(filepath.Join(dst, de.Name()), b, 0o600))
 	}
 	return dst
 }
@@ -329,27 +270,21 @@ func TestTornTail(t *testing.T) {
 	}
 	closeT(t, s)
 	segs := segFiles(t, src)
-	if len(segs) != 1 {
-		t.Fatalf("segments %v", segs)
-	}
+	require.Len(t, segs, 1, "segments")
 	buf, _ := os.ReadFile(segs[0])
 	spans := frameSpans(buf)
-	if len(spans) != 5 || spans[4][1] != len(buf) {
-		t.Fatalf("frames %v in %d bytes", spans, len(buf))
-	}
+	require.Len(t, spans, 5, "frames in %d bytes", len(buf))
+	require.Equal(t, len(buf), spans[4][1], "frames %v end before the file", spans)
 	last := spans[4]
 	// Every cut inside the last frame, from its first byte to its last.
 	for cut := last[0] + 1; cut < last[1]; cut++ {
 		dir := copyDir(t, src)
-		if err := os.Truncate(filepath.Join(dir, filepath.Base(segs[0])), int64(cut)); err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, os.Truncate(filepath.Join(dir, filepath.Base(segs[0])), int64(cut)))
 		var logs []string
 		s, recs := openT(t, dir, Options{Logf: func(f string, a ...any) { logs = append(logs, fmt.Sprintf(f, a...)) }})
 		checkRecs(t, recs, want[:4])
-		if len(logs) != 1 || !strings.Contains(logs[0], "torn") {
-			t.Fatalf("cut at %d: logs %q", cut, logs)
-		}
+		require.Len(t, logs, 1, "cut at %d", cut)
+		require.Contains(t, logs[0], "torn", "cut at %d", cut)
 		// The spool goes on working after a torn tail.
 		appendT(t, s, "after")
 		doneT(t, s, "t0")
@@ -372,15 +307,11 @@ func TestCorruptByteInTheMiddle(t *testing.T) {
 	}
 	closeT(t, s)
 	segs := segFiles(t, src)
-	if len(segs) != 1 {
-		t.Fatalf("segments %v", segs)
-	}
+	require.Len(t, segs, 1, "segments")
 	name := filepath.Base(segs[0])
 	orig, _ := os.ReadFile(segs[0])
 	spans := frameSpans(orig) // c0 c1 c2 done(c1) c3 c4
-	if len(spans) != 6 {
-		t.Fatalf("frames %v", spans)
-	}
+	require.Len(t, spans, 6, "frames")
 	frameIDs := []string{"c0", "c1", "c2", "", "c3", "c4"}
 
 	// Flip every byte of the segment in turn: the damaged frame is lost
@@ -405,15 +336,11 @@ func TestCorruptByteInTheMiddle(t *testing.T) {
 		dir := copyDir(t, src)
 		buf := slices.Clone(orig)
 		buf[off] ^= 0xFF
-		if err := os.WriteFile(filepath.Join(dir, name), buf, 0o600); err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, os.WriteFile(filepath.Join(dir, name), buf, 0o600))
 		var logs []string
 		s, recs := openT(t, dir, Options{Logf: func(f string, a ...any) { logs = append(logs, fmt.Sprintf(f, a...)) }})
 		checkRecs(t, recs, want)
-		if len(logs) == 0 {
-			t.Fatalf("byte %d flipped: nothing reported", off)
-		}
+		require.NotEmpty(t, logs, "byte %d flipped: nothing reported", off)
 		closeT(t, s)
 	}
 }
@@ -434,16 +361,14 @@ func TestSegmentRotationAndDeletion(t *testing.T) {
 	}
 	// Frames of both kinds went through many segments; only the current
 	// one (and the lock) is ever left.
-	if last := segFiles(t, dir); len(last) != 1 || !strings.HasSuffix(last[0], fmt.Sprintf("%020d.log", s.cur.num)) || s.cur.num < 1000 {
-		t.Fatalf("segments %v (current %d)", last, s.cur.num)
-	}
-	if maxSize > 2*segSize || maxFiles > 3 {
-		t.Fatalf("directory reached %d bytes in %d files", maxSize, maxFiles)
-	}
+	last := segFiles(t, dir)
+	require.Len(t, last, 1, "segments")
+	assert.True(t, strings.HasSuffix(last[0], fmt.Sprintf("%020d.log", s.cur.num)), "segment %s is not the current one (%d)", last[0], s.cur.num)
+	assert.GreaterOrEqual(t, s.cur.num, uint64(1000), "segments used")
+	assert.LessOrEqual(t, maxSize, int64(2*segSize), "directory size")
+	assert.LessOrEqual(t, maxFiles, 3, "files in the directory")
 	closeT(t, s)
-	if segs := segFiles(t, dir); len(segs) != 0 {
-		t.Fatalf("segments after Close: %v", segs)
-	}
+	assert.Empty(t, segFiles(t, dir), "segments after Close")
 	s, recs := openT(t, dir, Options{})
 	checkRecs(t, recs, nil)
 	closeT(t, s)
@@ -469,9 +394,7 @@ func TestLongPendingRecordsDoNotPinSegments(t *testing.T) {
 			check := func(limit int64) {
 				size, _ := dirUsage(t, dir)
 				peak = max(peak, size)
-				if size > limit {
-					t.Fatalf("directory at %d bytes, limit %d (%d bytes pending)", size, limit, stuckBytes)
-				}
+				require.LessOrEqual(t, size, limit, "directory size (%d bytes pending)", stuckBytes)
 			}
 			for i := range c.n {
 				id := fmt.Sprintf("req-%d", i)
@@ -552,12 +475,9 @@ func TestRandomAgainstModel(t *testing.T) {
 					next++
 					err := s.Append(id, dataFor(id, sizeFor(id)))
 					if slices.Contains(model, id) {
-						if !errors.Is(err, ErrDuplicate) {
-							t.Fatalf("Append(%q) pending: %v", id, err)
-						}
-					} else if err != nil {
-						t.Fatal(err)
+						require.ErrorIs(t, err, ErrDuplicate, "Append(%q) pending", id)
 					} else {
+						require.NoError(t, err)
 						model = append(model, id)
 					}
 				case r < 93:
@@ -579,9 +499,7 @@ func TestRandomAgainstModel(t *testing.T) {
 					s, recs = openT(t, dir, opts)
 					checkRecs(t, recs, model)
 				}
-				if s.Pending() != len(model) {
-					t.Fatalf("Pending = %d, model %d", s.Pending(), len(model))
-				}
+				require.Equal(t, len(model), s.Pending(), "Pending against the model")
 			}
 			closeT(t, s)
 			s, recs := openT(t, dir, opts)
@@ -595,9 +513,8 @@ func TestSecondOpenFails(t *testing.T) {
 	dir := t.TempDir()
 	s, _ := openT(t, dir, Options{})
 	_, _, err := Open(dir, Options{})
-	if !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "spool "+dir+" in use") {
-		t.Fatalf("second Open: %v", err)
-	}
+	require.ErrorIs(t, err, ErrInUse, "second Open")
+	require.ErrorContains(t, err, "spool "+dir+" in use", "second Open")
 	closeT(t, s)
 	s, _ = openT(t, dir, Options{})
 	closeT(t, s)
@@ -607,15 +524,9 @@ func TestClosed(t *testing.T) {
 	s, _ := openT(t, t.TempDir(), Options{})
 	appendT(t, s, "a")
 	closeT(t, s)
-	if err := s.Append("b", nil); !errors.Is(err, ErrClosed) {
-		t.Errorf("Append after Close: %v", err)
-	}
-	if err := s.Done("a"); !errors.Is(err, ErrClosed) {
-		t.Errorf("Done after Close: %v", err)
-	}
-	if err := s.Close(); !errors.Is(err, ErrClosed) {
-		t.Errorf("second Close: %v", err)
-	}
+	assert.ErrorIs(t, s.Append("b", nil), ErrClosed, "Append after Close")
+	assert.ErrorIs(t, s.Done("a"), ErrClosed, "Done after Close")
+	assert.ErrorIs(t, s.Close(), ErrClosed, "second Close")
 }
 
 func TestConcurrent(t *testing.T) {
@@ -630,8 +541,7 @@ func TestConcurrent(t *testing.T) {
 		wg.Go(func() {
 			for i := range each {
 				id := fmt.Sprintf("g%d-%d", g, i)
-				if err := s.Append(id, dataFor(id, sizeFor(id))); err != nil {
-					t.Error(err)
+				if !assert.NoError(t, s.Append(id, dataFor(id, sizeFor(id)))) {
 					return
 				}
 				if i%3 == 0 {
@@ -640,8 +550,7 @@ func TestConcurrent(t *testing.T) {
 					mu.Unlock()
 					continue
 				}
-				if err := s.Done(id); err != nil {
-					t.Error(err)
+				if !assert.NoError(t, s.Done(id)) {
 					return
 				}
 				_ = s.Pending()
@@ -649,24 +558,19 @@ func TestConcurrent(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if s.Pending() != len(want) {
-		t.Fatalf("Pending = %d, want %d", s.Pending(), len(want))
-	}
+	require.Equal(t, len(want), s.Pending())
 	closeT(t, s)
 	s, recs := openT(t, dir, opts)
 	defer closeT(t, s)
-	if len(recs) != len(want) {
-		t.Fatalf("%d records, want %d", len(recs), len(want))
-	}
+	require.Len(t, recs, len(want))
 	last := map[string]int{} // per worker, append order is kept
 	for _, r := range recs {
 		var g, i int
 		fmt.Sscanf(r.ID, "g%d-%d", &g, &i)
-		if !want[r.ID] || !bytes.Equal(r.Data, dataFor(r.ID, sizeFor(r.ID))) {
-			t.Fatalf("unexpected record %q", r.ID)
-		}
-		if p, ok := last[fmt.Sprint(g)]; ok && p >= i {
-			t.Fatalf("record %q after g%d-%d", r.ID, g, p)
+		require.True(t, want[r.ID], "unexpected record %q", r.ID)
+		require.Equal(t, string(dataFor(r.ID, sizeFor(r.ID))), string(r.Data), "record %q", r.ID)
+		if p, ok := last[fmt.Sprint(g)]; ok {
+			require.Less(t, p, i, "record %q after g%d-%d", r.ID, g, p)
 		}
 		last[fmt.Sprint(g)] = i
 	}
@@ -676,20 +580,22 @@ func TestFrameRoundTrip(t *testing.T) {
 	b := appendFrame(nil, kindAppend, 42, "id", []byte("data"))
 	b = appendFrame(b, kindDone, 42, "id", nil)
 	var got []frame
-	if bad := scan(b, func(f frame) { got = append(got, f) }); len(bad) != 0 {
-		t.Fatalf("damage %v", bad)
-	}
-	if len(got) != 2 || got[0].kind != kindAppend || got[0].seq != 42 || string(got[0].id) != "id" ||
-		string(got[0].data) != "data" || got[1].kind != kindDone || got[1].off != headerLen+6 {
-		t.Fatalf("frames %+v", got)
-	}
+	require.Empty(t, scan(b, func(f frame) { got = append(got, f) }), "damage")
+	require.Len(t, got, 2, "frames")
+	assert.EqualValues(t, kindAppend, got[0].kind)
+	assert.EqualValues(t, 42, got[0].seq)
+	assert.Equal(t, "id", string(got[0].id))
+	assert.Equal(t, "data", string(got[0].data))
+	assert.EqualValues(t, kindDone, got[1].kind)
+	assert.Equal(t, headerLen+6, got[1].off)
 	// Zeros (what a power loss can leave) and garbage are skipped.
 	junk := append(append(make([]byte, 100), b...), bytes.Repeat([]byte{0xFF, 'S', 'P', 'L', 9}, 20)...)
 	got = nil
 	bad := scan(junk, func(f frame) { got = append(got, f) })
-	if len(got) != 2 || len(bad) != 2 || bad[0] != (damage{0, 100, false}) || !bad[1].tail {
-		t.Fatalf("frames %d, damage %+v", len(got), bad)
-	}
+	assert.Len(t, got, 2, "frames")
+	require.Len(t, bad, 2, "damage")
+	assert.Equal(t, damage{0, 100, false}, bad[0])
+	assert.True(t, bad[1].tail, "damage %+v", bad[1])
 }
 
 // A failed write leaves the record out (Append) or pending (Done), and the
@@ -703,31 +609,19 @@ func TestWriteError(t *testing.T) {
 		defer s.mu.Unlock()
 		s.cur.f.Close()
 		f, err := os.Open(s.cur.path) // read-only: the next write(2) fails
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		s.cur.f = f
 	}
 	breakFile()
-	if err := s.Append("b", []byte("x")); err == nil || !strings.Contains(err.Error(), `spool: append "b"`) {
-		t.Fatalf("Append on a broken segment: %v", err)
-	}
-	if n := s.Pending(); n != 1 {
-		t.Fatalf("Pending = %d, want 1", n)
-	}
+	require.ErrorContains(t, s.Append("b", []byte("x")), `spool: append "b"`, "Append on a broken segment")
+	require.Equal(t, 1, s.Pending())
 	appendT(t, s, "c") // in a new segment
 	breakFile()
-	if err := s.Done("a"); err == nil {
-		t.Fatal("Done on a broken segment succeeded")
-	}
-	if n := s.Pending(); n != 2 {
-		t.Fatalf("Pending = %d, want 2", n)
-	}
+	require.Error(t, s.Done("a"), "Done on a broken segment succeeded")
+	require.Equal(t, 2, s.Pending())
 	doneT(t, s, "a")
 	appendT(t, s, "d")
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, s.Close())
 	s, recs := openT(t, dir, Options{})
 	checkRecs(t, recs, []string{"c", "d"})
 	closeT(t, s)
@@ -750,27 +644,24 @@ func TestDamagedPendingRecordWhileOpen(t *testing.T) {
 	appendT(t, s, "kept")
 	seg := segFiles(t, dir)[0]
 	f, err := os.OpenFile(seg, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt([]byte{'#'}, headerLen+10); err != nil { // in the victim's data
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
+	_, err = f.WriteAt([]byte{'#'}, headerLen+10) // in the victim's data
+	require.NoError(t, err)
 	f.Close()
 	for i := range 200 {
 		id := fmt.Sprintf("traffic-%d", i)
 		appendT(t, s, id)
 		doneT(t, s, id)
 	}
-	if segs := segFiles(t, dir); len(segs) > 4 || segs[0] == seg {
-		t.Fatalf("segments %v", segs)
-	}
+	segs := segFiles(t, dir)
+	require.NotEmpty(t, segs)
+	require.LessOrEqual(t, len(segs), 4, "segments %v", segs)
+	require.NotEqual(t, seg, segs[0], "the damaged segment is still kept")
 	mu.Lock()
 	found := slices.ContainsFunc(logs, func(l string) bool { return strings.Contains(l, `"victim" no longer reads back intact`) })
 	mu.Unlock()
-	if !found || s.Pending() != 2 {
-		t.Fatalf("pending %d, logs %q", s.Pending(), logs)
-	}
+	require.True(t, found, "logs %q", logs)
+	require.Equal(t, 2, s.Pending())
 	closeT(t, s)
 	s, recs := openT(t, dir, opts)
 	checkRecs(t, recs, []string{"kept"})

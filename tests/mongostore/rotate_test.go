@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
 
@@ -23,66 +25,49 @@ func insertSpare(t *testing.T, db *mongo.Database, id string, age time.Duration)
 		{Key: "_id", Value: id}, {Key: "apiKey", Value: "sk-" + id}, {Key: "isUsed", Value: false},
 		{Key: "activated", Value: false}, {Key: "createdAt", Value: time.Now().Add(-age)},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 }
 
 func count(t *testing.T, db *mongo.Database, coll string, filter bson.D) int64 {
 	t.Helper()
 	n, err := db.Collection(coll).CountDocuments(context.Background(), filter)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	return n
 }
 
 func TestRotateUpstreamKey(t *testing.T) {
 	s, db := open(t)
 	ctx := context.Background()
-	if err := seed.Insert(ctx, db, seed.UpstreamKey{ID: "old", APIKey: "sk-old", Status: "healthy"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := seed.Bind(ctx, db, "old"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.RotateUpstreamKey(ctx, "old", "unauthorized"); !errors.Is(err, billing.ErrNoSpareKey) {
-		t.Fatalf("without spares: err = %v", err)
-	}
+	require.NoError(t, seed.Insert(ctx, db, seed.UpstreamKey{ID: "old", APIKey: "sk-old", Status: "healthy"}))
+	require.NoError(t, seed.Bind(ctx, db, "old"))
+	_, err := s.RotateUpstreamKey(ctx, "old", "unauthorized")
+	require.ErrorIs(t, err, billing.ErrNoSpareKey, "without spares")
 	insertSpare(t, db, "spare-new", time.Minute)
 	insertSpare(t, db, "spare-oldest", time.Hour)
 	// The claim of the first attempt was released: a spare added later serves.
 	newID, err := s.RotateUpstreamKey(ctx, "old", "unauthorized")
-	if err != nil || newID != "spare-oldest" {
-		t.Fatalf("rotation: %q %v, want the oldest spare", newID, err)
-	}
+	require.NoError(t, err, "rotation")
+	require.Equal(t, "spare-oldest", newID, "rotation: want the oldest spare")
 	var k bson.M
-	if err := db.Collection("openhands_keys").FindOne(ctx, bson.D{{Key: "_id", Value: newID}}).Decode(&k); err != nil {
-		t.Fatal(err)
-	}
-	if k["apiKey"] != "sk-spare-oldest" || k["status"] != "healthy" || k["replacedKey"] != "old" {
-		t.Errorf("new key %v", k)
-	}
-	if count(t, db, "openhands_keys", bson.D{{Key: "_id", Value: "old"}}) != 0 {
-		t.Error("the failed key is still there")
-	}
-	if count(t, db, "deleted_keys_archive", bson.D{{Key: "sourceId", Value: "old"}, {Key: "sourceCollection", Value: "openhands_keys"}}) != 1 {
-		t.Error("the failed key was not archived once")
-	}
-	if count(t, db, "openhands_bindings", bson.D{{Key: "openhandsKeyId", Value: newID}}) != 1 || count(t, db, "openhands_bindings", bson.D{{Key: "openhandsKeyId", Value: "old"}}) != 0 {
-		t.Error("bindings not repointed")
-	}
-	if count(t, db, "openhands_backup_keys", bson.D{{Key: "_id", Value: newID}, {Key: "isUsed", Value: true}, {Key: "usedFor", Value: "old"}}) != 1 {
-		t.Error("spare not marked used")
-	}
+	require.NoError(t, db.Collection("openhands_keys").FindOne(ctx, bson.D{{Key: "_id", Value: newID}}).Decode(&k))
+	assert.Equal(t, "sk-spare-oldest", k["apiKey"], "new key %v", k)
+	assert.Equal(t, "healthy", k["status"], "new key %v", k)
+	assert.Equal(t, "old", k["replacedKey"], "new key %v", k)
+	assert.Zero(t, count(t, db, "openhands_keys", bson.D{{Key: "_id", Value: "old"}}), "the failed key is still there")
+	assert.Equal(t, int64(1), count(t, db, "deleted_keys_archive", bson.D{{Key: "sourceId", Value: "old"}, {Key: "sourceCollection", Value: "openhands_keys"}}),
+		"the failed key was not archived once")
+	assert.Equal(t, int64(1), count(t, db, "openhands_bindings", bson.D{{Key: "openhandsKeyId", Value: newID}}), "bindings not repointed")
+	assert.Zero(t, count(t, db, "openhands_bindings", bson.D{{Key: "openhandsKeyId", Value: "old"}}), "bindings not repointed")
+	assert.Equal(t, int64(1), count(t, db, "openhands_backup_keys", bson.D{{Key: "_id", Value: newID}, {Key: "isUsed", Value: true}, {Key: "usedFor", Value: "old"}}),
+		"spare not marked used")
 	keys, err := s.LoadUpstreamKeys(ctx)
-	if err != nil || len(keys) != 1 || keys[0].ID != newID {
-		t.Errorf("pool after rotation: %+v %v", keys, err)
+	if assert.NoError(t, err, "pool after rotation") && assert.Len(t, keys, 1, "pool after rotation") {
+		assert.Equal(t, newID, keys[0].ID, "pool after rotation")
 	}
 	// Rotating it again is a no-op.
-	if again, err := s.RotateUpstreamKey(ctx, "old", "unauthorized"); err != nil || again != "" {
-		t.Errorf("second rotation: %q %v", again, err)
-	}
+	again, err := s.RotateUpstreamKey(ctx, "old", "unauthorized")
+	assert.NoError(t, err, "second rotation")
+	assert.Empty(t, again, "second rotation")
 }
 
 // Two gateway instances (two clients, as two processes would have) race to
@@ -91,12 +76,8 @@ func TestRotateUpstreamKey(t *testing.T) {
 func TestRotationRaceClaimsOneSpare(t *testing.T) {
 	ctx := context.Background()
 	stores, db := twoInstances(t)
-	if err := seed.Insert(ctx, db, seed.UpstreamKey{ID: "bad", APIKey: "sk-bad", Status: "healthy"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := seed.Bind(ctx, db, "bad"); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, seed.Insert(ctx, db, seed.UpstreamKey{ID: "bad", APIKey: "sk-bad", Status: "healthy"}))
+	require.NoError(t, seed.Bind(ctx, db, "bad"))
 	for i := 0; i < 5; i++ {
 		insertSpare(t, db, fmt.Sprintf("spare-%d", i), time.Duration(i)*time.Minute)
 	}
@@ -124,18 +105,11 @@ func TestRotationRaceClaimsOneSpare(t *testing.T) {
 	}
 	wg.Wait()
 	t.Logf("30 racing rotations: %v", results)
-	if results["rotated"] != 1 || results["rotated"]+results["already"]+results["in_progress"] != 30 {
-		t.Errorf("results %v, want exactly one rotation", results)
-	}
-	if n := count(t, db, "openhands_backup_keys", bson.D{{Key: "isUsed", Value: true}}); n != 1 {
-		t.Errorf("%d spares used, want 1", n)
-	}
-	if n := count(t, db, "deleted_keys_archive", bson.D{{Key: "sourceId", Value: "bad"}}); n != 1 {
-		t.Errorf("archived %d times, want 1", n)
-	}
-	if n := count(t, db, "openhands_keys", bson.D{}); n != 1 {
-		t.Errorf("%d keys after rotation, want 1", n)
-	}
+	assert.Equal(t, 1, results["rotated"], "results %v, want exactly one rotation", results)
+	assert.Equal(t, 30, results["rotated"]+results["already"]+results["in_progress"], "results %v: errors other than in progress", results)
+	assert.Equal(t, int64(1), count(t, db, "openhands_backup_keys", bson.D{{Key: "isUsed", Value: true}}), "spares used")
+	assert.Equal(t, int64(1), count(t, db, "deleted_keys_archive", bson.D{{Key: "sourceId", Value: "bad"}}), "times archived")
+	assert.Equal(t, int64(1), count(t, db, "openhands_keys", bson.D{}), "keys after rotation")
 }
 
 // The 6-hour cleanup of used spares, run by two instances at once: each
@@ -145,10 +119,9 @@ func TestCleanUsedSpares(t *testing.T) {
 	stores, db := twoInstances(t)
 	now := time.Now()
 	for i, usedAt := range []time.Time{now.Add(-7 * time.Hour), now.Add(-8 * time.Hour), now.Add(-time.Hour)} {
-		if _, err := db.Collection("openhands_backup_keys").InsertOne(ctx, bson.D{{Key: "_id", Value: fmt.Sprintf("used-%d", i)},
-			{Key: "apiKey", Value: "sk-x"}, {Key: "isUsed", Value: true}, {Key: "usedAt", Value: usedAt}}); err != nil {
-			t.Fatal(err)
-		}
+		_, err := db.Collection("openhands_backup_keys").InsertOne(ctx, bson.D{{Key: "_id", Value: fmt.Sprintf("used-%d", i)},
+			{Key: "apiKey", Value: "sk-x"}, {Key: "isUsed", Value: true}, {Key: "usedAt", Value: usedAt}})
+		require.NoError(t, err)
 	}
 	insertSpare(t, db, "unused", 10*time.Hour)
 	var wg sync.WaitGroup
@@ -156,18 +129,13 @@ func TestCleanUsedSpares(t *testing.T) {
 		wg.Add(1)
 		go func(s *mongostore.Store) {
 			defer wg.Done()
-			if _, err := s.CleanUsedSpares(ctx, now.Add(-6*time.Hour)); err != nil {
-				t.Error(err)
-			}
+			_, err := s.CleanUsedSpares(ctx, now.Add(-6*time.Hour))
+			assert.NoError(t, err)
 		}(s)
 	}
 	wg.Wait()
-	if n := count(t, db, "openhands_backup_keys", bson.D{}); n != 2 {
-		t.Errorf("%d spares left, want the recent used one and the unused one", n)
-	}
-	if n := count(t, db, "deleted_keys_archive", bson.D{{Key: "sourceCollection", Value: "openhands_backup_keys"}}); n != 2 {
-		t.Errorf("%d archived, want 2 (once each)", n)
-	}
+	assert.Equal(t, int64(2), count(t, db, "openhands_backup_keys", bson.D{}), "spares left, want the recent used one and the unused one")
+	assert.Equal(t, int64(2), count(t, db, "deleted_keys_archive", bson.D{{Key: "sourceCollection", Value: "openhands_backup_keys"}}), "archived, want once each")
 }
 
 // twoInstances returns two stores over one database through two clients,
@@ -179,9 +147,7 @@ func twoInstances(t *testing.T) ([]*mongostore.Store, *mongo.Database) {
 	var db *mongo.Database
 	for i := 0; i < 2; i++ {
 		c, err := d.Connect(context.Background())
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		t.Cleanup(func() { _ = c.Disconnect(context.Background()) })
 		db = c.Database("fproxy")
 		stores = append(stores, mongostore.New(db))

@@ -4,10 +4,11 @@ package mongostore
 
 import (
 	"context"
-	"errors"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
 
@@ -21,9 +22,7 @@ func open(t *testing.T) (*mongostore.Store, *mongo.Database) {
 	t.Helper()
 	d := testdb.StartForTest(t)
 	c, err := d.Connect(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Disconnect(context.Background()) })
 	db := c.Database("fproxy")
 	return mongostore.New(db), db
@@ -33,13 +32,7 @@ func TestAuthenticate(t *testing.T) {
 	s, db := open(t)
 	ctx := context.Background()
 	past, future := time.Now().Add(-time.Hour), time.Now().Add(time.Hour)
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	must(seed.Insert(ctx, db,
+	require.NoError(t, seed.Insert(ctx, db,
 		seed.User{ID: "alice", APIKey: "sk-trollllm-alice", Role: "user", Active: true, Migration: true},
 		seed.User{ID: "old", APIKey: "sk-trollllm-old", Role: "user", Active: true, Migration: false},
 		seed.User{ID: "boss", APIKey: "sk-trollllm-boss", Role: "Admin ", Active: true, Migration: false},
@@ -55,7 +48,7 @@ func TestAuthenticate(t *testing.T) {
 	))
 	// A user_keys document without isActive (the backend schema defaults it to true).
 	_, err := db.Collection("user_keys").InsertOne(ctx, bson.D{{Key: "_id", Value: "sk-troll-noflag"}, {Key: "name", Value: "alice"}})
-	must(err)
+	require.NoError(t, err)
 
 	tests := []struct {
 		key        string
@@ -80,16 +73,16 @@ func TestAuthenticate(t *testing.T) {
 	}
 	for _, tt := range tests {
 		p, err := s.Authenticate(ctx, tt.key)
-		var ae *billing.AuthError
-		switch {
-		case tt.reason != 0:
-			if !errors.As(err, &ae) || ae.Reason != tt.reason {
-				t.Errorf("%s: err = %v, want reason %d", tt.key, err, tt.reason)
+		if tt.reason != 0 {
+			var ae *billing.AuthError
+			if assert.ErrorAs(t, err, &ae, tt.key) {
+				assert.Equal(t, tt.reason, ae.Reason, tt.key)
 			}
-		case err != nil:
-			t.Errorf("%s: %v", tt.key, err)
-		case p.User != tt.user || p.InUserKeys != tt.inUserKeys:
-			t.Errorf("%s: got %+v", tt.key, p)
+			continue
+		}
+		if assert.NoError(t, err, tt.key) {
+			assert.Equal(t, tt.user, p.User, tt.key)
+			assert.Equal(t, tt.inUserKeys, p.InUserKeys, tt.key)
 		}
 	}
 }
@@ -97,13 +90,7 @@ func TestAuthenticate(t *testing.T) {
 func TestLoadUpstreamKeysFollowsBindings(t *testing.T) {
 	s, db := open(t)
 	ctx := context.Background()
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	must(seed.Insert(ctx, db,
+	require.NoError(t, seed.Insert(ctx, db,
 		seed.UpstreamKey{ID: "k1", APIKey: "a1", Status: "healthy"},
 		seed.UpstreamKey{ID: "k2", APIKey: "a2", Status: "rate_limited"},
 		seed.UpstreamKey{ID: "k3", APIKey: "a3", Status: "exhausted"},
@@ -111,7 +98,7 @@ func TestLoadUpstreamKeysFollowsBindings(t *testing.T) {
 	))
 	ids := func() []string {
 		keys, err := s.LoadUpstreamKeys(ctx)
-		must(err)
+		require.NoError(t, err)
 		var out []string
 		for _, k := range keys {
 			out = append(out, k.ID)
@@ -119,19 +106,13 @@ func TestLoadUpstreamKeysFollowsBindings(t *testing.T) {
 		return out
 	}
 	// No active binding: every key, whatever its status (the legacy rule).
-	if got := ids(); len(got) != 4 {
-		t.Errorf("without bindings: %v, want all 4 keys", got)
-	}
-	must(seed.Bind(ctx, db, "k1"))
-	must(seed.Bind(ctx, db, "k2"))
-	must(seed.Bind(ctx, db, "k3"))
+	assert.Len(t, ids(), 4, "without bindings: want all 4 keys")
+	require.NoError(t, seed.Bind(ctx, db, "k1"))
+	require.NoError(t, seed.Bind(ctx, db, "k2"))
+	require.NoError(t, seed.Bind(ctx, db, "k3"))
 	// Bound keys only, without need_refresh/exhausted/error.
-	if got := ids(); len(got) != 2 || got[0] != "k1" || got[1] != "k2" {
-		t.Errorf("with bindings: %v, want [k1 k2]", got)
-	}
+	assert.Equal(t, []string{"k1", "k2"}, ids(), "with bindings")
 	_, err := db.Collection("openhands_bindings").UpdateMany(ctx, bson.D{{Key: "openhandsKeyId", Value: "k1"}}, bson.D{{Key: "$set", Value: bson.D{{Key: "isActive", Value: false}}}})
-	must(err)
-	if got := ids(); len(got) != 1 || got[0] != "k2" {
-		t.Errorf("after deactivating k1's binding: %v, want [k2]", got)
-	}
+	require.NoError(t, err)
+	assert.Equal(t, []string{"k2"}, ids(), "after deactivating k1's binding")
 }

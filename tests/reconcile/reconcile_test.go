@@ -7,13 +7,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"reflect"
-	"slices"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
 
@@ -63,9 +62,7 @@ func freshDB(t *testing.T) (*mongo.Database, *Fixture) {
 	t.Helper()
 	db := client.Database(fmt.Sprintf("rec%d", dbSerial.Add(1)))
 	f, err := Seed(context.Background(), db)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	t.Cleanup(func() { _ = db.Drop(context.Background()) })
 	return db, f
 }
@@ -73,9 +70,7 @@ func freshDB(t *testing.T) (*mongo.Database, *Fixture) {
 func run(t *testing.T, db *mongo.Database, opts reconcile.Options) *reconcile.Report {
 	t.Helper()
 	rep, err := reconcile.Run(context.Background(), db, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	return rep
 }
 
@@ -103,73 +98,63 @@ func assertDrift(t *testing.T, rep *reconcile.Report, wants ...want) {
 	if wants == nil {
 		wants = []want{}
 	}
-	if !reflect.DeepEqual(got, wants) {
+	if !assert.Equal(t, wants, got, "drift") {
 		var text bytes.Buffer
 		_ = rep.WriteText(&text)
-		t.Fatalf("drift:\n got %v\nwant %v\n%s", got, wants, text.String())
+		require.FailNow(t, "unexpected drift", "report:\n%s", text.String())
 	}
-	if rep.OK() != (len(wants) == 0) {
-		t.Fatalf("OK() = %v with %d drift item(s)", rep.OK(), len(wants))
-	}
+	require.Equal(t, len(wants) == 0, rep.OK(), "OK() with %d drift item(s)", len(wants))
 }
 
 func mustExec(t *testing.T, err error) {
 	t.Helper()
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 }
 
 func inc(t *testing.T, db *mongo.Database, user string, set bson.D) {
 	t.Helper()
 	r, err := db.Collection("usersNew").UpdateOne(context.Background(), bson.D{{Key: "_id", Value: user}}, bson.D{{Key: "$inc", Value: set}})
-	mustExec(t, err)
-	if r.MatchedCount != 1 {
-		t.Fatalf("no user %s", user)
-	}
+	require.NoError(t, err)
+	require.Equal(t, int64(1), r.MatchedCount, "no user %s", user)
 }
 
 func setUser(t *testing.T, db *mongo.Database, user string, set bson.D) {
 	t.Helper()
 	r, err := db.Collection("usersNew").UpdateOne(context.Background(), bson.D{{Key: "_id", Value: user}}, bson.D{{Key: "$set", Value: set}})
-	mustExec(t, err)
-	if r.MatchedCount != 1 {
-		t.Fatalf("no user %s", user)
-	}
+	require.NoError(t, err)
+	require.Equal(t, int64(1), r.MatchedCount, "no user %s", user)
 }
 
 func setRow(t *testing.T, db *mongo.Database, id bson.ObjectID, set bson.D) {
 	t.Helper()
 	r, err := db.Collection("request_logs").UpdateOne(context.Background(), bson.D{{Key: "_id", Value: id}}, bson.D{{Key: "$set", Value: set}})
-	mustExec(t, err)
-	if r.MatchedCount != 1 {
-		t.Fatalf("no row %s", id.Hex())
-	}
+	require.NoError(t, err)
+	require.Equal(t, int64(1), r.MatchedCount, "no row %s", id.Hex())
 }
 
 func TestConsistentSetHasNoDrift(t *testing.T) {
 	db, f := freshDB(t)
 	rep := run(t, db, reconcile.Options{})
 	assertDrift(t, rep)
-	if rep.UsersChecked != 3 || rep.RowsChecked != 5 {
-		t.Errorf("users checked %d, rows checked %d; want 3 and 5", rep.UsersChecked, rep.RowsChecked)
-	}
-	if rep.Charged != TotalCharged || rep.Shortfall != TotalShortfall {
-		t.Errorf("charged %s shortfall %s; want %s and %s", rep.Charged, rep.Shortfall, billing.Nano(TotalCharged), billing.Nano(TotalShortfall))
-	}
-	if rep.HoldsOutstanding != 1 || rep.HoldsLeftover != 0 || len(rep.Holds) != 1 {
-		t.Fatalf("holds %+v", rep.Holds)
-	}
+	assert.Equal(t, 3, rep.UsersChecked, "users checked")
+	assert.Equal(t, 5, rep.RowsChecked, "rows checked")
+	assert.Equal(t, billing.Nano(TotalCharged), rep.Charged, "charged")
+	assert.Equal(t, billing.Nano(TotalShortfall), rep.Shortfall, "shortfall")
+	require.Equal(t, 1, rep.HoldsOutstanding, "holds %+v", rep.Holds)
+	require.Zero(t, rep.HoldsLeftover, "holds %+v", rep.Holds)
+	require.Len(t, rep.Holds, 1)
 	h := rep.Holds[0]
-	if h.User != "bob" || h.RequestID != "b2" || h.Amount != B2Hold || h.Leftover || h.Owner != "caddy-1" ||
-		h.LogID != f.RowIDs["b2"].Hex() || !slices.Equal(h.Fields, []string{"refCredits"}) {
-		t.Errorf("hold %+v", h)
-	}
+	assert.Equal(t, "bob", h.User, "hold %+v", h)
+	assert.Equal(t, "b2", h.RequestID, "hold %+v", h)
+	assert.Equal(t, billing.Nano(B2Hold), h.Amount, "hold %+v", h)
+	assert.False(t, h.Leftover, "hold %+v", h)
+	assert.Equal(t, "caddy-1", h.Owner, "hold %+v", h)
+	assert.Equal(t, f.RowIDs["b2"].Hex(), h.LogID, "hold %+v", h)
+	assert.Equal(t, []string{"refCredits"}, h.Fields, "hold %+v", h)
 	var text bytes.Buffer
-	mustExec(t, rep.WriteText(&text))
-	if !strings.Contains(text.String(), "\nOK: ") || !strings.Contains(text.String(), "in-flight") {
-		t.Errorf("text report:\n%s", text.String())
-	}
+	require.NoError(t, rep.WriteText(&text))
+	assert.Contains(t, text.String(), "\nOK: ", "text report")
+	assert.Contains(t, text.String(), "in-flight", "text report")
 }
 
 // TestDriftDetected breaks the consistent set one way at a time.
@@ -201,9 +186,9 @@ func TestDriftDetected(t *testing.T) {
 			},
 			want: []want{{reconcile.KindDuplicateRequest, "bob", "", "$0.030000000"}},
 			check: func(t *testing.T, rep *reconcile.Report) {
-				if rep.Drift[0].RequestID != "b1" || rep.RowsChecked != 6 || rep.Charged != TotalCharged {
-					t.Errorf("duplicate %+v, rows %d, charged %s", rep.Drift[0], rep.RowsChecked, rep.Charged)
-				}
+				assert.Equal(t, "b1", rep.Drift[0].RequestID, "duplicate %+v", rep.Drift[0])
+				assert.Equal(t, 6, rep.RowsChecked, "rows checked")
+				assert.Equal(t, billing.Nano(TotalCharged), rep.Charged, "charged")
 			},
 		},
 		{
@@ -243,9 +228,12 @@ func TestDriftDetected(t *testing.T) {
 			},
 			want: []want{{reconcile.KindLeftoverHold, "bob", "refCredits", "$0.100000000"}},
 			check: func(t *testing.T, rep *reconcile.Report) {
-				if rep.HoldsOutstanding != 1 || rep.HoldsLeftover != 1 || !rep.Holds[0].Leftover || rep.Drift[0].RequestID != "b2" {
-					t.Errorf("holds %+v, drift %+v", rep.Holds, rep.Drift)
+				assert.Equal(t, 1, rep.HoldsOutstanding, "holds %+v", rep.Holds)
+				assert.Equal(t, 1, rep.HoldsLeftover, "holds %+v", rep.Holds)
+				if assert.NotEmpty(t, rep.Holds) {
+					assert.True(t, rep.Holds[0].Leftover, "holds %+v", rep.Holds)
 				}
+				assert.Equal(t, "b2", rep.Drift[0].RequestID, "drift %+v", rep.Drift)
 			},
 		},
 		{
@@ -264,9 +252,8 @@ func TestDriftDetected(t *testing.T) {
 			},
 			want: []want{{reconcile.KindRowMismatch, "carol", "", "$0.000000007"}},
 			check: func(t *testing.T, rep *reconcile.Report) {
-				if !strings.Contains(rep.Drift[0].Detail, "takenNano") || rep.Drift[0].RequestID != "c1" {
-					t.Errorf("detail %q", rep.Drift[0].Detail)
-				}
+				assert.Contains(t, rep.Drift[0].Detail, "takenNano", "detail")
+				assert.Equal(t, "c1", rep.Drift[0].RequestID, "drift %+v", rep.Drift[0])
 			},
 		},
 		{
@@ -284,9 +271,8 @@ func TestDriftDetected(t *testing.T) {
 			},
 			opts: reconcile.Options{Since: time.Now().Add(-24 * time.Hour)},
 			check: func(t *testing.T, rep *reconcile.Report) {
-				if rep.RowsChecked != 4 || rep.Charged != TotalCharged-A1Cost {
-					t.Errorf("rows %d charged %s", rep.RowsChecked, rep.Charged)
-				}
+				assert.Equal(t, 4, rep.RowsChecked, "rows checked")
+				assert.Equal(t, billing.Nano(TotalCharged-A1Cost), rep.Charged, "charged")
 			},
 		},
 		{
@@ -324,9 +310,7 @@ func TestDriftDetected(t *testing.T) {
 				mustExec(t, err)
 			},
 			check: func(t *testing.T, rep *reconcile.Report) {
-				if rep.HoldsOutstanding != 0 {
-					t.Errorf("holds %+v", rep.Holds)
-				}
+				assert.Zero(t, rep.HoldsOutstanding, "holds %+v", rep.Holds)
 			},
 		},
 		{
@@ -341,9 +325,7 @@ func TestDriftDetected(t *testing.T) {
 			},
 			want: []want{{reconcile.KindLogWithoutCharge, "dave", "credits", "$0.000000042"}},
 			check: func(t *testing.T, rep *reconcile.Report) {
-				if rep.UsersChecked != 4 {
-					t.Errorf("users checked %d", rep.UsersChecked)
-				}
+				assert.Equal(t, 4, rep.UsersChecked, "users checked")
 			},
 		},
 	}
@@ -370,22 +352,18 @@ func TestBalancesAgainstBaseline(t *testing.T) {
 	mustExec(t, reconcile.WriteBaselineFile(path, rep.Baseline()))
 	base, err := reconcile.ReadBaselineFile(path)
 	mustExec(t, err)
-	if !base.TakenAt.Equal(rep.Baseline().TakenAt) || !reflect.DeepEqual(base.Users, rep.Baseline().Users) {
-		t.Fatalf("baseline round trip:\n got %+v\nwant %+v", base, rep.Baseline())
-	}
-	if e := base.Users["alice"]["creditsNew"]; e.Net != -A1Cost-A2Cost || e.Balance != billing.NanoFromUSD(10)-A1Cost-A2Cost {
-		t.Fatalf("alice in the baseline: %+v", e)
-	}
-	if _, ok := base.Users["dave"]["refCredits"]; !ok {
-		t.Fatal("the legacy user is not in the baseline")
-	}
+	require.True(t, base.TakenAt.Equal(rep.Baseline().TakenAt), "baseline round trip: taken at %v, want %v", base.TakenAt, rep.Baseline().TakenAt)
+	require.Equal(t, rep.Baseline().Users, base.Users, "baseline round trip")
+	e := base.Users["alice"]["creditsNew"]
+	require.EqualValues(t, -A1Cost-A2Cost, e.Net, "alice in the baseline: %+v", e)
+	require.Equal(t, billing.NanoFromUSD(10)-A1Cost-A2Cost, e.Balance, "alice in the baseline: %+v", e)
+	require.Contains(t, base.Users["dave"], "refCredits", "the legacy user is not in the baseline")
 
 	// Nothing moved: no external movement.
 	rep = run(t, db, reconcile.Options{Baseline: base})
 	assertDrift(t, rep)
-	if len(rep.External) != 0 || !rep.BaselineAt.Equal(base.TakenAt) {
-		t.Fatalf("external %+v", rep.External)
-	}
+	require.Empty(t, rep.External, "external")
+	require.True(t, rep.BaselineAt.Equal(base.TakenAt), "baseline at %v, want %v", rep.BaselineAt, base.TakenAt)
 
 	// The gateway bills a new request: balance and llmNet move together,
 	// the row is written. Still no drift.
@@ -412,9 +390,10 @@ func TestBalancesAgainstBaseline(t *testing.T) {
 	assertDrift(t, rep, want{reconcile.KindExternalCredit, "bob", "credits", "$0.010000000"})
 	rep = run(t, db, reconcile.Options{Baseline: base, AllowCredit: true})
 	assertDrift(t, rep)
-	if len(rep.External) != 1 || !rep.External[0].Allowed || rep.External[0].Amount != 10_000_000 || rep.External[0].User != "bob" {
-		t.Fatalf("external %+v", rep.External)
-	}
+	require.Len(t, rep.External, 1, "external")
+	require.True(t, rep.External[0].Allowed, "external %+v", rep.External[0])
+	require.Equal(t, billing.Nano(10_000_000), rep.External[0].Amount, "external %+v", rep.External[0])
+	require.Equal(t, "bob", rep.External[0].User, "external %+v", rep.External[0])
 
 	// A new user with credits is a top-up too; a user gone is drift.
 	_, err = db.Collection("usersNew").InsertOne(ctx, bson.D{{Key: "_id", Value: "erin"}, {Key: "creditsNew", Value: int32(2)}})
@@ -423,9 +402,7 @@ func TestBalancesAgainstBaseline(t *testing.T) {
 	mustExec(t, err)
 	rep = run(t, db, reconcile.Options{Baseline: base, AllowCredit: true})
 	assertDrift(t, rep, want{reconcile.KindUserMissing, "dave", "", "$4.500000000"})
-	if len(rep.External) != 2 {
-		t.Fatalf("external %+v", rep.External)
-	}
+	require.Len(t, rep.External, 2, "external %+v", rep.External)
 }
 
 func TestLedgerIgnoresBalanceNoise(t *testing.T) {
@@ -495,18 +472,16 @@ func TestCLI(t *testing.T) {
 	}
 
 	code, out, err := cli(reconcile.CLI{SaveBaselineFile: basePath})
-	if code != reconcile.ExitOK || err != nil || !strings.Contains(out, "OK: ") {
-		t.Fatalf("consistent: exit %d, %v\n%s", code, err, out)
-	}
-	if _, err := reconcile.ReadBaselineFile(basePath); err != nil {
-		t.Fatalf("saved baseline: %v", err)
-	}
+	require.NoError(t, err, "consistent: %s", out)
+	require.Equal(t, reconcile.ExitOK, code, "consistent: %s", out)
+	require.Contains(t, out, "OK: ", "consistent")
+	_, err = reconcile.ReadBaselineFile(basePath)
+	require.NoError(t, err, "saved baseline")
 
 	inc(t, db, "alice", bson.D{{Key: "creditsNew", Value: 0.01}})
 	code, out, err = cli(reconcile.CLI{BaselineFile: basePath, JSON: true})
-	if code != reconcile.ExitDrift || err == nil || !strings.Contains(err.Error(), "1 item") {
-		t.Fatalf("top-up without --allow-credit: exit %d, %v\n%s", code, err, out)
-	}
+	require.Equal(t, reconcile.ExitDrift, code, "top-up without --allow-credit: %v\n%s", err, out)
+	require.ErrorContains(t, err, "1 item", "top-up without --allow-credit: %s", out)
 	var js struct {
 		OK    bool `json:"ok"`
 		Drift []struct {
@@ -520,27 +495,29 @@ func TestCLI(t *testing.T) {
 			Allowed bool `json:"allowed"`
 		} `json:"external"`
 	}
-	mustExec(t, json.Unmarshal([]byte(out), &js))
-	if js.OK || len(js.Drift) != 1 || js.Drift[0].Kind != "external-credit" || js.Drift[0].User != "alice" ||
-		js.Drift[0].Field != "creditsNew" || js.Drift[0].Amount != "$0.010000000" || js.Drift[0].AmountNano != 10_000_000 {
-		t.Fatalf("JSON report: %s", out)
-	}
+	require.NoError(t, json.Unmarshal([]byte(out), &js))
+	require.False(t, js.OK, "JSON report: %s", out)
+	require.Len(t, js.Drift, 1, "JSON report: %s", out)
+	d := js.Drift[0]
+	require.Equal(t, "external-credit", d.Kind, "JSON report: %s", out)
+	require.Equal(t, "alice", d.User, "JSON report: %s", out)
+	require.Equal(t, "creditsNew", d.Field, "JSON report: %s", out)
+	require.Equal(t, "$0.010000000", d.Amount, "JSON report: %s", out)
+	require.Equal(t, int64(10_000_000), d.AmountNano, "JSON report: %s", out)
 
 	// Allowed, and the baseline rolls forward in the same file.
 	code, out, err = cli(reconcile.CLI{BaselineFile: basePath, SaveBaselineFile: basePath, Options: reconcile.Options{AllowCredit: true}})
-	if code != reconcile.ExitOK || err != nil || !strings.Contains(out, "allowed (credit)") {
-		t.Fatalf("--allow-credit: exit %d, %v\n%s", code, err, out)
-	}
+	require.NoError(t, err, "--allow-credit: %s", out)
+	require.Equal(t, reconcile.ExitOK, code, "--allow-credit: %s", out)
+	require.Contains(t, out, "allowed (credit)", "--allow-credit")
 	code, _, err = cli(reconcile.CLI{BaselineFile: basePath})
-	if code != reconcile.ExitOK || err != nil {
-		t.Fatalf("after the rolled baseline: exit %d, %v", code, err)
-	}
+	require.NoError(t, err, "after the rolled baseline")
+	require.Equal(t, reconcile.ExitOK, code, "after the rolled baseline")
 
 	// Errors: exit 2, and the URI's secrets are never in the message.
 	code, _, err = cli(reconcile.CLI{BaselineFile: filepath.Join(dir, "missing.json")})
-	if code != reconcile.ExitError || err == nil {
-		t.Fatalf("missing baseline: exit %d, %v", code, err)
-	}
+	require.Error(t, err, "missing baseline")
+	require.Equal(t, reconcile.ExitError, code, "missing baseline: %v", err)
 	for _, bad := range []string{
 		"mongodb://admin:Sup3rSecretPw@127.0.0.1:1/?serverSelectionTimeoutMS=300&connectTimeoutMS=300",
 		"mongodb://admin:Sup3rSecretPw@127.0.0.1:notaport/",
@@ -548,12 +525,11 @@ func TestCLI(t *testing.T) {
 		"postgres://admin:Sup3rSecretPw@127.0.0.1/",
 	} {
 		code, out, err := cli(reconcile.CLI{URI: bad, ConnectTimeout: 500 * time.Millisecond})
-		if code != reconcile.ExitError || err == nil {
-			t.Fatalf("%s: exit %d, %v", bad, code, err)
-		}
-		if strings.Contains(err.Error(), "Sup3rSecretPw") || strings.Contains(err.Error(), bad) || strings.Contains(out, "Sup3rSecretPw") {
-			t.Fatalf("the URI leaked: %v", err)
-		}
+		require.Error(t, err, bad)
+		require.Equal(t, reconcile.ExitError, code, "%s: %v", bad, err)
+		require.NotContains(t, err.Error(), "Sup3rSecretPw", "the URI leaked")
+		require.NotContains(t, err.Error(), bad, "the URI leaked")
+		require.NotContains(t, out, "Sup3rSecretPw", "the URI leaked")
 		t.Logf("%v", err)
 	}
 }

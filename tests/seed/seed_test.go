@@ -2,11 +2,11 @@ package seed_test
 
 import (
 	"context"
-	"errors"
-	"regexp"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
 
@@ -20,9 +20,7 @@ func database(t *testing.T) (*mongo.Database, context.Context) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
 	c, err := db.Connect(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Disconnect(context.Background()) })
 	return c.Database("fproxy"), ctx
 }
@@ -30,9 +28,7 @@ func database(t *testing.T) (*mongo.Database, context.Context) {
 func raw(t *testing.T, ctx context.Context, db *mongo.Database, coll string, filter bson.D) bson.Raw {
 	t.Helper()
 	var r bson.Raw
-	if err := db.Collection(coll).FindOne(ctx, filter).Decode(&r); err != nil {
-		t.Fatalf("find in %s: %v", coll, err)
-	}
+	require.NoError(t, db.Collection(coll).FindOne(ctx, filter).Decode(&r), "find in %s", coll)
 	return r
 }
 
@@ -40,12 +36,7 @@ func raw(t *testing.T, ctx context.Context, db *mongo.Database, coll string, fil
 func wantField(t *testing.T, doc bson.Raw, key string, typ bson.Type, value any) {
 	t.Helper()
 	v, err := doc.LookupErr(key)
-	if err != nil {
-		t.Errorf("%s: missing", key)
-		return
-	}
-	if v.Type != typ {
-		t.Errorf("%s: type %s, want %s", key, v.Type, typ)
+	if !assert.NoError(t, err, "%s: missing", key) || !assert.Equal(t, typ, v.Type, "%s: type", key) {
 		return
 	}
 	var got any
@@ -61,23 +52,18 @@ func wantField(t *testing.T, doc bson.Raw, key string, typ bson.Type, value any)
 	case bson.TypeNull, bson.TypeDateTime:
 		return
 	}
-	if got != value {
-		t.Errorf("%s = %v, want %v", key, got, value)
-	}
+	assert.Equal(t, value, got, key)
 }
 
 func wantAbsent(t *testing.T, doc bson.Raw, key string) {
 	t.Helper()
-	if _, err := doc.LookupErr(key); err == nil {
-		t.Errorf("%s: present, want absent", key)
-	}
+	_, err := doc.LookupErr(key)
+	assert.Error(t, err, "%s: present, want absent", key)
 }
 
 func TestDemoDocuments(t *testing.T) {
 	db, ctx := database(t)
-	if err := seed.SeedDemo(ctx, db); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, seed.SeedDemo(ctx, db))
 
 	alice := raw(t, ctx, db, seed.UsersCollection, bson.D{{Key: "apiKey", Value: seed.DemoUserKey}})
 	wantField(t, alice, "_id", bson.TypeString, seed.DemoUser)
@@ -122,39 +108,34 @@ func TestDemoDocuments(t *testing.T) {
 	res, err := db.Collection(seed.UsersCollection).UpdateOne(ctx,
 		bson.D{{Key: "_id", Value: seed.DemoUser}, {Key: "creditsNew", Value: bson.D{{Key: "$gte", Value: 0.25}}}},
 		bson.D{{Key: "$inc", Value: bson.D{{Key: "creditsNew", Value: -0.25}, {Key: "creditsNewUsed", Value: 0.25}}}})
-	if err != nil || res.ModifiedCount != 1 {
-		t.Fatalf("conditional $inc on an int32 balance: %v, modified %d", err, res.ModifiedCount)
-	}
+	require.NoError(t, err, "conditional $inc on an int32 balance")
+	require.Equal(t, int64(1), res.ModifiedCount, "conditional $inc on an int32 balance")
 	alice = raw(t, ctx, db, seed.UsersCollection, bson.D{{Key: "_id", Value: seed.DemoUser}})
 	wantField(t, alice, "creditsNew", bson.TypeDouble, 9.75)
 	wantField(t, alice, "creditsNewUsed", bson.TypeDouble, 0.25)
-	if b, err := seed.Balances(ctx, db, seed.DemoUser); err != nil || b["creditsNew"] != 9.75 || b["refCredits"] != 2 {
-		t.Errorf("balances = %v, %v", b, err)
+	b, err := seed.Balances(ctx, db, seed.DemoUser)
+	if assert.NoError(t, err, "balances") {
+		assert.Equal(t, 9.75, b["creditsNew"], "balances %v", b)
+		assert.Equal(t, 2.0, b["refCredits"], "balances %v", b)
 	}
 
 	// Seeding twice collides on _id.
-	if err := seed.SeedDemo(ctx, db); !mongo.IsDuplicateKeyError(err) {
-		t.Errorf("second SeedDemo: %v, want a duplicate key error", err)
-	}
+	err = seed.SeedDemo(ctx, db)
+	assert.True(t, mongo.IsDuplicateKeyError(err), "second SeedDemo: %v, want a duplicate key error", err)
 }
 
 func TestDemoKeyFormats(t *testing.T) {
 	users, keys, upstream := seed.Demo()
-	if len(users) != 2 || len(keys) != 1 || len(upstream) != 1 {
-		t.Fatalf("demo sizes %d/%d/%d, want 2/1/1", len(users), len(keys), len(upstream))
-	}
-	if !regexp.MustCompile(`^sk-trollllm-[0-9a-f]{64}$`).MatchString(users[0].APIKey) {
-		t.Errorf("personal key %q is not sk-trollllm-<64 hex>", users[0].APIKey)
-	}
-	if !regexp.MustCompile(`^sk-troll-[A-Za-z0-9]{24}$`).MatchString(keys[0].Key) {
-		t.Errorf("admin key %q is not sk-troll-<24 chars>", keys[0].Key)
-	}
-	if keys[0].User != users[1].ID || users[1].APIKey != "" {
-		t.Errorf("user_keys key does not belong to the second user")
-	}
-	if users[0].CreditsNew != 10 || users[0].Credits != 5 || users[0].RefCredits != 2 ||
-		users[1].CreditsNew != 3 || users[1].Credits != 1 || users[1].RefCredits != 1 {
-		t.Errorf("demo balances changed: %+v", users)
+	require.Len(t, users, 2, "demo users")
+	require.Len(t, keys, 1, "demo user keys")
+	require.Len(t, upstream, 1, "demo upstream keys")
+	assert.Regexp(t, `^sk-trollllm-[0-9a-f]{64}$`, users[0].APIKey, "personal key is not sk-trollllm-<64 hex>")
+	assert.Regexp(t, `^sk-troll-[A-Za-z0-9]{24}$`, keys[0].Key, "admin key is not sk-troll-<24 chars>")
+	assert.Equal(t, users[1].ID, keys[0].User, "user_keys key does not belong to the second user")
+	assert.Empty(t, users[1].APIKey, "the second user has a personal key")
+	for i, want := range [][3]float64{{10, 5, 2}, {3, 1, 1}} {
+		u := users[i]
+		assert.EqualValues(t, want, [3]float64{u.CreditsNew, u.Credits, u.RefCredits}, "demo balances of user %d changed (creditsNew, credits, refCredits)", i)
 	}
 }
 
@@ -165,22 +146,16 @@ func TestUserVariantsAndBalances(t *testing.T) {
 		seed.User{ID: "old", Role: "admin", Active: false, Credits: 2.5, CreditsNew: 0.125, ExpiresAt: &exp, OmitRefCredits: true},
 		&seed.UserKey{Key: "sk-troll-expiring", User: "old", Active: false, ExpiresAt: &exp},
 	)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	old := raw(t, ctx, db, seed.UsersCollection, bson.D{{Key: "_id", Value: "old"}})
 	wantAbsent(t, old, "refCredits")
 	wantAbsent(t, old, "apiKey")
 	wantField(t, old, "credits", bson.TypeDouble, 2.5)
 	wantField(t, old, "migration", bson.TypeBoolean, false)
 	wantField(t, old, "isActive", bson.TypeBoolean, false)
-	if got := old.Lookup("expiresAt").Time(); !got.Equal(exp) {
-		t.Errorf("expiresAt = %v, want %v", got, exp)
-	}
+	assert.True(t, old.Lookup("expiresAt").Time().Equal(exp), "expiresAt = %v, want %v", old.Lookup("expiresAt").Time(), exp)
 	key := raw(t, ctx, db, seed.UserKeysCollection, bson.D{{Key: "_id", Value: "sk-troll-expiring"}})
-	if got := key.Lookup("expiresAt").Time(); !got.Equal(exp) {
-		t.Errorf("user_keys expiresAt = %v, want %v", got, exp)
-	}
+	assert.True(t, key.Lookup("expiresAt").Time().Equal(exp), "user_keys expiresAt = %v, want %v", key.Lookup("expiresAt").Time(), exp)
 
 	// Balances reads int32, int64 and double alike.
 	_, err = db.Collection(seed.UsersCollection).UpdateOne(ctx, bson.D{{Key: "_id", Value: "old"}},
@@ -189,30 +164,16 @@ func TestUserVariantsAndBalances(t *testing.T) {
 			{Key: "totalInputTokens", Value: int64(1200)},
 			{Key: "creditsNewUsed", Value: 0.125},
 		}}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	b, err := seed.Balances(ctx, db, "old")
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	want := map[string]float64{
 		"credits": 2.5, "creditsNew": 0, "creditsUsed": 0, "creditsNewUsed": 0.125,
 		"tokensUserNew": 0, "totalInputTokens": 1200, "totalOutputTokens": 0,
 	}
-	if len(b) != len(want) {
-		t.Errorf("balances = %v, want %v (refCredits absent)", b, want)
-	}
-	for k, v := range want {
-		if got, ok := b[k]; !ok || got != v {
-			t.Errorf("%s = %v (present %v), want %v", k, got, ok, v)
-		}
-	}
+	assert.Equal(t, want, b, "balances (refCredits absent)")
 
-	if _, err := seed.Balances(ctx, db, "nobody"); !errors.Is(err, mongo.ErrNoDocuments) {
-		t.Errorf("Balances of a missing user: %v, want ErrNoDocuments", err)
-	}
-	if err := seed.Insert(ctx, db, 42); err == nil {
-		t.Error("Insert of an int succeeded")
-	}
+	_, err = seed.Balances(ctx, db, "nobody")
+	assert.ErrorIs(t, err, mongo.ErrNoDocuments, "Balances of a missing user")
+	assert.Error(t, seed.Insert(ctx, db, 42), "Insert of an int succeeded")
 }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -17,6 +16,8 @@ import (
 	aoption "github.com/anthropics/anthropic-sdk-go/option"
 	"github.com/openai/openai-go/v3"
 	ooption "github.com/openai/openai-go/v3/option"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"github.com/trollllm/caddy-llm-billing/tests/fixtures"
 )
@@ -107,22 +108,14 @@ func TestAnthropicSDK(t *testing.T) {
 
 		t.Run(name+"/json", func(t *testing.T) {
 			msg, err := client.Messages.New(ctx(t), messageParams)
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			want, wantText := fx.JSONUsage, fx.JSONText
 			if !fx.HasJSON { // reassembled from the stream
 				want, wantText = fx.SSEUsage, fx.SSEText
 			}
-			if got := anthropicUsage(msg.Usage); got != want {
-				t.Errorf("usage = %+v, want %+v", got, want)
-			}
-			if got := anthropicText(msg); got != wantText {
-				t.Errorf("text = %q, want %q", got, wantText)
-			}
-			if msg.StopReason != anthropic.StopReasonEndTurn {
-				t.Errorf("stop reason = %q", msg.StopReason)
-			}
+			assert.Equal(t, want, anthropicUsage(msg.Usage), "usage")
+			assert.Equal(t, wantText, anthropicText(msg), "text")
+			assert.Equal(t, anthropic.StopReasonEndTurn, msg.StopReason, "stop reason")
 		})
 
 		t.Run(name+"/stream", func(t *testing.T) {
@@ -131,45 +124,32 @@ func TestAnthropicSDK(t *testing.T) {
 			events := 0
 			for stream.Next() {
 				events++
-				if err := msg.Accumulate(stream.Current()); err != nil {
-					t.Fatalf("accumulate event %d: %v", events, err)
-				}
+				require.NoError(t, msg.Accumulate(stream.Current()), "accumulate event %d", events)
 			}
-			if err := stream.Err(); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, stream.Err())
 			_ = stream.Close()
-			if want := nonPing(fx.Chunks); events != want {
-				t.Errorf("%d events, want %d (the SDK hides pings)", events, want)
-			}
-			if got := anthropicUsage(msg.Usage); got != fx.SSEUsage {
-				t.Errorf("usage = %+v, want %+v", got, fx.SSEUsage)
-			}
-			if got := anthropicText(&msg); got != fx.SSEText {
-				t.Errorf("text = %q, want %q", got, fx.SSEText)
-			}
+			assert.Equal(t, nonPing(fx.Chunks), events, "events (the SDK hides pings)")
+			assert.Equal(t, fx.SSEUsage, anthropicUsage(msg.Usage), "usage")
+			assert.Equal(t, fx.SSEText, anthropicText(&msg), "text")
 		})
 	}
 
 	// The SDK authenticated with x-api-key and reached /v1/messages.
 	reqs := s.Requests()
-	if len(reqs) != 4 {
-		t.Fatalf("%d requests recorded, want 4", len(reqs))
-	}
+	require.Len(t, reqs, 4, "requests recorded")
 	r := reqs[0]
-	if r.Method != http.MethodPost || r.Path != PathMessages || r.Header.Get("X-Api-Key") != testKey || !json.Valid(r.Body) {
-		t.Errorf("recorded request = %s %s key=%q body=%s", r.Method, r.Path, r.Header.Get("X-Api-Key"), r.Body)
-	}
+	assert.Equal(t, http.MethodPost, r.Method, "recorded request")
+	assert.Equal(t, PathMessages, r.Path, "recorded request")
+	assert.Equal(t, testKey, r.Header.Get("X-Api-Key"), "recorded request")
+	assert.True(t, json.Valid(r.Body), "recorded request body %s", r.Body)
 	var body struct {
 		Stream bool `json:"stream"`
 	}
-	if err := json.Unmarshal(reqs[1].Body, &body); err != nil || !body.Stream {
-		t.Errorf("second request is not a stream request: %s", reqs[1].Body)
+	if assert.NoError(t, json.Unmarshal(reqs[1].Body, &body), "second request: %s", reqs[1].Body) {
+		assert.True(t, body.Stream, "second request is not a stream request: %s", reqs[1].Body)
 	}
 	s.Reset()
-	if n := len(s.Requests()); n != 0 {
-		t.Errorf("%d requests after Reset", n)
-	}
+	assert.Empty(t, s.Requests(), "requests after Reset")
 }
 
 func TestOpenAISDK(t *testing.T) {
@@ -180,15 +160,11 @@ func TestOpenAISDK(t *testing.T) {
 
 		t.Run(name+"/json", func(t *testing.T) {
 			c, err := client.Chat.Completions.New(ctx(t), chatParams(false))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got := openaiUsage(c.Usage); got != fx.JSONUsage {
-				t.Errorf("usage = %+v, want %+v", got, fx.JSONUsage)
-			}
+			require.NoError(t, err)
+			assert.Equal(t, fx.JSONUsage, openaiUsage(c.Usage), "usage")
 			_, text, _ := fixtures.UsageFromJSON(fixtures.OpenAI, fx.JSON)
-			if len(c.Choices) != 1 || c.Choices[0].Message.Content != text {
-				t.Errorf("content differs from the recording")
+			if assert.Len(t, c.Choices, 1) {
+				assert.Equal(t, text, c.Choices[0].Message.Content, "content differs from the recording")
 			}
 		})
 
@@ -198,23 +174,18 @@ func TestOpenAISDK(t *testing.T) {
 			for stream.Next() {
 				acc.AddChunk(stream.Current())
 			}
-			if err := stream.Err(); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, stream.Err())
 			_ = stream.Close()
-			if got := openaiUsage(acc.Usage); got != fx.SSEUsage {
-				t.Errorf("usage = %+v, want %+v", got, fx.SSEUsage)
-			}
+			assert.Equal(t, fx.SSEUsage, openaiUsage(acc.Usage), "usage")
 			_, text, _ := fixtures.UsageFromChunks(fixtures.OpenAI, fx.Chunks)
-			if len(acc.Choices) != 1 || acc.Choices[0].Message.Content != text {
-				t.Errorf("accumulated content differs from the recording")
+			if assert.Len(t, acc.Choices, 1) {
+				assert.Equal(t, text, acc.Choices[0].Message.Content, "accumulated content differs from the recording")
 			}
 		})
 	}
 	for _, r := range s.Requests() {
-		if r.Path != PathChatCompletions || r.Header.Get("Authorization") != "Bearer "+testKey {
-			t.Errorf("recorded %s with Authorization %q", r.Path, r.Header.Get("Authorization"))
-		}
+		assert.Equal(t, PathChatCompletions, r.Path, "recorded path")
+		assert.Equal(t, "Bearer "+testKey, r.Header.Get("Authorization"), "recorded %s: Authorization", r.Path)
 	}
 }
 
@@ -225,59 +196,50 @@ func TestSDKErrors(t *testing.T) {
 		client := anthropicClient(url, "sk-wrong")
 		_, err := client.Messages.New(ctx(t), messageParams)
 		var apiErr *anthropic.Error
-		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusUnauthorized {
-			t.Fatalf("err = %v, want an SDK error with status 401", err)
-		}
-		if !strings.Contains(apiErr.RawJSON(), "Invalid proxy server token passed") || !strings.Contains(apiErr.RawJSON(), `"auth_error"`) {
-			t.Errorf("body = %s", apiErr.RawJSON())
-		}
+		require.ErrorAs(t, err, &apiErr, "want an SDK error")
+		require.Equal(t, http.StatusUnauthorized, apiErr.StatusCode, "err = %v", err)
+		assert.Contains(t, apiErr.RawJSON(), "Invalid proxy server token passed")
+		assert.Contains(t, apiErr.RawJSON(), `"auth_error"`)
 	})
 	t.Run("openai bad key", func(t *testing.T) {
 		client := openaiClient(url, "sk-wrong")
 		_, err := client.Chat.Completions.New(ctx(t), chatParams(false))
 		var apiErr *openai.Error
-		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusUnauthorized {
-			t.Fatalf("err = %v, want an SDK error with status 401", err)
-		}
-		if apiErr.Type != "auth_error" || apiErr.Code != "401" {
-			t.Errorf("type/code = %q/%q", apiErr.Type, apiErr.Code)
-		}
+		require.ErrorAs(t, err, &apiErr, "want an SDK error")
+		require.Equal(t, http.StatusUnauthorized, apiErr.StatusCode, "err = %v", err)
+		assert.Equal(t, "auth_error", apiErr.Type, "type")
+		assert.Equal(t, "401", apiErr.Code, "code")
 	})
 	t.Run("anthropic 429", func(t *testing.T) {
 		client := anthropicClient(url, testKey, aoption.WithHeader(HeaderStatus, "429"))
 		_, err := client.Messages.New(ctx(t), messageParams)
 		var apiErr *anthropic.Error
-		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusTooManyRequests {
-			t.Fatalf("err = %v, want an SDK error with status 429", err)
-		}
+		require.ErrorAs(t, err, &apiErr, "want an SDK error")
+		require.Equal(t, http.StatusTooManyRequests, apiErr.StatusCode, "err = %v", err)
 		var body struct {
 			Type  string `json:"type"`
 			Error struct {
 				Type string `json:"type"`
 			} `json:"error"`
 		}
-		if err := json.Unmarshal([]byte(apiErr.RawJSON()), &body); err != nil || body.Type != "error" || body.Error.Type != "rate_limit_error" {
-			t.Errorf("body = %s, want an Anthropic rate_limit_error", apiErr.RawJSON())
+		if assert.NoError(t, json.Unmarshal([]byte(apiErr.RawJSON()), &body), "body = %s", apiErr.RawJSON()) {
+			assert.Equal(t, "error", body.Type, "body = %s, want an Anthropic rate_limit_error", apiErr.RawJSON())
+			assert.Equal(t, "rate_limit_error", body.Error.Type, "body = %s, want an Anthropic rate_limit_error", apiErr.RawJSON())
 		}
 		// Streaming requests fail the same way, before any event.
 		stream := client.Messages.NewStreaming(ctx(t), messageParams)
-		for stream.Next() {
-			t.Fatal("got an event from a failed stream")
-		}
-		if !errors.As(stream.Err(), &apiErr) || apiErr.StatusCode != http.StatusTooManyRequests {
-			t.Errorf("stream err = %v, want status 429", stream.Err())
+		require.False(t, stream.Next(), "got an event from a failed stream")
+		if assert.ErrorAs(t, stream.Err(), &apiErr, "stream err") {
+			assert.Equal(t, http.StatusTooManyRequests, apiErr.StatusCode, "stream err = %v", stream.Err())
 		}
 	})
 	t.Run("openai 429", func(t *testing.T) {
 		client := openaiClient(url, testKey, ooption.WithHeader(HeaderStatus, "429"))
 		_, err := client.Chat.Completions.New(ctx(t), chatParams(false))
 		var apiErr *openai.Error
-		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusTooManyRequests {
-			t.Fatalf("err = %v, want an SDK error with status 429", err)
-		}
-		if apiErr.Type != "rate_limit_error" {
-			t.Errorf("type = %q", apiErr.Type)
-		}
+		require.ErrorAs(t, err, &apiErr, "want an SDK error")
+		require.Equal(t, http.StatusTooManyRequests, apiErr.StatusCode, "err = %v", err)
+		assert.Equal(t, "rate_limit_error", apiErr.Type, "type")
 	})
 	t.Run("key status", func(t *testing.T) {
 		s.SetKeyStatus(testKey, StatusBudget)
@@ -285,23 +247,20 @@ func TestSDKErrors(t *testing.T) {
 		client := openaiClient(url, testKey)
 		_, err := client.Chat.Completions.New(ctx(t), chatParams(false))
 		var apiErr *openai.Error
-		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || apiErr.Type != "budget_exceeded" {
-			t.Fatalf("err = %v, want a 400 budget_exceeded", err)
-		}
+		require.ErrorAs(t, err, &apiErr, "want a 400 budget_exceeded")
+		assert.Equal(t, http.StatusBadRequest, apiErr.StatusCode, "err = %v", err)
+		assert.Equal(t, "budget_exceeded", apiErr.Type, "err = %v", err)
 	})
 	t.Run("set keys", func(t *testing.T) {
 		s.SetKeys("sk-rotated")
 		defer s.SetKeys(testKey)
 		rotated, old := openaiClient(url, "sk-rotated"), openaiClient(url, testKey)
 		_, err := rotated.Chat.Completions.New(ctx(t), chatParams(false))
-		if err != nil {
-			t.Fatalf("new key refused: %v", err)
-		}
+		require.NoError(t, err, "new key refused")
 		_, err = old.Chat.Completions.New(ctx(t), chatParams(false))
 		var apiErr *openai.Error
-		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusUnauthorized {
-			t.Fatalf("old key: err = %v, want 401", err)
-		}
+		require.ErrorAs(t, err, &apiErr, "old key")
+		assert.Equal(t, http.StatusUnauthorized, apiErr.StatusCode, "old key: err = %v", err)
 	})
 }
 
@@ -309,17 +268,13 @@ func TestSDKErrors(t *testing.T) {
 func post(t *testing.T, url, path, body string, hdr map[string]string) (*http.Response, []byte, error) {
 	t.Helper()
 	req, err := http.NewRequestWithContext(ctx(t), http.MethodPost, url+path, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	req.Header.Set("Authorization", "Bearer "+testKey)
 	for k, v := range hdr {
 		req.Header.Set(k, v)
 	}
 	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	return resp, b, err
@@ -330,46 +285,28 @@ func TestWire(t *testing.T) {
 
 	t.Run("openai stream without include_usage", func(t *testing.T) {
 		resp, b, err := post(t, url, PathChatCompletions, `{"model":"m","stream":true}`, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" || resp.Header.Get("Cache-Control") != "no-cache" {
-			t.Errorf("headers = %v", resp.Header)
-		}
-		if !bytes.Equal(b, fixtures.Get("oai-text").SSE(false)) {
-			t.Error("body differs from fixtures SSE(false)")
-		}
+		require.NoError(t, err)
+		assert.Equal(t, "text/event-stream", resp.Header.Get("Content-Type"), "headers = %v", resp.Header)
+		assert.Equal(t, "no-cache", resp.Header.Get("Cache-Control"), "headers = %v", resp.Header)
+		assert.Equal(t, string(fixtures.Get("oai-text").SSE(false)), string(b), "body differs from fixtures SSE(false)")
 	})
 	t.Run("openai stream with include_usage", func(t *testing.T) {
 		_, b, err := post(t, url, PathChatCompletions, `{"model":"m","stream":true,"stream_options":{"include_usage":true}}`,
 			map[string]string{HeaderFixture: "oai-cached"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(b, fixtures.Get("oai-cached").SSE(true)) {
-			t.Error("body differs from fixtures SSE(true)")
-		}
+		require.NoError(t, err)
+		assert.Equal(t, string(fixtures.Get("oai-cached").SSE(true)), string(b), "body differs from fixtures SSE(true)")
 	})
 	t.Run("anthropic json", func(t *testing.T) {
 		resp, b, err := post(t, url, PathMessages, `{"model":"claude","max_tokens":5,"stream":false}`, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if resp.Header.Get("Content-Type") != "application/json" || resp.Header.Get(HeaderFixtureUsed) != "ant-text" {
-			t.Errorf("headers = %v", resp.Header)
-		}
-		if !bytes.Equal(b, fixtures.Get("ant-text").JSON) {
-			t.Error("body differs from the recorded JSON")
-		}
+		require.NoError(t, err)
+		assert.Equal(t, "application/json", resp.Header.Get("Content-Type"), "headers = %v", resp.Header)
+		assert.Equal(t, "ant-text", resp.Header.Get(HeaderFixtureUsed), "headers = %v", resp.Header)
+		assert.Equal(t, string(fixtures.Get("ant-text").JSON), string(b), "body differs from the recorded JSON")
 	})
 	t.Run("anthropic stream", func(t *testing.T) {
 		_, b, err := post(t, url, PathMessages, `{"model":"claude","stream":true}`, map[string]string{HeaderFixture: "ant-cache"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(b, fixtures.Get("ant-cache").SSE(true)) {
-			t.Error("body differs from fixtures SSE")
-		}
+		require.NoError(t, err)
+		assert.Equal(t, string(fixtures.Get("ant-cache").SSE(true)), string(b), "body differs from fixtures SSE")
 	})
 
 	errorCases := []struct {
@@ -395,26 +332,18 @@ func TestWire(t *testing.T) {
 	for _, tc := range errorCases {
 		t.Run(tc.name, func(t *testing.T) {
 			resp, b, err := post(t, url, tc.path, tc.body, tc.hdr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if resp.StatusCode != tc.status || !strings.Contains(string(b), tc.contains) || !json.Valid(b) {
-				t.Errorf("got %d %s, want %d containing %s", resp.StatusCode, b, tc.status, tc.contains)
-			}
-			if resp.Header.Get("Content-Type") != "application/json" {
-				t.Errorf("content type %q", resp.Header.Get("Content-Type"))
-			}
+			require.NoError(t, err)
+			assert.Equal(t, tc.status, resp.StatusCode, "body %s", b)
+			assert.Contains(t, string(b), tc.contains)
+			assert.True(t, json.Valid(b), "body is not JSON: %s", b)
+			assert.Equal(t, "application/json", resp.Header.Get("Content-Type"), "content type")
 		})
 	}
 	t.Run("GET is not found", func(t *testing.T) {
 		resp, err := http.Get(url + PathMessages)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		resp.Body.Close()
-		if resp.StatusCode != 404 {
-			t.Errorf("status %d", resp.StatusCode)
-		}
+		assert.Equal(t, 404, resp.StatusCode, "status")
 	})
 }
 
@@ -423,12 +352,8 @@ func TestCutAfter(t *testing.T) {
 	fx := fixtures.Get("ant-text")
 
 	_, b, err := post(t, url, PathMessages, `{"model":"m","stream":true}`, map[string]string{HeaderCutAfter: "3"})
-	if !errors.Is(err, io.ErrUnexpectedEOF) {
-		t.Errorf("read error = %v, want unexpected EOF", err)
-	}
-	if want := bytes.Join(fx.Events(true)[:3], nil); !bytes.Equal(b, want) {
-		t.Errorf("got %q before the cut, want the first 3 events", b)
-	}
+	assert.ErrorIs(t, err, io.ErrUnexpectedEOF, "read error")
+	assert.Equal(t, string(bytes.Join(fx.Events(true)[:3], nil)), string(b), "before the cut, want the first 3 events")
 
 	// Through the SDK the cut shows as a stream error, with no message_stop.
 	client := anthropicClient(url, testKey, aoption.WithHeader(HeaderCutAfter, "5"))
@@ -437,15 +362,13 @@ func TestCutAfter(t *testing.T) {
 	for stream.Next() {
 		n++
 	}
-	if want := nonPing(fx.Chunks[:5]); n != want || stream.Err() == nil {
-		t.Errorf("SDK saw %d events and err %v, want %d and an error", n, stream.Err(), want)
-	}
+	assert.Equal(t, nonPing(fx.Chunks[:5]), n, "events the SDK saw")
+	assert.Error(t, stream.Err(), "the SDK saw no error")
 
 	// A non-stream body is cut after n bytes.
 	_, b, err = post(t, url, PathMessages, `{"model":"m"}`, map[string]string{HeaderCutAfter: "10"})
-	if !errors.Is(err, io.ErrUnexpectedEOF) || string(b) != string(fx.JSON[:10]) {
-		t.Errorf("non-stream cut: %q, %v", b, err)
-	}
+	assert.ErrorIs(t, err, io.ErrUnexpectedEOF, "non-stream cut")
+	assert.Equal(t, string(fx.JSON[:10]), string(b), "non-stream cut")
 }
 
 func TestEventDelayAndClientGone(t *testing.T) {
@@ -457,16 +380,12 @@ func TestEventDelayAndClientGone(t *testing.T) {
 	req.Header.Set("Authorization", "Bearer "+testKey)
 	begin := time.Now()
 	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	buf := make([]byte, 4096)
 	read := 0
 	for read < 3*len("data: ") {
 		n, err := resp.Body.Read(buf)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		read += n
 	}
 	cancel()
@@ -477,21 +396,15 @@ func TestEventDelayAndClientGone(t *testing.T) {
 	select {
 	case <-done:
 	case <-time.After(2 * time.Second):
-		t.Fatal("the handler kept streaming after the client left")
+		require.FailNow(t, "the handler kept streaming after the client left")
 	}
-	if el := time.Since(begin); el > 3*time.Second {
-		t.Errorf("took %v", el)
-	}
+	assert.LessOrEqual(t, time.Since(begin), 3*time.Second, "time until the handler stopped")
 
 	// The per-request header overrides the delay: 12 events, 11 pauses.
 	begin = time.Now()
 	_, _, err = post(t, url, PathMessages, `{"model":"m","stream":true}`, map[string]string{HeaderEventDelay: "30ms"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if el := time.Since(begin); el < 11*30*time.Millisecond {
-		t.Errorf("stream took %v, want at least %v", el, 11*30*time.Millisecond)
-	}
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, time.Since(begin), 11*30*time.Millisecond, "stream time")
 }
 
 // TestHandlerInHTTPTest uses the Server as a plain handler, concurrently.
@@ -509,37 +422,25 @@ func TestHandlerInHTTPTest(t *testing.T) {
 			for stream.Next() {
 				acc.AddChunk(stream.Current())
 			}
-			if err := stream.Err(); err != nil {
-				t.Error(err)
+			if !assert.NoError(t, stream.Err()) {
 				return
 			}
-			if got := openaiUsage(acc.Usage); got != fixtures.Get(name).SSEUsage {
-				t.Errorf("%s: usage %+v", name, got)
-			}
+			assert.Equal(t, fixtures.Get(name).SSEUsage, openaiUsage(acc.Usage), "%s: usage", name)
 		})
 	}
 	wg.Wait()
-	if n := len(s.Requests()); n != 8 {
-		t.Errorf("%d requests recorded, want 8", n)
-	}
+	assert.Len(t, s.Requests(), 8, "requests recorded")
 }
 
 func TestSetDefaultFixture(t *testing.T) {
 	s, url := start(t, Options{})
-	if err := s.SetDefaultFixture("nope"); err == nil {
-		t.Error("unknown fixture accepted")
-	}
-	if err := s.SetDefaultFixture("ant-cache"); err != nil {
-		t.Fatal(err)
-	}
+	assert.Error(t, s.SetDefaultFixture("nope"), "unknown fixture accepted")
+	require.NoError(t, s.SetDefaultFixture("ant-cache"))
 	resp, _, err := post(t, url, PathMessages, `{"model":"m"}`, nil)
-	if err != nil || resp.Header.Get(HeaderFixtureUsed) != "ant-cache" {
-		t.Errorf("fixture used = %q, %v", resp.Header.Get(HeaderFixtureUsed), err)
-	}
+	assert.NoError(t, err)
+	assert.Equal(t, "ant-cache", resp.Header.Get(HeaderFixtureUsed), "fixture used")
 	resp, _, _ = post(t, url, PathChatCompletions, `{"model":"m"}`, nil)
-	if resp.Header.Get(HeaderFixtureUsed) != "oai-text" {
-		t.Errorf("openai default changed to %q", resp.Header.Get(HeaderFixtureUsed))
-	}
+	assert.Equal(t, "oai-text", resp.Header.Get(HeaderFixtureUsed), "openai default changed")
 }
 
 // TestUsageHeader checks X-Standin-Usage replaces the usage of a JSON answer
@@ -560,24 +461,17 @@ func TestUsageHeader(t *testing.T) {
 		req.Header.Set("Authorization", "Bearer "+testKey)
 		req.Header.Set(HeaderUsage, usage)
 		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		raw, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if n := strings.Count(string(raw), usage); resp.StatusCode != 200 || n != 1 {
-			t.Errorf("%s %s: %d, usage replaced %d times in %.300s", tc.path, tc.body, resp.StatusCode, n, raw)
-		}
+		assert.Equal(t, 200, resp.StatusCode, "%s %s: %.300s", tc.path, tc.body, raw)
+		assert.Equal(t, 1, strings.Count(string(raw), usage), "%s %s: times the usage was replaced in %.300s", tc.path, tc.body, raw)
 	}
 	req, _ := http.NewRequest(http.MethodPost, url+PathMessages, strings.NewReader(`{"model":"m","max_tokens":5,"messages":[]}`))
 	req.Header.Set("Authorization", "Bearer "+testKey)
 	req.Header.Set(HeaderUsage, `{"input_tokens":`)
 	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusBadRequest {
-		t.Errorf("invalid usage JSON: %d, want 400", resp.StatusCode)
-	}
+	assert.Equal(t, http.StatusBadRequest, resp.StatusCode, "invalid usage JSON")
 }
