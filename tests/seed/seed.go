@@ -249,6 +249,11 @@ func Insert(ctx context.Context, db *mongo.Database, docs ...any) error {
 				return err
 			}
 			continue
+		case []FriendKey:
+			if err := insertSlice(ctx, db, v); err != nil {
+				return err
+			}
+			continue
 		default:
 			return fmt.Errorf("seed: cannot insert a %T", d)
 		}
