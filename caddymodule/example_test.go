@@ -15,9 +15,10 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// adaptExample adapts Caddyfile.example with the environment it documents
-// and returns the JSON config as generic maps.
-func adaptExample(t *testing.T) map[string]any {
+// exampleCaddyfile returns Caddyfile.example, with the environment it
+// documents set for t: its models files in a temporary folder, and an
+// unreachable database.
+func exampleCaddyfile(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
 	for src, dst := range map[string]string{
@@ -34,7 +35,15 @@ func adaptExample(t *testing.T) map[string]any {
 	t.Setenv("LLM_MODELS_DIR", dir)
 	cf, err := os.ReadFile(filepath.Join("..", "Caddyfile.example"))
 	require.NoError(t, err)
-	raw, _, err := caddyconfig.GetAdapter("caddyfile").Adapt(cf, nil)
+	return string(cf)
+}
+
+// adaptExample adapts Caddyfile.example with the environment it documents
+// and returns the JSON config as generic maps.
+func adaptExample(t *testing.T) map[string]any {
+	t.Helper()
+	cf := exampleCaddyfile(t)
+	raw, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
 	require.NoError(t, err)
 	var cfg map[string]any
 	require.NoError(t, json.Unmarshal(raw, &cfg))

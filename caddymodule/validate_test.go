@@ -124,22 +124,7 @@ func TestValidateDoesNotEchoURI(t *testing.T) {
 // Caddyfile.example, the production config, adapts and validates with the
 // environment it documents (and an unreachable database).
 func TestCaddyfileExampleValidates(t *testing.T) {
-	dir := t.TempDir()
-	for src, dst := range map[string]string{
-		"models-chat.json":     "config-openhands-prod.json",
-		"models-chat2.json":    "config-ohmygpt-prod.json",
-		"models-priority.json": "config-openhands-prod-uutien.json",
-	} {
-		b, err := os.ReadFile(filepath.Join("..", "examples", src))
-		require.NoError(t, err)
-		require.NoError(t, os.WriteFile(filepath.Join(dir, dst), b, 0o600))
-	}
-	t.Setenv("MONGODB_URI", "mongodb://127.0.0.1:1")
-	t.Setenv("MONGODB_DB_NAME", "fproxy")
-	t.Setenv("LLM_MODELS_DIR", dir)
-	cf, err := os.ReadFile(filepath.Join("..", "Caddyfile.example"))
-	require.NoError(t, err)
-	assert.NoError(t, validate(t, string(cf)), "Caddyfile.example does not validate")
+	assert.NoError(t, validate(t, exampleCaddyfile(t)), "Caddyfile.example does not validate")
 }
 
 // examples/Caddyfile.minimal, the generic one-site config the README shows,
