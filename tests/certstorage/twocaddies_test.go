@@ -193,3 +193,42 @@ func TestKilledLockHolderDoesNotBlock(t *testing.T) {
 	assert.LessOrEqual(t, waited, certstorage.LockTTL+15*time.Second)
 	c.Stop()
 }
+
+// TestTwoCaddiesContendForIssuance: both Caddy processes start while the
+// site's issuance lock is held (here by the test), so both wait on it;
+// once it is released, exactly one issues the certificate and the other,
+// taking the lock next, finds it in storage and serves it.
+func TestTwoCaddiesContendForIssuance(t *testing.T) {
+	db := testdb.StartForTest(t)
+	name := dbName()
+	const host = "contended.test"
+	ctx := context.Background()
+	gate := certstorage.NewStore(connect(t, db).Database(name))
+	require.NoError(t, gate.Lock(ctx, "issue_cert_"+host))
+
+	a, addrA := startCaddy(t, db, name, host)
+	b, addrB := startCaddy(t, db, name, host)
+	time.Sleep(2 * time.Second) // both are waiting for the lock
+	for _, addr := range []string{addrA, addrB} {
+		conn, err := tls.Dial("tcp", addr, &tls.Config{ServerName: host, InsecureSkipVerify: true})
+		if err == nil {
+			_ = conn.Close()
+		}
+		require.Error(t, err, "%s served a certificate while the issuance lock was held", addr)
+	}
+	require.NoError(t, gate.Unlock(ctx, "issue_cert_"+host))
+
+	serialA, _ := servedCert(t, addrA, host, time.Minute)
+	serialB, _ := servedCert(t, addrB, host, time.Minute)
+	assert.Equal(t, serialA, serialB, "serial numbers")
+	const obtained = "certificate obtained successfully"
+	issuers := 0
+	for _, p := range []*caddyproc.Proc{a, b} {
+		if strings.Contains(logOf(t, p), obtained) {
+			issuers++
+		}
+	}
+	assert.Equal(t, 1, issuers, "processes that issued the certificate")
+	a.Stop()
+	b.Stop()
+}
