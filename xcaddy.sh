@@ -33,4 +33,8 @@ CADDY_VERSION="$CADDY_VERSION" XCADDY_SETCAP=0 \
 
 echo "built $OUTPUT"
 "$OUTPUT" version
-"$OUTPUT" list-modules | grep -E '^(llm_billing|http\.handlers\.llm_billing)$'
+mods="$("$OUTPUT" list-modules)"
+for m in llm_billing http.handlers.llm_billing admin.api.llm_billing caddy.storage.mongodb; do
+	grep -qx "$m" <<<"$mods" || { echo "module $m is missing from $OUTPUT" >&2; exit 1; }
+	echo "$m"
+done
