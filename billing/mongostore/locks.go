@@ -70,6 +70,37 @@ func (s *Store) lockUser(ctx context.Context, user string) (func(), error) {
 	return s.lockDoc(ctx, user, "usersNew:"+user)
 }
 
+// takeOver deletes the lock id if its holder died with it (it expired)
+// and this process wins the claim to do so, and reports whether it did.
+// The claim is a unique insert keyed by the dead holder's token, so however
+// many processes saw the lock expire, one deletes it: on FerretDB a delete
+// is not isolated, and two deleting by the stale token could otherwise
+// remove the lock the first of them takes next. A claim left by a process
+// that died during its takeover expires like a lock.
+func (s *Store) takeOver(ctx context.Context, id string, now time.Time) bool {
+	locks := s.db.Collection(CollLocks)
+	var cur struct {
+		Token string    `bson:"token"`
+		Exp   time.Time `bson:"exp"`
+	}
+	if err := locks.FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&cur); err != nil || !cur.Exp.Before(now) {
+		return false
+	}
+	claim := "takeover:" + id + ":" + cur.Token
+	if _, err := locks.InsertOne(ctx, bson.D{{Key: "_id", Value: claim}, {Key: "exp", Value: now.Add(lockLease)}}); err != nil {
+		var old struct {
+			Exp time.Time `bson:"exp"`
+		}
+		if mongo.IsDuplicateKeyError(err) && locks.FindOne(ctx, bson.D{{Key: "_id", Value: claim}}).Decode(&old) == nil && old.Exp.Before(now) {
+			_, _ = locks.DeleteOne(ctx, bson.D{{Key: "_id", Value: claim}, {Key: "exp", Value: old.Exp}})
+		}
+		return false
+	}
+	_, err := locks.DeleteOne(ctx, bson.D{{Key: "_id", Value: id}, {Key: "token", Value: cur.Token}})
+	_, _ = locks.DeleteOne(ctx, bson.D{{Key: "_id", Value: claim}})
+	return err == nil
+}
+
 // lockDoc serialises the writes of one document as lockUser does: local
 // keys the in-process stripe, id the shared lock's _id.
 func (s *Store) lockDoc(ctx context.Context, local, id string) (func(), error) {
@@ -101,16 +132,8 @@ func (s *Store) lockDoc(ctx context.Context, local, id string) (func(), error) {
 			unlockLocal()
 			return nil, fmt.Errorf("locking %s: %w", id, err)
 		}
-		if tries%16 == 15 {
-			// Take over a lock whose holder died with it.
-			var cur struct {
-				Token string    `bson:"token"`
-				Exp   time.Time `bson:"exp"`
-			}
-			if err := locks.FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&cur); err == nil && cur.Exp.Before(now) {
-				_, _ = locks.DeleteOne(ctx, bson.D{{Key: "_id", Value: id}, {Key: "token", Value: cur.Token}})
-				continue
-			}
+		if tries%16 == 15 && s.takeOver(ctx, id, now) {
+			continue
 		}
 		t := time.NewTimer(backoff/2 + rand.N(backoff))
 		select {

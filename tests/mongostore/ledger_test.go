@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -227,6 +228,44 @@ func TestConcurrentHoldsTwoInstances(t *testing.T) {
 	require.Zero(t, st.Held, "held, state %+v", st)
 	require.Empty(t, st.Holds, "holds left")
 	assert.GreaterOrEqual(t, served, 3, "served, want at least 3 (0.3 holds on 1.0)")
+}
+
+// TestStaleUserLockTakenOverOnce: a user's shared lock left by a process
+// that died is taken over by one of the instances waiting for it, never by
+// two (on FerretDB a delete is not isolated): one hold that takes the whole
+// balance is served, every other is refused, and the balance never goes
+// below zero.
+func TestStaleUserLockTakenOverOnce(t *testing.T) {
+	const n = 8
+	stores, db := instances(t, n)
+	for _, s := range stores {
+		s.SetIsolation(mongostore.IsolationShared)
+	}
+	ctx := context.Background()
+	require.NoError(t, seed.Insert(ctx, db, seed.User{ID: "s", Active: true, Migration: true, CreditsNew: 1}))
+	_, err := db.Collection(mongostore.CollLocks).InsertOne(ctx, bson.D{{Key: "_id", Value: "usersNew:s"},
+		{Key: "token", Value: "dead"}, {Key: "exp", Value: time.Now().Add(-time.Minute)}})
+	require.NoError(t, err)
+	var served atomic.Int32
+	var wg sync.WaitGroup
+	for i, s := range stores {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := s.Reserve(ctx, holdReq(fmt.Sprintf("t%d", i), "s", newPlan, usd(1), usd(1)))
+			var ie *billing.InsufficientError
+			if errors.As(err, &ie) {
+				return
+			}
+			if assert.NoError(t, err) {
+				served.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	b, _ := seed.Balances(ctx, db, "s")
+	assert.Equal(t, int32(1), served.Load(), "holds of the whole balance served")
+	assert.GreaterOrEqual(t, b["creditsNew"], 0.0, "balance below zero")
 }
 
 func TestOrphans(t *testing.T) {

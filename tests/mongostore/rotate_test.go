@@ -142,10 +142,17 @@ func TestCleanUsedSpares(t *testing.T) {
 // as two gateway processes would have.
 func twoInstances(t *testing.T) ([]*mongostore.Store, *mongo.Database) {
 	t.Helper()
+	return instances(t, 2)
+}
+
+// instances opens n stores on n connections to one new database: n gateway
+// instances.
+func instances(t *testing.T, n int) ([]*mongostore.Store, *mongo.Database) {
+	t.Helper()
 	d := testdb.StartForTest(t)
 	var stores []*mongostore.Store
 	var db *mongo.Database
-	for i := 0; i < 2; i++ {
+	for i := 0; i < n; i++ {
 		c, err := d.Connect(context.Background())
 		require.NoError(t, err)
 		t.Cleanup(func() { _ = c.Disconnect(context.Background()) })
