@@ -19,7 +19,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
-	"github.com/trollllm/caddy-llm-billing/billing/mongostore"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/spool"
 )
 
