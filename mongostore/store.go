@@ -94,6 +94,10 @@ func IsFerretDB(ctx context.Context, db *mongo.Database) (bool, error) {
 	return ok, nil
 }
 
+// IsFerretDB reports whether the store's server is FerretDB (see the
+// function IsFerretDB).
+func (s *Store) IsFerretDB(ctx context.Context) (bool, error) { return IsFerretDB(ctx, s.db) }
+
 // Database returns the underlying database.
 func (s *Store) Database() *mongo.Database { return s.db }
 
