@@ -19,10 +19,10 @@ import (
 // packages that read them (reconcile). The backend ignores these fields.
 //
 //   - llmHolds.<requestId>: an outstanding hold, packed in one string
-//     (billing.EncodeHold).
+//     (EncodeHold).
 //   - llmHeld: the number of outstanding holds, so the sweeper finds them.
 //   - llmDone.<requestId>: the receipt of a settled hold whose request log
-//     row is not confirmed yet, packed (billing.EncodeReceipt).
+//     row is not confirmed yet, packed (EncodeReceipt).
 //   - llmDoneN: the number of receipts.
 //   - llmNet.<field>: the net amount, in nano-USD, the gateway has moved on
 //     each balance field: holds taken are negative, unused parts given back
@@ -247,7 +247,7 @@ func (s *Store) reserveUpdate(req billing.HoldRequest, fields []string, taken []
 	for _, t := range taken {
 		amount += t
 	}
-	packed := billing.EncodeHold(billing.Hold{
+	packed := EncodeHold(billing.Hold{
 		Plan: req.Plan, Taken: taken, Input: min(req.Input, amount), Owner: req.Owner, At: req.At, Expires: req.Expires,
 		LogID: req.LogID, Model: req.Model, KeyID: req.KeyID,
 	})
@@ -298,7 +298,7 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, h
 	}
 	var held *billing.Hold
 	if v, err := raw.LookupErr(strings.Split(holdPath, ".")...); err == nil {
-		h, err := decodeHold(v)
+		h, err := unpackHold(v)
 		if err != nil {
 			return nil, nil, fmt.Errorf("reading hold: %w", err)
 		}
@@ -307,22 +307,22 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, h
 	return vals, held, nil
 }
 
-// decodeHold reads a hold as the store writes it (billing.EncodeHold).
-func decodeHold(v bson.RawValue) (billing.Hold, error) {
+// unpackHold reads a hold as the store writes it (EncodeHold).
+func unpackHold(v bson.RawValue) (billing.Hold, error) {
 	str, ok := v.StringValueOK()
 	if !ok {
 		return billing.Hold{}, fmt.Errorf("hold is %s, not a packed string", v.Type)
 	}
-	return billing.DecodeHold(str)
+	return DecodeHold(str)
 }
 
-// decodeReceipt reads a receipt as the store writes it (billing.EncodeReceipt).
-func decodeReceipt(rid string, v bson.RawValue) (billing.Receipt, error) {
+// unpackReceipt reads a receipt as the store writes it (EncodeReceipt).
+func unpackReceipt(rid string, v bson.RawValue) (billing.Receipt, error) {
 	str, ok := v.StringValueOK()
 	if !ok {
 		return billing.Receipt{}, fmt.Errorf("receipt is %s, not a packed string", v.Type)
 	}
-	r, _, err := billing.DecodeReceipt(str)
+	r, _, err := DecodeReceipt(str)
 	r.RequestID = rid
 	return r, err
 }
@@ -467,7 +467,7 @@ func (s *Store) settleUpdate(req billing.SettleRequest, fields []string, keep []
 	return bson.D{
 		{Key: "$inc", Value: inc},
 		{Key: "$unset", Value: bson.D{{Key: FieldHolds + "." + h.RequestID, Value: ""}}},
-		{Key: "$set", Value: bson.D{{Key: FieldDone + "." + h.RequestID, Value: billing.EncodeReceipt(rc, h.Plan)}}},
+		{Key: "$set", Value: bson.D{{Key: FieldDone + "." + h.RequestID, Value: EncodeReceipt(rc, h.Plan)}}},
 	}
 }
 
@@ -486,7 +486,7 @@ func (s *Store) readReceipt(ctx context.Context, user, rid string) (billing.Rece
 	if err != nil {
 		return billing.Receipt{}, false, billing.ErrNoHold
 	}
-	rc, err := decodeReceipt(rid, v)
+	rc, err := unpackReceipt(rid, v)
 	if err != nil {
 		return billing.Receipt{}, false, fmt.Errorf("reading a receipt: %w", err)
 	}
@@ -603,7 +603,7 @@ func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.O
 	var out []billing.Orphan
 	for _, d := range docs {
 		for rid, v := range d.Holds {
-			h, err := decodeHold(v)
+			h, err := unpackHold(v)
 			if err != nil {
 				continue // not ours to judge: unreadable
 			}
@@ -617,7 +617,7 @@ func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.O
 			out = append(out, billing.Orphan{Hold: h})
 		}
 		for rid, v := range d.Done {
-			rc, err := decodeReceipt(rid, v)
+			rc, err := unpackReceipt(rid, v)
 			if err != nil || now.Sub(rc.At) < receiptAge {
 				continue
 			}
@@ -779,7 +779,7 @@ func settleGroup(reqs []billing.SettleRequest, idx []int, out []billing.Receipt,
 			Cost: req.Cost, Charged: req.Cost, By: req.By, At: now}
 		filter = append(filter, bson.E{Key: FieldHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}})
 		unset = append(unset, bson.E{Key: FieldHolds + "." + h.RequestID, Value: ""})
-		set = append(set, bson.E{Key: FieldDone + "." + h.RequestID, Value: billing.EncodeReceipt(out[i], plan)})
+		set = append(set, bson.E{Key: FieldDone + "." + h.RequestID, Value: EncodeReceipt(out[i], plan)})
 	}
 	inc := bson.D{{Key: FieldHeld, Value: -int64(len(idx))}, {Key: FieldDoneCount, Value: int64(len(idx))}}
 	for j, f := range fields {

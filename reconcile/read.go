@@ -115,8 +115,8 @@ func parseUser(raw bson.Raw) *userState {
 			h := &holdState{}
 			u.holds[rid] = h
 			if str, ok := e.Value().StringValueOK(); ok {
-				// Packed (billing.EncodeHold), as the gateway writes holds.
-				ph, err := billing.DecodeHold(str)
+				// Packed (mongostore.EncodeHold), as the gateway writes holds.
+				ph, err := mongostore.DecodeHold(str)
 				if err != nil {
 					bad("", "hold %s: %v", rid, err)
 					continue
@@ -157,8 +157,8 @@ func parseUser(raw bson.Raw) *userState {
 		elems, _ := doc.Elements()
 		for _, e := range elems {
 			if str, ok := e.Value().StringValueOK(); ok {
-				// Packed (billing.EncodeReceipt).
-				r, plan, err := billing.DecodeReceipt(str)
+				// Packed (mongostore.EncodeReceipt).
+				r, plan, err := mongostore.DecodeReceipt(str)
 				if err != nil {
 					bad("", "receipt %s: %v", e.Key(), err)
 					continue
