@@ -92,6 +92,31 @@ func DecodeReceipt(s string) (billing.Receipt, billing.CreditPlan, error) {
 	return r, plan, nil
 }
 
+// encodeFriendHold packs a friend hold as the store keeps it in
+// llmFriendHolds (the model last: it may hold the separator):
+//
+//	f1|<slot>|<amount nano>|<expires ms>|<model>
+func encodeFriendHold(h billing.FriendHold) string {
+	return strings.Join([]string{"f1", strconv.Itoa(h.Slot), strconv.FormatInt(int64(h.Amount), 10),
+		strconv.FormatInt(h.Expires.UnixMilli(), 10), h.Model}, "|")
+}
+
+// decodeFriendHold unpacks a friend hold written by encodeFriendHold; Key
+// and RequestID are not in it.
+func decodeFriendHold(s string) (billing.FriendHold, error) {
+	p := strings.SplitN(s, "|", 5)
+	if len(p) != 5 || p[0] != "f1" {
+		return billing.FriendHold{}, errors.New("not a packed friend hold")
+	}
+	slot, err1 := strconv.Atoi(p[1])
+	amount, err2 := strconv.ParseInt(p[2], 10, 64)
+	exp, err3 := strconv.ParseInt(p[3], 10, 64)
+	if err := errors.Join(err1, err2, err3); err != nil {
+		return billing.FriendHold{}, fmt.Errorf("friend hold: %w", err)
+	}
+	return billing.FriendHold{Slot: slot, Amount: billing.Nano(amount), Expires: time.UnixMilli(exp), Model: p[4]}, nil
+}
+
 func joinNanos(ns []billing.Nano) string {
 	parts := make([]string, len(ns))
 	for i, n := range ns {

@@ -49,3 +49,15 @@ func TestPackedHoldAndReceiptRoundTrip(t *testing.T) {
 	_, _, err = DecodeReceipt("r1|creditsNew|1,2|1|1|0|request|1|" + h.LogID.String())
 	assert.Error(t, err, "a receipt with more amounts than fields was accepted")
 }
+
+func TestFriendHoldPacking(t *testing.T) {
+	h := billing.FriendHold{Slot: 3, Amount: 12345, Expires: time.UnixMilli(1_700_000_000_123), Model: "odd|model.id"}
+	got, err := decodeFriendHold(encodeFriendHold(h))
+	require.NoError(t, err)
+	assert.Equal(t, h.Slot, got.Slot)
+	assert.Equal(t, h.Amount, got.Amount)
+	assert.True(t, h.Expires.Equal(got.Expires))
+	assert.Equal(t, h.Model, got.Model)
+	_, err = decodeFriendHold("h1|x")
+	assert.Error(t, err)
+}
