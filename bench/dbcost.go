@@ -17,7 +17,7 @@ import (
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
-	"github.com/trollllm/caddy-llm-billing/billing/mongostore"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/tests/seed"
 )
 

@@ -5,5 +5,6 @@
 // and the store interface the Caddy module bills through.
 //
 // Everything here is deterministic and unit-tested on its own; the MongoDB
-// implementation of the store lives in the mongostore sub-package.
+// implementation of the store, and its storage format, live in package
+// mongostore beside this one.
 package billing

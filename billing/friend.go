@@ -2,9 +2,6 @@ package billing
 
 import (
 	"context"
-	"errors"
-	"fmt"
-	"strconv"
 	"strings"
 	"time"
 )
@@ -154,28 +151,4 @@ type FriendLedger interface {
 	// SettleFriend releases the hold and adds what was charged to the
 	// key's usage, once: a hold already settled (or expired) is a no-op.
 	SettleFriend(ctx context.Context, s FriendSettlement) error
-}
-
-// EncodeFriendHold packs a friend hold as the store keeps it:
-//
-//	f1|<slot>|<amount nano>|<expires ms>|<model>
-func EncodeFriendHold(h FriendHold) string {
-	return strings.Join([]string{"f1", strconv.Itoa(h.Slot), strconv.FormatInt(int64(h.Amount), 10),
-		strconv.FormatInt(h.Expires.UnixMilli(), 10), h.Model}, "|")
-}
-
-// DecodeFriendHold unpacks a friend hold written by EncodeFriendHold; Key
-// and RequestID are not in it.
-func DecodeFriendHold(s string) (FriendHold, error) {
-	p := strings.SplitN(s, "|", 5)
-	if len(p) != 5 || p[0] != "f1" {
-		return FriendHold{}, errors.New("not a packed friend hold")
-	}
-	slot, err1 := strconv.Atoi(p[1])
-	amount, err2 := strconv.ParseInt(p[2], 10, 64)
-	exp, err3 := strconv.ParseInt(p[3], 10, 64)
-	if err := errors.Join(err1, err2, err3); err != nil {
-		return FriendHold{}, fmt.Errorf("friend hold: %w", err)
-	}
-	return FriendHold{Slot: slot, Amount: Nano(amount), Expires: time.UnixMilli(exp), Model: p[4]}, nil
 }

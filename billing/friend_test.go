@@ -3,10 +3,8 @@ package billing
 import (
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
-	"github.com/stretchr/testify/require"
 )
 
 func TestIsFriendKey(t *testing.T) {
@@ -40,16 +38,4 @@ func TestFriendKeyCheck(t *testing.T) {
 	assert.Equal(t, FriendModelDisabled, r)
 	_, r = f.Check("d")
 	assert.Equal(t, FriendNotAllowed, r)
-}
-
-func TestFriendHoldPacking(t *testing.T) {
-	h := FriendHold{Slot: 3, Amount: 12345, Expires: time.UnixMilli(1_700_000_000_123), Model: "odd|model.id"}
-	got, err := DecodeFriendHold(EncodeFriendHold(h))
-	require.NoError(t, err)
-	assert.Equal(t, h.Slot, got.Slot)
-	assert.Equal(t, h.Amount, got.Amount)
-	assert.True(t, h.Expires.Equal(got.Expires))
-	assert.Equal(t, h.Model, got.Model)
-	_, err = DecodeFriendHold("h1|x")
-	assert.Error(t, err)
 }

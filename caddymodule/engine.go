@@ -19,7 +19,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
-	"github.com/trollllm/caddy-llm-billing/billing/mongostore"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/spool"
 )
 
@@ -31,6 +31,9 @@ import (
 type engine struct {
 	client *mongo.Client // nil when the store is not MongoDB (tests)
 	store  billing.Store
+	// isolator sets the store's balance write isolation; nil when the
+	// store has none (tests), and then applyIsolation does nothing.
+	isolator isolator
 	// friends keeps the friend keys' limits; nil when the store has none
 	// (friend keys are then refused with friend_key_error).
 	friends billing.FriendLedger
@@ -123,9 +126,19 @@ func newEngine(uri, database string) (*engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := newEngineWithStore(mongostore.New(client.Database(database)))
+	store := mongostore.New(client.Database(database))
+	e := newEngineWithStore(store)
 	e.client = client
+	e.isolator = store
 	return e, nil
+}
+
+// isolator is a store whose balance writes can be isolated in several ways
+// (see mongostore.Isolation), and that can tell whether its server is
+// FerretDB, whose updates are not isolated by themselves.
+type isolator interface {
+	SetIsolation(mongostore.Isolation)
+	IsFerretDB(ctx context.Context) (bool, error)
 }
 
 // newEngineWithStore returns an engine over any store.
@@ -527,8 +540,8 @@ func (e *engine) openSpool() {
 // server and isolates across instances on FerretDB (see
 // mongostore.Isolation), and until it knows.
 func (e *engine) applyIsolation() {
-	ms, ok := e.store.(*mongostore.Store)
-	if !ok {
+	ms := e.isolator
+	if ms == nil {
 		return
 	}
 	switch *e.isolation.Load() {
@@ -543,7 +556,7 @@ func (e *engine) applyIsolation() {
 	go func() {
 		for delay := time.Second; ; delay = min(2*delay, time.Minute) {
 			ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
-			ferret, err := mongostore.IsFerretDB(ctx, ms.Database())
+			ferret, err := ms.IsFerretDB(ctx)
 			cancel()
 			if err == nil {
 				if !ferret {

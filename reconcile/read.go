@@ -11,16 +11,7 @@ import (
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
-)
-
-// The gateway's bookkeeping fields in a usersNew document.
-const (
-	fieldNet   = "llmNet"
-	fieldHolds = "llmHolds"
-	fieldHeld  = "llmHeld"
-	// fieldDone holds receipts of settled holds whose log row is not
-	// confirmed yet ({fields, taken, ...}); read when present.
-	fieldDone = "llmDone"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 )
 
 // userState is what a usersNew document says.
@@ -60,7 +51,7 @@ type receiptState struct {
 
 var userProjection = func() bson.D {
 	p := bson.D{}
-	for _, f := range append(append([]string(nil), BalanceFields...), fieldNet, fieldHolds, fieldHeld, fieldDone) {
+	for _, f := range append(append([]string(nil), BalanceFields...), mongostore.FieldNet, mongostore.FieldHolds, mongostore.FieldHeld, mongostore.FieldDone) {
 		p = append(p, bson.E{Key: f, Value: 1})
 	}
 	return p
@@ -69,7 +60,7 @@ var userProjection = func() bson.D {
 // readUsers reads the usersNew documents matching filter.
 func readUsers(ctx context.Context, db *mongo.Database, filter bson.D) (map[string]*userState, error) {
 	users := map[string]*userState{}
-	err := findAll(ctx, db.Collection(UsersCollection), filter, options.Find().SetProjection(userProjection), func(raw bson.Raw) {
+	err := findAll(ctx, db.Collection(mongostore.CollUsers), filter, options.Find().SetProjection(userProjection), func(raw bson.Raw) {
 		u := parseUser(raw)
 		users[u.id] = u
 	})
@@ -94,18 +85,18 @@ func parseUser(raw bson.Raw) *userState {
 		u.balances[f] = billing.NanoFromUSD(usd)
 	}
 
-	if v := raw.Lookup(fieldNet); !absent(v) {
+	if v := raw.Lookup(mongostore.FieldNet); !absent(v) {
 		u.hasNet = true
 		u.net = map[string]int64{}
 		doc, ok := v.DocumentOK()
 		if !ok {
-			bad("", "%s is %s, not a document", fieldNet, describe(v))
+			bad("", "%s is %s, not a document", mongostore.FieldNet, describe(v))
 		}
 		elems, _ := doc.Elements()
 		for _, e := range elems {
 			n, ok := nanoValue(e.Value())
 			if !ok {
-				bad(e.Key(), "%s.%s is %s, not an integer amount", fieldNet, e.Key(), describe(e.Value()))
+				bad(e.Key(), "%s.%s is %s, not an integer amount", mongostore.FieldNet, e.Key(), describe(e.Value()))
 				continue
 			}
 			u.net[e.Key()] = n
@@ -113,10 +104,10 @@ func parseUser(raw bson.Raw) *userState {
 	}
 
 	u.holds = map[string]*holdState{}
-	if v := raw.Lookup(fieldHolds); !absent(v) {
+	if v := raw.Lookup(mongostore.FieldHolds); !absent(v) {
 		doc, ok := v.DocumentOK()
 		if !ok {
-			bad("", "%s is %s, not a document", fieldHolds, describe(v))
+			bad("", "%s is %s, not a document", mongostore.FieldHolds, describe(v))
 		}
 		elems, _ := doc.Elements()
 		for _, e := range elems {
@@ -124,8 +115,8 @@ func parseUser(raw bson.Raw) *userState {
 			h := &holdState{}
 			u.holds[rid] = h
 			if str, ok := e.Value().StringValueOK(); ok {
-				// Packed (billing.EncodeHold), as the gateway writes holds.
-				ph, err := billing.DecodeHold(str)
+				// Packed (mongostore.EncodeHold), as the gateway writes holds.
+				ph, err := mongostore.DecodeHold(str)
 				if err != nil {
 					bad("", "hold %s: %v", rid, err)
 					continue
@@ -151,23 +142,23 @@ func parseUser(raw bson.Raw) *userState {
 			}
 		}
 	}
-	if v := raw.Lookup(fieldHeld); !absent(v) {
+	if v := raw.Lookup(mongostore.FieldHeld); !absent(v) {
 		n, ok := nanoValue(v)
 		if !ok {
-			bad("", "%s is %s, not a count", fieldHeld, describe(v))
+			bad("", "%s is %s, not a count", mongostore.FieldHeld, describe(v))
 			n = int64(len(u.holds)) // reported above; do not report twice
 		}
 		u.held = n
 	}
 
 	u.receipts = map[string]receiptState{}
-	if v := raw.Lookup(fieldDone); !absent(v) {
+	if v := raw.Lookup(mongostore.FieldDone); !absent(v) {
 		doc, _ := v.DocumentOK()
 		elems, _ := doc.Elements()
 		for _, e := range elems {
 			if str, ok := e.Value().StringValueOK(); ok {
-				// Packed (billing.EncodeReceipt).
-				r, plan, err := billing.DecodeReceipt(str)
+				// Packed (mongostore.EncodeReceipt).
+				r, plan, err := mongostore.DecodeReceipt(str)
 				if err != nil {
 					bad("", "receipt %s: %v", e.Key(), err)
 					continue
@@ -264,7 +255,7 @@ var rowProjection = bson.D{
 // skipped.
 func scanRows(ctx context.Context, db *mongo.Database, filter bson.D, fn func(*logRow)) error {
 	f := append(append(bson.D{}, filter...), bson.E{Key: "requestId", Value: bson.D{{Key: "$exists", Value: true}}})
-	return findAll(ctx, db.Collection(RequestLogsCollection), f,
+	return findAll(ctx, db.Collection(mongostore.CollRequestLog), f,
 		options.Find().SetProjection(rowProjection).SetSort(bson.D{{Key: "_id", Value: 1}}),
 		func(raw bson.Raw) {
 			if r := parseRow(raw); r != nil {

@@ -1,8 +1,8 @@
 // Package reconcile proves that the gateway's billing ledger, the request
 // logs and the users' balances agree, and lists any drift between them.
 //
-// It reads the bookkeeping the billing engine keeps in MongoDB (see the
-// package mongostore of the billing module for the writer's side):
+// It reads the bookkeeping the billing engine keeps in MongoDB, by the
+// collection and field names of package mongostore (the writer's side):
 //
 //   - in each usersNew document, llmNet.<field> is the net amount in
 //     nano-USD the gateway has moved on a balance field (holds taken are
@@ -49,12 +49,7 @@ import (
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
-)
-
-// Collection names read (the same as the billing store's).
-const (
-	UsersCollection       = "usersNew"
-	RequestLogsCollection = "request_logs"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 )
 
 // BalanceFields are the usersNew balance fields (USD doubles) whose
@@ -347,7 +342,7 @@ func Run(ctx context.Context, db *mongo.Database, opts Options) (*Report, error)
 		if u.held != int64(len(u.holds)) {
 			rep.Drift = append(rep.Drift, Item{
 				Kind: KindHeldCount, User: id,
-				Detail: fmt.Sprintf("llmHeld is %d but llmHolds has %d hold(s)", u.held, len(u.holds)),
+				Detail: fmt.Sprintf("%s is %d but %s has %d hold(s)", mongostore.FieldHeld, u.held, mongostore.FieldHolds, len(u.holds)),
 			})
 		}
 	}
@@ -497,12 +492,12 @@ func ledgerItems(id string, u *userState, taken map[string]int64, seen map[strin
 		case diff < 0:
 			out = append(out, Item{
 				Kind: KindChargeWithoutLog, User: id, Field: f, Amount: billing.Nano(billing.SubSat(0, diff)),
-				Detail: fmt.Sprintf("llmNet.%s is %s but the logs and holds explain %s", f, billing.Nano(net[f]), billing.Nano(expected[f])),
+				Detail: fmt.Sprintf("%s.%s is %s but the logs and holds explain %s", mongostore.FieldNet, f, billing.Nano(net[f]), billing.Nano(expected[f])),
 			})
 		case diff > 0:
-			detail := fmt.Sprintf("llmNet.%s is %s but the logs and holds explain %s", f, billing.Nano(net[f]), billing.Nano(expected[f]))
+			detail := fmt.Sprintf("%s.%s is %s but the logs and holds explain %s", mongostore.FieldNet, f, billing.Nano(net[f]), billing.Nano(expected[f]))
 			if u == nil {
-				detail += " (no usersNew document)"
+				detail += " (no " + mongostore.CollUsers + " document)"
 			}
 			out = append(out, Item{Kind: KindLogWithoutCharge, User: id, Field: f, Amount: billing.Nano(diff), Detail: detail})
 		}
@@ -576,7 +571,7 @@ func compareBaseline(rep *Report, base *Baseline, users map[string]*userState, a
 				total = billing.AddSat(total, e.Balance)
 			}
 			rep.Drift = append(rep.Drift, Item{Kind: KindUserMissing, User: id, Amount: total,
-				Detail: "the user is in the baseline but has no usersNew document any more"})
+				Detail: "the user is in the baseline but has no " + mongostore.CollUsers + " document any more"})
 			continue
 		}
 		fields := map[string]bool{}

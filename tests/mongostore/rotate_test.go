@@ -14,7 +14,7 @@ import (
 	"go.mongodb.org/mongo-driver/v2/mongo"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
-	"github.com/trollllm/caddy-llm-billing/billing/mongostore"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/tests/seed"
 	"github.com/trollllm/caddy-llm-billing/tests/testdb"
 )

@@ -17,16 +17,19 @@ import (
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
+
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 )
 
-// Collection names of the legacy data model.
+// Collection names of the legacy data model: the store's own (package
+// mongostore owns them), so that the seeded data is where the gateway reads.
 const (
-	UsersCollection       = "usersNew"
-	UserKeysCollection    = "user_keys"
-	UpstreamKeyCollection = "openhands_keys"
-	BindingsCollection    = "openhands_bindings"
-	RequestLogsCollection = "request_logs"
-	FriendKeysCollection  = "friend_keys"
+	UsersCollection       = mongostore.CollUsers
+	UserKeysCollection    = mongostore.CollUserKeys
+	UpstreamKeyCollection = mongostore.CollKeys
+	BindingsCollection    = mongostore.CollBindings
+	RequestLogsCollection = mongostore.CollRequestLog
+	FriendKeysCollection  = mongostore.CollFriendKeys
 )
 
 // User is a usersNew document (_id = username).

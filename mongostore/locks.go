@@ -67,7 +67,7 @@ func (s *stripes) lock(key string) func() {
 // (IsolationProcess), across processes too (IsolationShared), or not at all
 // (IsolationAtomic).
 func (s *Store) lockUser(ctx context.Context, user string) (func(), error) {
-	return s.lockDoc(ctx, user, "usersNew:"+user)
+	return s.lockDoc(ctx, user, CollUsers+":"+user)
 }
 
 // takeOver deletes the lock id if its holder died with it (it expired)

@@ -1,7 +1,11 @@
-// Package mongostore implements the billing store interfaces on MongoDB,
-// over the collections the legacy proxy and the Node backend share:
-// usersNew, user_keys, friend_keys, openhands_keys, openhands_bindings and
-// request_logs.
+// Package mongostore is the gateway's MongoDB storage: it implements the
+// billing store interfaces and owns the storage schema (the collection
+// names, the gateway's bookkeeping fields and the packed strings of holds,
+// receipts and friend holds) over the collections the legacy proxy and the
+// Node backend share (usersNew, user_keys, friend_keys, openhands_keys,
+// openhands_bindings and request_logs) and the gateway's own llm_billing_*
+// collections. Other packages that read the database directly (reconcile)
+// use its names and decoders instead of repeating them.
 //
 // Every operation is written to work on MongoDB 6+ and on FerretDB 1.24 (the
 // test database): conditional filters, $inc, $set and plain finds only; no
@@ -90,6 +94,10 @@ func IsFerretDB(ctx context.Context, db *mongo.Database) (bool, error) {
 	_, ok := info["ferretdbVersion"]
 	return ok, nil
 }
+
+// IsFerretDB reports whether the store's server is FerretDB (see the
+// function IsFerretDB).
+func (s *Store) IsFerretDB(ctx context.Context) (bool, error) { return IsFerretDB(ctx, s.db) }
 
 // Database returns the underlying database.
 func (s *Store) Database() *mongo.Database { return s.db }

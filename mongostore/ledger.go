@@ -15,14 +15,14 @@ import (
 	"github.com/trollllm/caddy-llm-billing/billing"
 )
 
-// The gateway's bookkeeping in a usersNew document. The backend ignores
-// these fields.
+// The gateway's bookkeeping fields in a usersNew document, exported for the
+// packages that read them (reconcile). The backend ignores these fields.
 //
 //   - llmHolds.<requestId>: an outstanding hold, packed in one string
-//     (billing.EncodeHold).
+//     (EncodeHold).
 //   - llmHeld: the number of outstanding holds, so the sweeper finds them.
 //   - llmDone.<requestId>: the receipt of a settled hold whose request log
-//     row is not confirmed yet, packed (billing.EncodeReceipt).
+//     row is not confirmed yet, packed (EncodeReceipt).
 //   - llmDoneN: the number of receipts.
 //   - llmNet.<field>: the net amount, in nano-USD, the gateway has moved on
 //     each balance field: holds taken are negative, unused parts given back
@@ -31,11 +31,11 @@ import (
 //
 // Every write of a balance field changes it and llmNet in the same update.
 const (
-	fHolds     = "llmHolds"
-	fHeld      = "llmHeld"
-	fDone      = "llmDone"
-	fDoneCount = "llmDoneN"
-	fNet       = "llmNet"
+	FieldHolds     = "llmHolds"
+	FieldHeld      = "llmHeld"
+	FieldDone      = "llmDone"
+	FieldDoneCount = "llmDoneN"
+	FieldNet       = "llmNet"
 )
 
 // validRequestID keeps a request id usable as a document field name.
@@ -111,7 +111,7 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 // zero hold, checks that the pool has something) in one conditional
 // update, and reports whether it matched. taken receives the amounts.
 func (s *Store) reserveWanted(ctx context.Context, req billing.HoldRequest, fields []string, taken []billing.Nano) (bool, error) {
-	notHeld := bson.E{Key: fHolds + "." + req.RequestID, Value: bson.D{{Key: "$exists", Value: false}}}
+	notHeld := bson.E{Key: FieldHolds + "." + req.RequestID, Value: bson.D{{Key: "$exists", Value: false}}}
 	var filter bson.D
 	if req.Want > 0 {
 		taken[0] = req.Want
@@ -140,7 +140,7 @@ func (s *Store) reserveWanted(ctx context.Context, req billing.HoldRequest, fiel
 // It reports done when h is final: taken now, or found taken before (a
 // retry of the same request is idempotent). A changed balance is not done.
 func (s *Store) reserveAvailable(ctx context.Context, req billing.HoldRequest, fields []string, h *billing.Hold) (bool, error) {
-	holdPath := fHolds + "." + req.RequestID
+	holdPath := FieldHolds + "." + req.RequestID
 	vals, held, err := s.readForHold(ctx, req.User, fields, holdPath)
 	if err != nil {
 		return false, err
@@ -232,7 +232,7 @@ func takeFrom(fields []string, vals []fieldValue, amount billing.Nano) ([]float6
 // reserveUpdate takes taken[i] from fields[i] (as the exact doubles takes[i]
 // when given, for fields drained to zero) and records the hold.
 func (s *Store) reserveUpdate(req billing.HoldRequest, fields []string, taken []billing.Nano, takes []float64) bson.D {
-	inc := bson.D{{Key: fHeld, Value: int64(1)}}
+	inc := bson.D{{Key: FieldHeld, Value: int64(1)}}
 	for i, t := range taken {
 		if t == 0 {
 			continue
@@ -241,27 +241,27 @@ func (s *Store) reserveUpdate(req billing.HoldRequest, fields []string, taken []
 		if takes != nil {
 			usd = takes[i]
 		}
-		inc = append(inc, bson.E{Key: fields[i], Value: -usd}, bson.E{Key: fNet + "." + fields[i], Value: -int64(t)})
+		inc = append(inc, bson.E{Key: fields[i], Value: -usd}, bson.E{Key: FieldNet + "." + fields[i], Value: -int64(t)})
 	}
 	var amount billing.Nano
 	for _, t := range taken {
 		amount += t
 	}
-	packed := billing.EncodeHold(billing.Hold{
+	packed := EncodeHold(billing.Hold{
 		Plan: req.Plan, Taken: taken, Input: min(req.Input, amount), Owner: req.Owner, At: req.At, Expires: req.Expires,
 		LogID: req.LogID, Model: req.Model, KeyID: req.KeyID,
 	})
 	upd := bson.D{
 		{Key: "$inc", Value: inc},
-		{Key: "$set", Value: bson.D{{Key: fHolds + "." + req.RequestID, Value: packed}}},
+		{Key: "$set", Value: bson.D{{Key: FieldHolds + "." + req.RequestID, Value: packed}}},
 	}
 	if len(req.Clear) > 0 {
 		unset := bson.D{}
 		for _, rid := range req.Clear {
-			unset = append(unset, bson.E{Key: fDone + "." + rid, Value: ""})
+			unset = append(unset, bson.E{Key: FieldDone + "." + rid, Value: ""})
 		}
 		upd = append(upd, bson.E{Key: "$unset", Value: unset})
-		upd[0].Value = append(inc, bson.E{Key: fDoneCount, Value: -int64(len(req.Clear))})
+		upd[0].Value = append(inc, bson.E{Key: FieldDoneCount, Value: -int64(len(req.Clear))})
 	}
 	return upd
 }
@@ -298,7 +298,7 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, h
 	}
 	var held *billing.Hold
 	if v, err := raw.LookupErr(strings.Split(holdPath, ".")...); err == nil {
-		h, err := decodeHold(v)
+		h, err := unpackHold(v)
 		if err != nil {
 			return nil, nil, fmt.Errorf("reading hold: %w", err)
 		}
@@ -307,22 +307,22 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, h
 	return vals, held, nil
 }
 
-// decodeHold reads a hold as the store writes it (billing.EncodeHold).
-func decodeHold(v bson.RawValue) (billing.Hold, error) {
+// unpackHold reads a hold as the store writes it (EncodeHold).
+func unpackHold(v bson.RawValue) (billing.Hold, error) {
 	str, ok := v.StringValueOK()
 	if !ok {
 		return billing.Hold{}, fmt.Errorf("hold is %s, not a packed string", v.Type)
 	}
-	return billing.DecodeHold(str)
+	return DecodeHold(str)
 }
 
-// decodeReceipt reads a receipt as the store writes it (billing.EncodeReceipt).
-func decodeReceipt(rid string, v bson.RawValue) (billing.Receipt, error) {
+// unpackReceipt reads a receipt as the store writes it (EncodeReceipt).
+func unpackReceipt(rid string, v bson.RawValue) (billing.Receipt, error) {
 	str, ok := v.StringValueOK()
 	if !ok {
 		return billing.Receipt{}, fmt.Errorf("receipt is %s, not a packed string", v.Type)
 	}
-	r, _, err := billing.DecodeReceipt(str)
+	r, _, err := DecodeReceipt(str)
 	r.RequestID = rid
 	return r, err
 }
@@ -348,7 +348,7 @@ func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.
 	defer unlock()
 	st := s.newSettling(req, fields)
 	extra := st.rc.Shortfall
-	held := bson.D{{Key: "_id", Value: h.User}, {Key: fHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}}}
+	held := bson.D{{Key: "_id", Value: h.User}, {Key: FieldHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}}}
 	if extra == 0 {
 		ok, err := st.apply(ctx, held, nil, nil)
 		if err != nil || ok {
@@ -364,7 +364,7 @@ func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.
 	}
 	// ...or what the fields have is taken, draining them to zero.
 	for attempt := 0; attempt < casAttempts; attempt++ {
-		vals, hd, err := s.readForHold(ctx, h.User, fields, fHolds+"."+h.RequestID)
+		vals, hd, err := s.readForHold(ctx, h.User, fields, FieldHolds+"."+h.RequestID)
 		if err != nil {
 			return billing.Receipt{}, false, err
 		}
@@ -435,7 +435,7 @@ func (st *settling) apply(ctx context.Context, filter bson.D, extraTakes []float
 // hold, moves the pool's counters, drops the hold and leaves the receipt.
 func (s *Store) settleUpdate(req billing.SettleRequest, fields []string, keep []billing.Nano, extraTakes []float64, extraTaken []billing.Nano, rc billing.Receipt) bson.D {
 	h := req.Hold
-	inc := bson.D{{Key: fHeld, Value: int64(-1)}, {Key: fDoneCount, Value: int64(1)}}
+	inc := bson.D{{Key: FieldHeld, Value: int64(-1)}, {Key: FieldDoneCount, Value: int64(1)}}
 	for i, f := range fields {
 		back := h.Taken[i] - keep[i]
 		var take billing.Nano
@@ -448,7 +448,7 @@ func (s *Store) settleUpdate(req billing.SettleRequest, fields []string, keep []
 			continue
 		}
 		usd := back.USD() - takeUSD // back > 0 and take > 0 never happen together
-		inc = append(inc, bson.E{Key: f, Value: usd}, bson.E{Key: fNet + "." + f, Value: int64(delta)})
+		inc = append(inc, bson.E{Key: f, Value: usd}, bson.E{Key: FieldNet + "." + f, Value: int64(delta)})
 	}
 	if rc.Charged > 0 {
 		inc = append(inc, bson.E{Key: h.Plan.UsedField(), Value: rc.Charged.USD()})
@@ -466,8 +466,8 @@ func (s *Store) settleUpdate(req billing.SettleRequest, fields []string, keep []
 	}
 	return bson.D{
 		{Key: "$inc", Value: inc},
-		{Key: "$unset", Value: bson.D{{Key: fHolds + "." + h.RequestID, Value: ""}}},
-		{Key: "$set", Value: bson.D{{Key: fDone + "." + h.RequestID, Value: billing.EncodeReceipt(rc, h.Plan)}}},
+		{Key: "$unset", Value: bson.D{{Key: FieldHolds + "." + h.RequestID, Value: ""}}},
+		{Key: "$set", Value: bson.D{{Key: FieldDone + "." + h.RequestID, Value: EncodeReceipt(rc, h.Plan)}}},
 	}
 }
 
@@ -475,18 +475,18 @@ func (s *Store) settleUpdate(req billing.SettleRequest, fields []string, keep []
 func (s *Store) readReceipt(ctx context.Context, user, rid string) (billing.Receipt, bool, error) {
 	var raw bson.Raw
 	err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: user}},
-		options.FindOne().SetProjection(bson.D{{Key: fDone + "." + rid, Value: 1}})).Decode(&raw)
+		options.FindOne().SetProjection(bson.D{{Key: FieldDone + "." + rid, Value: 1}})).Decode(&raw)
 	if errors.Is(err, mongo.ErrNoDocuments) {
 		return billing.Receipt{}, false, billing.ErrUserNotFound
 	}
 	if err != nil {
 		return billing.Receipt{}, false, fmt.Errorf("reading a receipt: %w", err)
 	}
-	v, err := raw.LookupErr(fDone, rid)
+	v, err := raw.LookupErr(FieldDone, rid)
 	if err != nil {
 		return billing.Receipt{}, false, billing.ErrNoHold
 	}
-	rc, err := decodeReceipt(rid, v)
+	rc, err := unpackReceipt(rid, v)
 	if err != nil {
 		return billing.Receipt{}, false, fmt.Errorf("reading a receipt: %w", err)
 	}
@@ -513,10 +513,10 @@ func (s *Store) clearReceipts(ctx context.Context, user string, requestIDs []str
 	users := s.db.Collection(CollUsers)
 	if len(requestIDs) == 1 {
 		// The common case: one conditional update.
-		path := fDone + "." + requestIDs[0]
+		path := FieldDone + "." + requestIDs[0]
 		_, err := users.UpdateOne(ctx, bson.D{{Key: "_id", Value: user}, {Key: path, Value: bson.D{{Key: "$exists", Value: true}}}}, bson.D{
 			{Key: "$unset", Value: bson.D{{Key: path, Value: ""}}},
-			{Key: "$inc", Value: bson.D{{Key: fDoneCount, Value: int64(-1)}}},
+			{Key: "$inc", Value: bson.D{{Key: FieldDoneCount, Value: int64(-1)}}},
 		})
 		if err != nil {
 			return fmt.Errorf("clearing a receipt: %w", err)
@@ -525,7 +525,7 @@ func (s *Store) clearReceipts(ctx context.Context, user string, requestIDs []str
 	}
 	proj := bson.D{}
 	for _, rid := range requestIDs {
-		proj = append(proj, bson.E{Key: fDone + "." + rid, Value: 1})
+		proj = append(proj, bson.E{Key: FieldDone + "." + rid, Value: 1})
 	}
 	var doc struct {
 		Done map[string]bson.RawValue `bson:"llmDone"`
@@ -542,11 +542,11 @@ func (s *Store) clearReceipts(ctx context.Context, user string, requestIDs []str
 	}
 	unset := bson.D{}
 	for rid := range doc.Done {
-		unset = append(unset, bson.E{Key: fDone + "." + rid, Value: ""})
+		unset = append(unset, bson.E{Key: FieldDone + "." + rid, Value: ""})
 	}
 	_, err = users.UpdateOne(ctx, bson.D{{Key: "_id", Value: user}}, bson.D{
 		{Key: "$unset", Value: unset},
-		{Key: "$inc", Value: bson.D{{Key: fDoneCount, Value: -int64(len(unset))}}},
+		{Key: "$inc", Value: bson.D{{Key: FieldDoneCount, Value: -int64(len(unset))}}},
 	})
 	if err != nil {
 		return fmt.Errorf("clearing receipts: %w", err)
@@ -585,10 +585,10 @@ func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.O
 	}
 	cur, err = s.db.Collection(CollUsers).Find(ctx,
 		bson.D{{Key: "$or", Value: bson.A{
-			bson.D{{Key: fHeld, Value: bson.D{{Key: "$gt", Value: 0}}}},
-			bson.D{{Key: fDoneCount, Value: bson.D{{Key: "$gt", Value: 0}}}},
+			bson.D{{Key: FieldHeld, Value: bson.D{{Key: "$gt", Value: 0}}}},
+			bson.D{{Key: FieldDoneCount, Value: bson.D{{Key: "$gt", Value: 0}}}},
 		}}},
-		options.Find().SetProjection(bson.D{{Key: fHolds, Value: 1}, {Key: fDone, Value: 1}}))
+		options.Find().SetProjection(bson.D{{Key: FieldHolds, Value: 1}, {Key: FieldDone, Value: 1}}))
 	if err != nil {
 		return nil, fmt.Errorf("finding holds: %w", err)
 	}
@@ -603,7 +603,7 @@ func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.O
 	var out []billing.Orphan
 	for _, d := range docs {
 		for rid, v := range d.Holds {
-			h, err := decodeHold(v)
+			h, err := unpackHold(v)
 			if err != nil {
 				continue // not ours to judge: unreadable
 			}
@@ -617,7 +617,7 @@ func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.O
 			out = append(out, billing.Orphan{Hold: h})
 		}
 		for rid, v := range d.Done {
-			rc, err := decodeReceipt(rid, v)
+			rc, err := unpackReceipt(rid, v)
 			if err != nil || now.Sub(rc.At) < receiptAge {
 				continue
 			}
@@ -777,14 +777,14 @@ func settleGroup(reqs []billing.SettleRequest, idx []int, out []billing.Receipt,
 		output = billing.AddSat(output, billing.ClampTokens(req.Usage.Output))
 		out[i] = billing.Receipt{RequestID: h.RequestID, LogID: h.LogID, Fields: fields, Taken: keep,
 			Cost: req.Cost, Charged: req.Cost, By: req.By, At: now}
-		filter = append(filter, bson.E{Key: fHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}})
-		unset = append(unset, bson.E{Key: fHolds + "." + h.RequestID, Value: ""})
-		set = append(set, bson.E{Key: fDone + "." + h.RequestID, Value: billing.EncodeReceipt(out[i], plan)})
+		filter = append(filter, bson.E{Key: FieldHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}})
+		unset = append(unset, bson.E{Key: FieldHolds + "." + h.RequestID, Value: ""})
+		set = append(set, bson.E{Key: FieldDone + "." + h.RequestID, Value: EncodeReceipt(out[i], plan)})
 	}
-	inc := bson.D{{Key: fHeld, Value: -int64(len(idx))}, {Key: fDoneCount, Value: int64(len(idx))}}
+	inc := bson.D{{Key: FieldHeld, Value: -int64(len(idx))}, {Key: FieldDoneCount, Value: int64(len(idx))}}
 	for j, f := range fields {
 		if deltas[j] != 0 {
-			inc = append(inc, bson.E{Key: f, Value: deltas[j].USD()}, bson.E{Key: fNet + "." + f, Value: int64(deltas[j])})
+			inc = append(inc, bson.E{Key: f, Value: deltas[j].USD()}, bson.E{Key: FieldNet + "." + f, Value: int64(deltas[j])})
 		}
 	}
 	if charged > 0 {

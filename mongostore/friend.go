@@ -24,7 +24,7 @@ const CollFriendKeys = "friend_keys"
 
 // The friend key fields the gateway reads and writes. fFriendHolds is the
 // gateway's own (the backend ignores it): llmFriendHolds.<requestId> is an
-// outstanding hold, packed (billing.EncodeFriendHold). While a hold is out,
+// outstanding hold, packed (encodeFriendHold). While a hold is out,
 // its amount is counted in its model's usedUsd, so that one conditional
 // $inc on usedUsd alone decides whether a limit has room, without a
 // positional operator, $expr or a read; the settlement replaces it by what
@@ -147,7 +147,7 @@ func (s *Store) ReserveFriend(ctx context.Context, req billing.FriendHoldRequest
 	h := billing.FriendHold{Key: req.Key, RequestID: req.RequestID, Model: req.Model, Slot: req.Slot, Amount: req.Want, Expires: req.Expires}
 	take := func(filter bson.D) (bool, error) {
 		upd := bson.D{{Key: "$inc", Value: bson.D{{Key: slotPath(h.Slot, "usedUsd"), Value: h.Amount.USD()}}},
-			{Key: "$set", Value: bson.D{{Key: holdPath, Value: billing.EncodeFriendHold(h)}}}}
+			{Key: "$set", Value: bson.D{{Key: holdPath, Value: encodeFriendHold(h)}}}}
 		r, err := coll.UpdateOne(ctx, filter, upd)
 		if err != nil {
 			return false, fmt.Errorf("taking a friend key hold: %w", hideKey(err, req.Key))
@@ -170,7 +170,7 @@ func (s *Store) ReserveFriend(ctx context.Context, req billing.FriendHoldRequest
 			return billing.FriendHold{}, err
 		}
 		if packed, ok := d.Holds[req.RequestID]; ok {
-			held, err := billing.DecodeFriendHold(packed)
+			held, err := decodeFriendHold(packed)
 			held.Key, held.RequestID = req.Key, req.RequestID
 			return held, err // taken already: idempotent
 		}
@@ -252,7 +252,7 @@ func (s *Store) releaseExpired(ctx context.Context, key string, d friendDoc) (in
 	now := s.now()
 	n := 0
 	for id, packed := range d.Holds {
-		h, err := billing.DecodeFriendHold(packed)
+		h, err := decodeFriendHold(packed)
 		if err == nil && !h.Expires.Before(now) {
 			continue
 		}

@@ -1,4 +1,4 @@
-package billing
+package mongostore
 
 import (
 	"testing"
@@ -6,18 +6,20 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
 )
 
 func TestPackedHoldAndReceiptRoundTrip(t *testing.T) {
-	plan, _ := ParseCreditPlan([]string{"credits", "refCredits"})
+	plan, _ := billing.ParseCreditPlan([]string{"credits", "refCredits"})
 	at := time.UnixMilli(time.Now().UnixMilli())
-	h := Hold{Plan: plan, Taken: []Nano{500, 7}, Input: 90, Owner: "0b7c1f0e-9f5a/5f2a", At: at, Expires: at.Add(time.Minute),
-		LogID: NewLogID(at), Model: "glm|4.6", KeyID: "sk-troll...8c70"}
+	h := billing.Hold{Plan: plan, Taken: []billing.Nano{500, 7}, Input: 90, Owner: "0b7c1f0e-9f5a/5f2a", At: at, Expires: at.Add(time.Minute),
+		LogID: billing.NewLogID(at), Model: "glm|4.6", KeyID: "sk-troll...8c70"}
 	got, err := DecodeHold(EncodeHold(h))
 	require.NoError(t, err)
 	assert.Equal(t, "credits+refCredits", got.Plan.String(), "hold plan")
-	assert.Equal(t, Nano(507), got.Amount(), "hold amount")
-	assert.Equal(t, Nano(90), got.Input, "hold input")
+	assert.Equal(t, billing.Nano(507), got.Amount(), "hold amount")
+	assert.Equal(t, billing.Nano(90), got.Input, "hold input")
 	assert.True(t, got.At.Equal(at), "hold at %v, want %v", got.At, at)
 	assert.True(t, got.Expires.Equal(h.Expires), "hold expires %v, want %v", got.Expires, h.Expires)
 	assert.Equal(t, h.Owner, got.Owner, "hold owner")
@@ -25,16 +27,16 @@ func TestPackedHoldAndReceiptRoundTrip(t *testing.T) {
 	assert.Equal(t, "glm_4.6", got.Model, "hold model")
 	assert.Equal(t, h.KeyID, got.KeyID, "hold key id")
 
-	r := Receipt{Taken: []Nano{500, 3}, Cost: 510, Charged: 503, Shortfall: 7, By: SettledBySweeper, At: at, LogID: h.LogID}
+	r := billing.Receipt{Taken: []billing.Nano{500, 3}, Cost: 510, Charged: 503, Shortfall: 7, By: billing.SettledBySweeper, At: at, LogID: h.LogID}
 	gr, gp, err := DecodeReceipt(EncodeReceipt(r, plan))
 	require.NoError(t, err)
 	assert.Equal(t, plan.String(), gp.String(), "receipt plan")
-	assert.Equal(t, Nano(503), gr.Charged, "receipt charged")
-	assert.Equal(t, Nano(7), gr.Shortfall, "receipt shortfall")
-	assert.Equal(t, Nano(510), gr.Cost, "receipt cost")
-	assert.Equal(t, SettledBySweeper, gr.By, "receipt by")
+	assert.Equal(t, billing.Nano(503), gr.Charged, "receipt charged")
+	assert.Equal(t, billing.Nano(7), gr.Shortfall, "receipt shortfall")
+	assert.Equal(t, billing.Nano(510), gr.Cost, "receipt cost")
+	assert.Equal(t, billing.SettledBySweeper, gr.By, "receipt by")
 	if assert.Len(t, gr.Taken, 2, "receipt taken") {
-		assert.Equal(t, Nano(3), gr.Taken[1], "receipt taken[1]")
+		assert.Equal(t, billing.Nano(3), gr.Taken[1], "receipt taken[1]")
 	}
 	assert.True(t, gr.At.Equal(at), "receipt at %v, want %v", gr.At, at)
 	assert.Equal(t, h.LogID, gr.LogID, "receipt log id")
@@ -46,4 +48,16 @@ func TestPackedHoldAndReceiptRoundTrip(t *testing.T) {
 	}
 	_, _, err = DecodeReceipt("r1|creditsNew|1,2|1|1|0|request|1|" + h.LogID.String())
 	assert.Error(t, err, "a receipt with more amounts than fields was accepted")
+}
+
+func TestFriendHoldPacking(t *testing.T) {
+	h := billing.FriendHold{Slot: 3, Amount: 12345, Expires: time.UnixMilli(1_700_000_000_123), Model: "odd|model.id"}
+	got, err := decodeFriendHold(encodeFriendHold(h))
+	require.NoError(t, err)
+	assert.Equal(t, h.Slot, got.Slot)
+	assert.Equal(t, h.Amount, got.Amount)
+	assert.True(t, h.Expires.Equal(got.Expires))
+	assert.Equal(t, h.Model, got.Model)
+	_, err = decodeFriendHold("h1|x")
+	assert.Error(t, err)
 }
