@@ -203,11 +203,11 @@ func (a *App) store(e *engine, static []billing.UpstreamKey, dir string) {
 	}
 	e.holdLease.Store(int64(orDefault(time.Duration(a.HoldLease), defaultHoldLease)))
 	e.bodies.limit.Store(orDefault(a.BodyMemory, DefaultBodyMemory))
-	polName := string(billing.OrphanChargeInput)
+	policy := billing.OrphanChargeInput
 	if a.OrphanPolicy != "" {
-		polName = a.OrphanPolicy // checked by Validate
+		policy = billing.OrphanPolicy(a.OrphanPolicy) // checked by Validate
 	}
-	e.orphanPolicy.Store(&polName)
+	e.settler.SetOrphanPolicy(policy)
 	iso := a.Isolation
 	if iso == "" {
 		iso = "auto"
@@ -216,6 +216,7 @@ func (a *App) store(e *engine, static []billing.UpstreamKey, dir string) {
 	e.errorLogsOn.Store(a.ErrorLogs != "off")
 	e.spoolDir.Store(&dir)
 	e.logger.Store(a.logger)
+	e.settler.SetLogger(a.logger)
 }
 
 // provisionRateLimits attaches to the pooled buckets (Validate checked the

@@ -6,8 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,6 +18,7 @@ import (
 
 	"github.com/trollllm/caddy-llm-billing/billing"
 	"github.com/trollllm/caddy-llm-billing/mongostore"
+	"github.com/trollllm/caddy-llm-billing/settle"
 	"github.com/trollllm/caddy-llm-billing/spool"
 )
 
@@ -45,30 +44,16 @@ type engine struct {
 	errorLogsOn      atomic.Bool
 	health           dbHealth // the last database ping, for /health
 	keys             billing.KeyPool
-	countersMu       sync.Mutex // one counters write at a time
-	usageMu          sync.Mutex
-	usage            []billing.UsageCounters // waiting for the next flushUsage
-	// usagePending is a counters batch whose write failed: it is sent
-	// again, unchanged, before any other (under countersMu). usageStuck
-	// says there is one, without the lock.
-	usagePending *billing.UsageBatch
-	usageSeq     uint64 // under countersMu
-	usageStuck   atomic.Bool
+	// settler settles the holds of finished requests.
+	settler *settle.Settler
 
 	// boot identifies this process's holds: Caddy's instance id and a
 	// random suffix, so that a restarted process is a new owner.
-	boot         string
-	spool        atomic.Pointer[spool.Spool]
-	spoolDir     atomic.Pointer[string]
-	holdLease    atomic.Int64 // nanoseconds
-	orphanPolicy atomic.Pointer[string]
-	isolation    atomic.Pointer[string] // "auto", "process" or "shared"
-	retryMu      sync.Mutex
-	retry        []*settlement
-	clears       receiptClears
-	bodies       bodyBudget // request bodies in flight, bounded by App.BodyMemory
-	waiting      waitingSettlements
-	hurry        chan struct{} // ends the collector's linger
+	boot      string
+	spoolDir  atomic.Pointer[string]
+	holdLease atomic.Int64           // nanoseconds
+	isolation atomic.Pointer[string] // "auto", "process" or "shared"
+	bodies    bodyBudget             // request bodies in flight, bounded by App.BodyMemory
 
 	// settings, replaced by each config that provisions the app
 	authTTL     atomic.Int64 // nanoseconds
@@ -80,8 +65,6 @@ type engine struct {
 	errCooldown atomic.Int64 // nanoseconds, 5xx and transport errors
 	logger      atomic.Pointer[zap.Logger]
 
-	jobs       chan *settlement
-	batches    chan []*settlement
 	marks      chan keyMark
 	probing    sync.Map     // upstream key id → a probe of it is running (probeKey)
 	mu         sync.RWMutex // guards closed against sends
@@ -95,13 +78,13 @@ type engine struct {
 }
 
 const (
-	settleWorkers  = 4
-	settleQueue    = 1024
-	settleTimeout  = 15 * time.Second
 	drainTimeout   = 30 * time.Second
 	dbTimeout      = 5 * time.Second
 	defaultAuthTTL = 30 * time.Second
-	defaultRefresh = 5 * time.Second
+	// defaultHoldLease is how long a hold lasts before the sweeper may
+	// resolve it even though its owner is alive.
+	defaultHoldLease = 15 * time.Minute
+	defaultRefresh   = 5 * time.Second
 
 	defaultAttempts          = 3
 	defaultRetryBudget       = 30 * time.Second
@@ -144,18 +127,16 @@ type isolator interface {
 // newEngineWithStore returns an engine over any store.
 func newEngineWithStore(store billing.Store) *engine {
 	e := &engine{
-		store:   store,
-		auth:    newAuthCache(),
-		boot:    bootID(),
-		jobs:    make(chan *settlement, settleQueue),
-		batches: make(chan []*settlement, settleWorkers),
-		marks:   make(chan keyMark, 256),
-		hurry:   make(chan struct{}, 1),
-		stop:    make(chan struct{}),
+		store: store,
+		auth:  newAuthCache(),
+		boot:  bootID(),
+		marks: make(chan keyMark, 256),
+		stop:  make(chan struct{}),
 
 		errorLogs: make(chan billing.ErrorLog, errorLogQueue),
 	}
 	e.friends, _ = store.(billing.FriendLedger)
+	e.settler = settle.New(settle.Config{Store: store, Friends: e.friends, Owner: e.boot, Observer: settleMetrics{}})
 	e.errorLogsOn.Store(true)
 	e.authTTL.Store(int64(defaultAuthTTL))
 	e.keyRefresh.Store(int64(defaultRefresh))
@@ -166,8 +147,7 @@ func newEngineWithStore(store billing.Store) *engine {
 	e.logger.Store(zap.NewNop())
 	e.holdLease.Store(int64(defaultHoldLease))
 	e.bodies.limit.Store(DefaultBodyMemory)
-	pol, iso := string(billing.OrphanChargeInput), "auto"
-	e.orphanPolicy.Store(&pol)
+	iso := "auto"
 	e.isolation.Store(&iso)
 	return e
 }
@@ -191,20 +171,12 @@ func (e *engine) log() *zap.Logger { return e.logger.Load() }
 // from Provision, so `caddy validate` starts nothing.
 func (e *engine) start() {
 	e.startOnce.Do(func() {
-		e.openSpool()
 		e.applyIsolation()
-		e.workers.Add(1 + settleWorkers)
-		go e.collectLoop()
-		for i := 0; i < settleWorkers; i++ {
-			go e.settleLoop()
-		}
-		e.workers.Add(6)
+		e.settler.Start(e.openSpool())
+		e.workers.Add(3)
 		go e.errorLogLoop()
 		go e.refreshLoop()
 		go e.markLoop()
-		go e.retryLoop()
-		go e.sweepLoop()
-		go e.clearLoop()
 	})
 }
 
@@ -359,34 +331,12 @@ func (e *engine) Destruct() error {
 	if !e.closed {
 		e.closed = true
 		close(e.stop)
-		close(e.jobs)
 	}
 	e.mu.Unlock()
 	e.startOnce.Do(func() {}) // never start after this
 	waitTimeout(&e.background, dbTimeout)
-	// Workers were possibly never started (validate): drain here then.
-	for s := range e.jobs {
-		e.settleBatch([]*settlement{s})
-	}
 	e.workers.Wait()
-	// One last try for what the database refused; what still fails stays
-	// in the spool for the next start.
-	if !e.retryOnce(dbTimeout) {
-		e.log().Warn("database unreachable at shutdown; settlements stay in the spool for the next start",
-			zap.Int("pending", e.pendingRetries()))
-	}
-	e.flushClears(true)
-	if !e.flushUsage() {
-		// Statistics only: the charges and request logs are settled
-		// (or in the spool) whatever happens here.
-		e.log().Warn("database unreachable at shutdown; usage counters (user_keys, openhands_keys) not written",
-			zap.Int("requests", e.pendingUsage()))
-	}
-	if sp := e.spool.Load(); sp != nil {
-		if err := sp.Close(); err != nil {
-			e.log().Error("closing the settlement spool failed", zap.Error(err))
-		}
-	}
+	e.settler.Close(dbTimeout)
 	if e.client == nil {
 		return nil
 	}
@@ -415,98 +365,6 @@ func describeConnectErr(err error, uri string) error {
 	return fmt.Errorf("invalid mongodb_uri: %w", err)
 }
 
-// usageFlushAt is how many settled requests' counters make a flush before
-// the timer's.
-const usageFlushAt = 4096
-
-// addUsage queues the key counters of settled requests for the next
-// flushUsage (every clearDelay/2, at usageFlushAt, and at shutdown): the
-// user_keys and openhands_keys counters are statistics, so one write per
-// key per half second replaces one per batch, as the legacy batcher did
-// every 100 ms.
-//
-// Each request's tokens are clamped to billing.MaxRequestTokens here too
-// (a settlement replayed from a journal was priced by an older build), so
-// that the store's sums of a batch cannot overflow.
-func (e *engine) addUsage(counters []billing.UsageCounters) {
-	for i := range counters {
-		c := &counters[i]
-		c.WeightedTokens, c.RawTokens = billing.ClampTokens(c.WeightedTokens), billing.ClampTokens(c.RawTokens)
-	}
-	e.usageMu.Lock()
-	e.usage = append(e.usage, counters...)
-	// While a failed batch waits, the timer retries it: a settlement
-	// worker does not wait for the database for statistics.
-	full := len(e.usage) >= usageFlushAt && !e.usageStuck.Load()
-	e.usageMu.Unlock()
-	if full {
-		e.flushUsage()
-	}
-}
-
-// flushUsage writes the queued counters as one batch (one bulk write per
-// collection), after the batch that failed last time if any: batches go
-// one at a time and in order, each sent again unchanged until it is
-// written, so that one that half applied is finished, never counted twice
-// (see billing.UsageBatch). While the database refuses, counters wait in
-// memory; their number is bounded by the requests admitted meanwhile,
-// which stop when settlements back up. It reports whether everything
-// queued was written.
-func (e *engine) flushUsage() bool {
-	e.countersMu.Lock()
-	defer e.countersMu.Unlock()
-	if b := e.usagePending; b != nil {
-		if !e.writeUsage(*b) {
-			return false
-		}
-		e.usagePending = nil
-		e.usageStuck.Store(false)
-	}
-	e.usageMu.Lock()
-	counters := e.usage
-	e.usage = nil
-	e.usageMu.Unlock()
-	if len(counters) == 0 {
-		return true
-	}
-	e.usageSeq++
-	writer, run, _ := strings.Cut(e.boot, "/")
-	b := billing.UsageBatch{Writer: writer, Seq: run + "-" + strconv.FormatUint(e.usageSeq, 10), Counters: counters}
-	if !e.writeUsage(b) {
-		e.usagePending = &b
-		e.usageStuck.Store(true)
-		return false
-	}
-	return true
-}
-
-// writeUsage makes one attempt at writing a counters batch.
-func (e *engine) writeUsage(b billing.UsageBatch) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
-	defer cancel()
-	t0 := time.Now()
-	err := e.store.AddUsage(ctx, b)
-	observeDB(waitUsage, t0)
-	if err != nil {
-		e.log().Warn("writing usage counters failed; the batch is sent again", zap.Int("requests", len(b.Counters)), zap.Error(err))
-		return false
-	}
-	return true
-}
-
-// pendingUsage is how many settled requests' counters are not written yet.
-func (e *engine) pendingUsage() int {
-	e.usageMu.Lock()
-	n := len(e.usage)
-	e.usageMu.Unlock()
-	e.countersMu.Lock()
-	if e.usagePending != nil {
-		n += len(e.usagePending.Counters)
-	}
-	e.countersMu.Unlock()
-	return n
-}
-
 func (e *engine) cleanSpares(now time.Time) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
 	defer cancel()
@@ -519,21 +377,21 @@ func (e *engine) cleanSpares(now time.Time) {
 	}
 }
 
-// openSpool opens the settlement journal and queues what a previous run
-// left in it. Without a spool (it cannot be opened) settlements are kept in
-// memory only, and a crash leaves their holds to the sweeper.
-func (e *engine) openSpool() {
+// openSpool opens the settlement journal and returns it with what a
+// previous run left in it. Without a spool (none configured, or it cannot
+// be opened) it returns nil: settlements are kept in memory only, and a
+// crash leaves their holds to the sweeper.
+func (e *engine) openSpool() (settle.Journal, []spool.Record) {
 	dir := e.spoolDir.Load()
 	if dir == nil || *dir == "" {
-		return
+		return nil, nil
 	}
 	sp, recs, err := spool.Open(*dir, spool.Options{})
 	if err != nil {
 		e.log().Error("opening the settlement spool failed; settlements are kept in memory only", zap.String("dir", *dir), zap.Error(err))
-		return
+		return nil, nil
 	}
-	e.spool.Store(sp)
-	e.replaySpool(recs)
+	return sp, recs
 }
 
 // applyIsolation sets how balance writes are isolated: "auto" asks the

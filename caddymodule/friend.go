@@ -117,22 +117,6 @@ func (e *engine) releaseFriend(fh *billing.FriendHold) {
 	}
 }
 
-// settleFriend replaces the settlement's friend hold, if any, by what the
-// owner was charged (rc.Charged: never more than the owner paid). It is
-// idempotent, so a settlement retried or replayed counts once.
-func (e *engine) settleFriend(ctx context.Context, s *settlement, rc billing.Receipt) error {
-	fh := s.Hold.Friend
-	if fh == nil || e.friends == nil {
-		return nil
-	}
-	opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
-	defer cancel()
-	t0 := time.Now()
-	err := e.friends.SettleFriend(opCtx, billing.FriendSettlement{Hold: *fh, Charged: rc.Charged, Billed: s.Bill || rc.Charged > 0, At: time.Now()})
-	observeDB(waitSettle, t0)
-	return err
-}
-
 // friendCap is what a request with hold h may charge for cost: for a
 // friend key, at most its friend hold, the room its limit had (the rest is
 // recorded as shortfall, as a cost above the pool's hold is), so that an

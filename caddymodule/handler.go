@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
+	"github.com/trollllm/caddy-llm-billing/settle"
 )
 
 // DefaultMaxBodySize is the request body limit when none is configured:
@@ -239,12 +240,12 @@ func (h *Handler) bill(w http.ResponseWriter, r *http.Request, next caddyhttp.Ha
 	}
 	fwd, err := billing.RewriteRequest(api, a.body, a.info, upstreamModel, maxTokens)
 	if err != nil {
-		eng.submit(&settlement{Hold: hold, logger: h.logger}) // gives the hold back
+		eng.settler.Submit(settle.Release(hold, h.logger))
 		done()
 		errInvalidJSON.write(w, api)
 		return nil
 	}
-	holdsOutstanding.Inc() // until its settlement is done (countDone)
+	holdsOutstanding.Inc() // until its settlement is done (settleMetrics.Finished)
 	m := newMeter(w, api)
 	m.onStart = a.refresh
 	pr := &proxied{start: a.start, principal: a.p, key: a.key, masked: masked, reqID: reqID, hold: hold, client: r.Context(),
@@ -310,8 +311,8 @@ type proxied struct {
 // (leave the body's as it is) under hold check.
 func (h *Handler) reserve(ctx context.Context, api billing.API, reqID, key string, p billing.Principal, model *billing.Model, masked string, size int64, info billing.RequestInfo) (billing.Hold, int64, *apiError) {
 	eng := h.eng
-	if eng.backlogged() {
-		h.logger.Error("refusing requests: settlements are waiting for the database", zap.Int("pending", eng.pendingRetries()))
+	if eng.settler.Backlogged() {
+		h.logger.Error("refusing requests: settlements are waiting for the database", zap.Int("pending", eng.settler.Pending()))
 		return billing.Hold{}, 0, errUnavailable
 	}
 	terms := billing.HoldTerms(model, size, info.MaxTokens, h.DefaultMaxTokens)
@@ -337,7 +338,7 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID, key strin
 	}
 	maxTokens := terms.Cap(model, hold.Amount(), info.ThinkingBudget)
 	if maxTokens < 1 {
-		eng.submit(&settlement{Hold: hold, logger: h.logger}) // gives the hold back
+		eng.settler.Submit(settle.Release(hold, h.logger))
 		if fh != nil && fh.Amount < terms.Want && hold.Amount() >= fh.Amount {
 			return billing.Hold{}, 0, errFriendLimit(billing.FriendLimitExceeded, info.Model) // the limit, not the pool
 		}
@@ -353,7 +354,7 @@ func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p bil
 	req := billing.HoldRequest{
 		RequestID: reqID, User: p.User, Plan: h.plan, Want: want, Min: need, Input: inputCost,
 		Owner: eng.boot, At: now, Expires: now.Add(time.Duration(eng.holdLease.Load())), LogID: billing.NewLogID(now),
-		Model: model.ID, KeyID: masked, Clear: eng.clears.take(p.User),
+		Model: model.ID, KeyID: masked, Clear: eng.settler.TakeReceipts(p.User),
 	}
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
@@ -361,15 +362,15 @@ func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p bil
 	hold, err := eng.store.Reserve(ctx, req)
 	observeDB(waitHold, t0)
 	var ie *billing.InsufficientError
-	if errors.As(err, &ie) && eng.awaitUser(ctx, p.User, refusedWait) {
+	if errors.As(err, &ie) && eng.settler.AwaitUser(ctx, p.User, refusedWait) {
 		// The user's own earlier requests still hold credit their
 		// settlements will give back: once they are settled, ask again.
 		t0 = time.Now()
 		hold, err = eng.store.Reserve(ctx, req)
 		observeDB(waitHold, t0)
 	}
-	if err != nil && len(req.Clear) > 0 {
-		eng.clears.add(p.User, req.Clear, time.Now())
+	if err != nil {
+		eng.settler.ReturnReceipts(p.User, req.Clear)
 	}
 	switch {
 	case err == nil:
@@ -387,7 +388,7 @@ func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p bil
 	// release goes in the settlement queue (journaled, retried until the
 	// database is back), so a refused request never keeps credit, and is
 	// never charged by the sweeper when its lease ends.
-	eng.submit(&settlement{Unknown: true, logger: h.logger, Hold: billing.Hold{
+	eng.settler.Submit(&settle.Settlement{Unknown: true, Logger: h.logger, Hold: billing.Hold{
 		RequestID: req.RequestID, User: req.User, Plan: req.Plan, Owner: req.Owner, At: req.At, Expires: req.Expires,
 		LogID: req.LogID, Model: req.Model, KeyID: req.KeyID,
 	}})
@@ -397,9 +398,9 @@ func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p bil
 // settle prices what the response used and hands the settlement to the
 // engine: the cost for a 2xx answer, a release of the hold otherwise.
 func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
-	s := &settlement{Hold: pr.hold, logger: h.logger, Site: r.Host, held: true}
+	s := &settle.Settlement{Hold: pr.hold, Logger: h.logger, Site: r.Host, Counted: true}
 	if m.status < 200 || m.status >= 300 {
-		h.eng.submit(s) // nothing billed: the hold goes back
+		h.eng.settler.Submit(s) // nothing billed: the hold goes back
 		return
 	}
 	p, key, upKey, model := pr.principal, pr.key, pr.upKey, pr.model
@@ -433,7 +434,7 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 	if p.InUserKeys {
 		s.Counters.UserKey = key
 	}
-	h.eng.submit(s)
+	h.eng.settler.Submit(s)
 }
 
 func upKeyID(k billing.UpstreamKey) string {

@@ -501,49 +501,6 @@ func TestAuthRefreshAfterTheAnswerStarts(t *testing.T) {
 	waitTimeout(&h.eng.background, 5*time.Second)
 }
 
-// A usage counters batch whose write failed is sent again, unchanged (same
-// Seq: the store can tell it already has it), before the counters queued
-// after it, which go in a batch of their own.
-func TestUsageBatchSentAgainUntilWritten(t *testing.T) {
-	h, fs := newTestHandler(t)
-	e := h.eng
-	fs.mu.Lock()
-	fs.usageFail = 1
-	fs.mu.Unlock()
-	e.addUsage([]billing.UsageCounters{{UpstreamKeyID: "k1", RawTokens: 10}})
-	if e.flushUsage() {
-		t.Fatal("a failed write reported as written")
-	}
-	e.addUsage([]billing.UsageCounters{{UpstreamKeyID: "k1", RawTokens: 5}})
-	if n := e.pendingUsage(); n != 2 {
-		t.Fatalf("%d counters pending, want 2", n)
-	}
-	if !e.flushUsage() {
-		t.Fatal("flush failed with the database back")
-	}
-	fs.mu.Lock()
-	tries := fs.usageTries
-	fs.mu.Unlock()
-	if len(tries) != 3 {
-		t.Fatalf("%d writes, want 3: %+v", len(tries), tries)
-	}
-	first, again, next := tries[0], tries[1], tries[2]
-	if first.written || !again.written || !next.written {
-		t.Fatalf("outcomes %+v", tries)
-	}
-	if again.batch.Seq != first.batch.Seq || again.batch.Writer != first.batch.Writer ||
-		len(again.batch.Counters) != 1 || again.batch.Counters[0].RawTokens != 10 {
-		t.Fatalf("the retry is not the same batch: %+v then %+v", first.batch, again.batch)
-	}
-	if next.batch.Seq == first.batch.Seq || next.batch.Writer != first.batch.Writer ||
-		len(next.batch.Counters) != 1 || next.batch.Counters[0].RawTokens != 5 {
-		t.Fatalf("the next batch: %+v", next.batch)
-	}
-	if e.pendingUsage() != 0 || e.usageStuck.Load() {
-		t.Fatal("counters still pending")
-	}
-}
-
 // A hold the database took while its answer was lost: the request is
 // refused (503), and the hold is found and given back in full once the
 // database answers, never left for the sweeper to charge.

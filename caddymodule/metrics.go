@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
+	"github.com/trollllm/caddy-llm-billing/settle"
 )
 
 // Every collector here is process-wide: Caddy gives each config load a new
@@ -205,10 +206,25 @@ func (h *Handler) countRequest(rr *refusalRecorder, ep endpoint) {
 	requestsTotal.WithLabelValues(h.plan.String(), model, outcome(rr.refusal, rr.status)).Inc()
 }
 
-// countSettled counts a billed request whose settlement and log row this
+// settleMetrics counts what the settlement pipeline does.
+type settleMetrics struct{}
+
+// waits maps the settlement's database operations to their histograms.
+var waits = map[string]prometheus.Observer{
+	settle.OpSettle: waitSettle, settle.OpRequestLogs: waitRequestLogs, settle.OpUsage: waitUsage,
+}
+
+// DBWait observes one database operation of the pipeline.
+func (settleMetrics) DBWait(op string, d time.Duration) {
+	if o := waits[op]; o != nil {
+		o.Observe(d.Seconds())
+	}
+}
+
+// Billed counts a billed request whose settlement and log row this
 // process has just written: tokens, money, estimate and lag, exactly once
 // per request (a retry only gets here once its row is written).
-func (s *settlement) countSettled() {
+func (settleMetrics) Billed(s *settle.Settlement) {
 	l := &s.Log
 	pool := l.CreditField
 	tokensTotal.WithLabelValues(pool, l.Model, "input").Add(float64(l.InputTokens))
@@ -222,15 +238,12 @@ func (s *settlement) countSettled() {
 	settlementLag.Observe(time.Since(l.CreatedAt).Seconds())
 }
 
-// countDone takes the holds of finished settlements out of
-// holds_outstanding, each once.
-func countDone(done []*settlement) {
-	for _, s := range done {
-		if s.held {
-			s.held = false
-			holdsOutstanding.Dec()
-		}
-	}
+// Finished takes a finished settlement's hold out of holds_outstanding.
+func (settleMetrics) Finished(*settle.Settlement) { holdsOutstanding.Dec() }
+
+// Swept counts what the sweeper charged for an orphaned hold.
+func (settleMetrics) Swept(h billing.Hold, charged billing.Nano) {
+	chargedUSD.WithLabelValues(h.Plan.String()).Add(charged.USD())
 }
 
 // The states of upstream_keys: a key Pick may hand out now is healthy,

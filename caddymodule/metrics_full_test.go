@@ -248,9 +248,9 @@ func TestSweeperChargeIsCounted(t *testing.T) {
 	eng := newEngineWithStore(&orphanStore{fakeStore: fs, orphans: []billing.Orphan{{Hold: hold}}})
 	t.Cleanup(func() { _ = eng.Destruct() })
 	before := sample(t, reg, "caddy_llm_billing_charged_usd_total", "pool", "credits+refCredits")
-	eng.sweep(time.Now())
+	eng.settler.Sweep(time.Now())
 	require.Equal(t, int64(1), fs.charges.Load(), "the sweeper charged the orphan")
-	charged := billing.OrphanPolicy(*eng.orphanPolicy.Load()).Cost(hold)
+	charged := billing.OrphanChargeInput.Cost(hold) // the default policy
 	require.Positive(t, charged)
 	assert.Equal(t, before+charged.USD(), sample(t, reg, "caddy_llm_billing_charged_usd_total", "pool", "credits+refCredits"))
 }

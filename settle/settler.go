@@ -1,0 +1,321 @@
+// Package settle turns finished requests into charges, exactly once: it
+// journals each settlement, gathers settlements into batches, settles their
+// holds, writes their request log rows, retries what the database refused,
+// and sweeps the holds and receipts that crashed instances left behind.
+//
+// It knows neither Caddy nor MongoDB: the store, the journal, the clock and
+// the metrics are interfaces its owner supplies. Every step the background
+// loops take is also a method a caller can run on its own goroutine, so a
+// simulation can drive the package step by step.
+package settle
+
+import (
+	"encoding/json"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+	"github.com/trollllm/caddy-llm-billing/spool"
+)
+
+// Store is what settling needs from the database.
+type Store interface {
+	billing.Ledger
+	billing.Sweeper
+	billing.Recorder
+}
+
+// Journal keeps settlements on disk until they are done (a spool.Spool).
+type Journal interface {
+	Append(id string, data []byte) error
+	DoneAll(ids []string) error
+	Close() error
+}
+
+// Observer is told what settling does, for metrics. Its methods must not
+// block.
+type Observer interface {
+	// DBWait is how long one database operation took; op is one of the
+	// Op constants.
+	DBWait(op string, d time.Duration)
+	// Billed is called once per billed request, when its charge and its
+	// log row are written by this process.
+	Billed(s *Settlement)
+	// Finished is called once for each settlement submitted with Counted
+	// set, when it is done.
+	Finished(s *Settlement)
+	// Swept is called when the sweeper charged an orphaned hold.
+	Swept(h billing.Hold, charged billing.Nano)
+}
+
+// The database operations an Observer is told about.
+const (
+	OpSettle      = "settle"         // one settlement command (one user, or a batch of users)
+	OpRequestLogs = "request_logs"   // one batched insert of request logs
+	OpUsage       = "usage_counters" // one batched update of the usage counters
+)
+
+// Config is what a Settler is built with.
+type Config struct {
+	Store Store
+	// Friends settles friend key holds; nil when the store keeps none.
+	Friends billing.FriendLedger
+	// Owner is this process's identity in the holds it takes: Caddy's
+	// instance id, "/", and a random suffix for this run.
+	Owner string
+	// Now is the clock; nil: time.Now.
+	Now func() time.Time
+	// Observer is told what happens; nil: nothing is.
+	Observer Observer
+}
+
+// Timings of the pipeline.
+const (
+	batchSize      = 256
+	batchLinger    = 50 * time.Millisecond
+	settleTimeout  = 15 * time.Second
+	dbTimeout      = 5 * time.Second
+	queueSize      = 1024
+	workers        = 4
+	retryMin       = 500 * time.Millisecond
+	retryMax       = 15 * time.Second
+	sweepInterval  = 15 * time.Second
+	heartbeatEvery = 10 * time.Second
+	ownerTimeout   = 45 * time.Second
+	receiptAge     = 10 * time.Minute
+)
+
+// Settler settles the holds of finished requests. It is safe for
+// concurrent use; one Settler serves every site on one database.
+type Settler struct {
+	store   Store
+	friends billing.FriendLedger
+	owner   string
+	now     func() time.Time
+	obs     Observer
+
+	logger  atomic.Pointer[zap.Logger]
+	policy  atomic.Pointer[billing.OrphanPolicy]
+	journal atomic.Pointer[journalRef]
+
+	jobs    chan *Settlement
+	batches chan []*Settlement
+	hurry   chan struct{} // ends the collector's linger
+	stop    chan struct{}
+	mu      sync.RWMutex // guards closed against sends on jobs
+	closed  bool
+	loops   sync.WaitGroup
+
+	waiting waitingSettlements
+	retryMu sync.Mutex
+	retry   []*Settlement
+	clears  receiptClears
+	usage   usageQueue
+}
+
+type journalRef struct{ j Journal }
+
+// New returns a Settler; Start launches its background work.
+func New(cfg Config) *Settler {
+	st := &Settler{
+		store: cfg.Store, friends: cfg.Friends, owner: cfg.Owner, now: cfg.Now, obs: cfg.Observer,
+		jobs:    make(chan *Settlement, queueSize),
+		batches: make(chan []*Settlement, workers),
+		hurry:   make(chan struct{}, 1),
+		stop:    make(chan struct{}),
+	}
+	if st.now == nil {
+		st.now = time.Now
+	}
+	if st.obs == nil {
+		st.obs = nopObserver{}
+	}
+	st.SetLogger(nil)
+	st.SetOrphanPolicy(billing.OrphanChargeInput)
+	return st
+}
+
+// SetLogger replaces the logger (nil: none).
+func (st *Settler) SetLogger(l *zap.Logger) {
+	if l == nil {
+		l = zap.NewNop()
+	}
+	st.logger.Store(l)
+}
+
+// SetOrphanPolicy replaces what the sweeper charges for an orphaned hold.
+func (st *Settler) SetOrphanPolicy(p billing.OrphanPolicy) { st.policy.Store(&p) }
+
+func (st *Settler) log() *zap.Logger { return st.logger.Load() }
+
+// Start queues what j holds from a previous run (recs), then launches the
+// batching workers, the retry loop, the sweeper and the receipt flusher. j
+// may be nil: settlements are then kept in memory only, and a crash leaves
+// their holds to the sweeper.
+func (st *Settler) Start(j Journal, recs []spool.Record) {
+	if j != nil {
+		st.journal.Store(&journalRef{j})
+		st.replay(recs)
+	}
+	st.loops.Add(workers + 4)
+	go st.collectLoop()
+	for i := 0; i < workers; i++ {
+		go st.settleLoop()
+	}
+	go st.retryLoop()
+	go st.sweepLoop()
+	go st.flushLoop()
+}
+
+func (st *Settler) journalOf() Journal {
+	if r := st.journal.Load(); r != nil {
+		return r.j
+	}
+	return nil
+}
+
+// Submit journals a settlement and queues it. When the queue is full, or
+// the Settler is closed, the caller settles it itself: back-pressure
+// instead of a dropped charge.
+func (st *Settler) Submit(s *Settlement) {
+	if s.Logger == nil {
+		s.Logger = st.log()
+	}
+	st.append(s)
+	st.waiting.add(s)
+	st.mu.RLock()
+	if !st.closed {
+		select {
+		case st.jobs <- s:
+			st.mu.RUnlock()
+			return
+		default:
+		}
+	}
+	st.mu.RUnlock()
+	st.SettleBatch([]*Settlement{s})
+}
+
+// append journals s. A settlement that cannot be journaled is still
+// settled from memory, and its hold in the database is the backstop.
+func (st *Settler) append(s *Settlement) {
+	j := st.journalOf()
+	if j == nil {
+		return
+	}
+	b, err := json.Marshal(s)
+	if err == nil {
+		err = j.Append(s.Hold.RequestID, b)
+	}
+	if err != nil {
+		st.log().Error("journaling a settlement failed", zap.String("request_id", s.Hold.RequestID), zap.Error(err))
+		return
+	}
+	s.journaled = true
+}
+
+// Close stops the background work and settles everything queued; what the
+// database still refuses after one last try stays in the journal for the
+// next start. It then closes the journal.
+func (st *Settler) Close(timeout time.Duration) {
+	st.mu.Lock()
+	if !st.closed {
+		st.closed = true
+		close(st.stop)
+		close(st.jobs)
+	}
+	st.mu.Unlock()
+	for s := range st.jobs { // the workers may never have started
+		st.SettleBatch([]*Settlement{s})
+	}
+	st.loops.Wait()
+	if !st.RetryOnce(timeout) {
+		st.log().Warn("database unreachable at shutdown; settlements stay in the spool for the next start",
+			zap.Int("pending", st.Pending()))
+	}
+	st.FlushClears(true)
+	if !st.FlushUsage() {
+		// Statistics only: the charges and request logs are settled
+		// (or in the journal) whatever happens here.
+		st.log().Warn("database unreachable at shutdown; usage counters (user_keys, openhands_keys) not written",
+			zap.Int("requests", st.usage.pending()))
+	}
+	if j := st.journalOf(); j != nil {
+		if err := j.Close(); err != nil {
+			st.log().Error("closing the settlement spool failed", zap.Error(err))
+		}
+	}
+}
+
+// collectLoop gathers queued settlements into batches: what arrives within
+// batchLinger of the first, up to batchSize. A batch costs one insert of
+// log rows and one command with a balance write per user and plan, so at
+// any load a larger batch means fewer writes per request; the linger only
+// delays work that is already off the request path.
+func (st *Settler) collectLoop() {
+	defer st.loops.Done()
+	defer close(st.batches)
+	for s := range st.jobs {
+		batch := make([]*Settlement, 1, batchSize)
+		batch[0] = s
+		t := time.NewTimer(batchLinger)
+	fill:
+		for len(batch) < batchSize {
+			select {
+			case s, ok := <-st.jobs:
+				if !ok {
+					break fill
+				}
+				batch = append(batch, s)
+			case <-t.C:
+				break fill
+			case <-st.hurry:
+				break fill // a hold waits for this user's settlements
+			}
+		}
+		t.Stop()
+		st.batches <- batch
+	}
+}
+
+// settleLoop settles the batches collectLoop makes.
+func (st *Settler) settleLoop() {
+	defer st.loops.Done()
+	for b := range st.batches {
+		st.SettleBatch(b)
+	}
+}
+
+// SettleQueued settles, on the calling goroutine, what is queued now and
+// not yet taken by a worker: a simulation's step (no workers run).
+func (st *Settler) SettleQueued() {
+	for {
+		batch := make([]*Settlement, 0, batchSize)
+	fill:
+		for len(batch) < batchSize {
+			select {
+			case s, ok := <-st.jobs:
+				if !ok {
+					break fill
+				}
+				batch = append(batch, s)
+			default:
+				break fill
+			}
+		}
+		if len(batch) == 0 {
+			return
+		}
+		st.SettleBatch(batch)
+	}
+}
+
+type nopObserver struct{}
+
+func (nopObserver) DBWait(string, time.Duration)     {}
+func (nopObserver) Billed(*Settlement)               {}
+func (nopObserver) Finished(*Settlement)             {}
+func (nopObserver) Swept(billing.Hold, billing.Nano) {}

@@ -1,0 +1,171 @@
+package settle
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
+)
+
+// sweepLoop sends this process's heartbeat and resolves holds left by dead
+// processes and receipts left without their log rows. Every instance runs
+// it; resolving goes through the same conditional Settle, so two sweepers
+// never resolve one hold twice.
+func (st *Settler) sweepLoop() {
+	defer st.loops.Done()
+	lastSweep := time.Time{}
+	for first := true; ; first = false {
+		now := st.now()
+		ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+		if err := st.store.Heartbeat(ctx, st.owner, now); err != nil {
+			st.log().Warn("heartbeat failed", zap.Error(err))
+		}
+		cancel()
+		if first {
+			// Settle what a previous run of this instance journaled, then
+			// resolve the holds that run left in flight: orphans now.
+			st.RetryOnce(settleTimeout)
+			st.SweepPredecessors(now)
+		}
+		if now.Sub(lastSweep) >= sweepInterval {
+			lastSweep = now
+			st.Sweep(now)
+		}
+		select {
+		case <-st.stop:
+			return
+		case <-time.After(heartbeatEvery):
+		}
+	}
+}
+
+// Sweep resolves orphaned holds with the orphan policy and writes the log
+// rows of receipts left without one.
+func (st *Settler) Sweep(now time.Time) {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*dbTimeout)
+	defer cancel()
+	st.resolve(ctx, billing.OrphanQuery{Now: now, OwnerDeadline: now.Add(-ownerTimeout), ReceiptAge: receiptAge})
+}
+
+// SweepPredecessors resolves the holds of earlier runs of this instance
+// (same Caddy instance id, so same Owner prefix): the journal's lock says
+// none of them is alive. Holds whose settlement is still waiting in the
+// journal are left to it. Without a journal it does nothing, since another
+// process may then share the instance id.
+func (st *Settler) SweepPredecessors(now time.Time) {
+	if st.journalOf() == nil {
+		return
+	}
+	prefix, _, ok := strings.Cut(st.owner, "/")
+	if !ok {
+		return
+	}
+	prefix += "/"
+	st.retryMu.Lock()
+	pending := make(map[string]bool, len(st.retry))
+	for _, s := range st.retry {
+		pending[s.Hold.RequestID] = true
+	}
+	st.retryMu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*dbTimeout)
+	defer cancel()
+	st.resolve(ctx, billing.OrphanQuery{
+		Now: now, OwnerDeadline: now.Add(-ownerTimeout), ReceiptAge: receiptAge,
+		Dead: func(owner string) bool { return strings.HasPrefix(owner, prefix) && owner != st.owner },
+		Skip: pending,
+	})
+}
+
+// resolve settles the orphans the query finds with the orphan policy and
+// writes the log rows of receipts left without one.
+func (st *Settler) resolve(ctx context.Context, q billing.OrphanQuery) {
+	orphans, err := st.store.Orphans(ctx, q)
+	if err != nil {
+		st.log().Warn("looking for orphaned holds failed", zap.Error(err))
+		return
+	}
+	policy := *st.policy.Load()
+	for _, o := range orphans {
+		if q.Skip[o.Hold.RequestID] {
+			continue
+		}
+		st.resolveOne(o, policy)
+	}
+}
+
+// resolveOne settles one orphaned hold, or finishes one unlogged receipt:
+// it writes the log row, then queues the receipt's drop. Each orphan has
+// its own time: a lock left by a killed process can hold one user up to
+// its lease.
+func (st *Settler) resolveOne(o billing.Orphan, policy billing.OrphanPolicy) {
+	h, rc := o.Hold, o.Receipt
+	if rc != nil && rc.Cost == 0 && rc.Charged == 0 {
+		// A hold released without a charge (the request failed): it has
+		// no log row to write.
+		st.clears.addExact(h.User, []string{h.RequestID}, st.now())
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
+	defer cancel()
+	if rc == nil {
+		r, ok := st.chargeOrphan(ctx, h, policy)
+		if !ok {
+			return
+		}
+		rc = &r
+	}
+	row := orphanLog(h, *rc, policy)
+	if err := st.store.InsertRequestLogs(ctx, []billing.RequestLog{row}); err != nil {
+		st.log().Warn("writing the log row of a swept hold failed", zap.String("request_id", h.RequestID), zap.Error(err))
+		return
+	}
+	if o.Receipt != nil {
+		st.log().Warn("wrote the missing log row of a settled request", zap.String("request_id", h.RequestID),
+			zap.String("user", h.User), zap.String("charged", rc.Charged.String()))
+	}
+	// Dropped by the flusher, which retries until the database takes it.
+	st.clears.addExact(h.User, []string{h.RequestID}, st.now())
+}
+
+// chargeOrphan settles an orphaned hold under the policy. ok is false
+// when there is nothing more to do: the hold is gone, its own settlement
+// got there first, or the database failed (the next sweep tries again).
+func (st *Settler) chargeOrphan(ctx context.Context, h billing.Hold, policy billing.OrphanPolicy) (billing.Receipt, bool) {
+	r, applied, err := st.store.Settle(ctx, billing.SettleRequest{Hold: h, Cost: policy.Cost(h), By: billing.SettledBySweeper})
+	switch {
+	case errors.Is(err, billing.ErrNoHold):
+		return r, false
+	case err != nil:
+		st.log().Warn("resolving an orphaned hold failed", zap.String("request_id", h.RequestID), zap.Error(err))
+		return r, false
+	case r.By != billing.SettledBySweeper:
+		return r, false
+	}
+	if applied {
+		st.obs.Swept(h, r.Charged)
+		st.log().Warn("resolved an orphaned hold", zap.String("request_id", h.RequestID), zap.String("user", h.User),
+			zap.String("owner", h.Owner), zap.Time("held_at", h.At), zap.String("policy", string(policy)),
+			zap.String("hold", h.Amount().String()), zap.String("charged", r.Charged.String()))
+	}
+	return r, true
+}
+
+// orphanLog is the log row of a hold the sweeper resolved, or of a receipt
+// whose row was never written: what the hold and the receipt say.
+func orphanLog(h billing.Hold, rc billing.Receipt, policy billing.OrphanPolicy) billing.RequestLog {
+	source, end := "hold_fallback", "orphaned:"+string(policy)
+	if rc.By == billing.SettledByRequest {
+		source, end = "receipt", "recovered"
+	}
+	return billing.RequestLog{
+		ID: rc.LogID, UserID: h.User, UserKeyID: h.KeyID, Model: h.Model,
+		CreditsCost: rc.Cost.USD(), CreditType: h.Plan.CreditType(), StatusCode: 200, IsSuccess: true, CreatedAt: rc.At,
+		RequestID: h.RequestID, CreditField: h.Plan.String(), UsageSource: source, EndReason: end,
+		CostNano: int64(rc.Cost), ChargedNano: int64(rc.Charged), ShortfallNano: int64(rc.Shortfall), Shortfall: rc.Shortfall.USD(),
+		HoldNano: int64(h.Amount()), TakenNano: rc.TakenByField(),
+	}
+}
