@@ -191,32 +191,31 @@ func (a *App) Provision(ctx caddy.Context) error {
 // The app has passed Validate and its placeholders are resolved (the static
 // upstream keys and the spool directory are given resolved).
 func (a *App) store(e *engine, static []billing.UpstreamKey, dir string) {
-	e.authTTL.Store(int64(orDefault(time.Duration(a.KeyCacheTTL), defaultAuthTTL))) // negative: off
-	e.keyRefresh.Store(int64(orDefault(time.Duration(a.KeyRefreshInterval), defaultRefresh)))
-	e.attempts.Store(int64(orDefault(a.KeyAttempts, defaultAttempts)))
-	e.budget.Store(int64(orDefault(time.Duration(a.KeyRetryBudget), defaultRetryBudget)))
-	e.rlCooldown.Store(int64(orDefault(time.Duration(a.KeyCooldown), defaultRateLimitCooldown)))
-	e.errCooldown.Store(int64(orDefault(time.Duration(a.KeyErrorCooldown), defaultErrorCooldown)))
-	e.static.Store(len(static) > 0)
+	s := defaultSettings()
+	s.authTTL = orDefault(time.Duration(a.KeyCacheTTL), defaultAuthTTL) // negative: off
+	s.keyRefresh = orDefault(time.Duration(a.KeyRefreshInterval), defaultRefresh)
+	s.attempts = orDefault(a.KeyAttempts, defaultAttempts)
+	s.budget = orDefault(time.Duration(a.KeyRetryBudget), defaultRetryBudget)
+	s.cooldowns.RateLimitCooldown = orDefault(time.Duration(a.KeyCooldown), defaultRateLimitCooldown)
+	s.cooldowns.ErrorCooldown = orDefault(time.Duration(a.KeyErrorCooldown), defaultErrorCooldown)
+	s.static = len(static) > 0
+	s.holdLease = orDefault(time.Duration(a.HoldLease), defaultHoldLease)
+	if a.Isolation != "" {
+		s.isolation = a.Isolation
+	}
+	s.errorLogs = a.ErrorLogs != "off"
+	s.spoolDir = dir
+	s.logger = a.logger
 	if len(static) > 0 {
 		e.keys.Set(static)
 	}
-	e.holdLease.Store(int64(orDefault(time.Duration(a.HoldLease), defaultHoldLease)))
 	e.bodies.limit.Store(orDefault(a.BodyMemory, DefaultBodyMemory))
 	policy := billing.OrphanChargeInput
 	if a.OrphanPolicy != "" {
 		policy = billing.OrphanPolicy(a.OrphanPolicy) // checked by Validate
 	}
 	e.settler.SetOrphanPolicy(policy)
-	iso := a.Isolation
-	if iso == "" {
-		iso = "auto"
-	}
-	e.isolation.Store(&iso)
-	e.errorLogsOn.Store(a.ErrorLogs != "off")
-	e.spoolDir.Store(&dir)
-	e.logger.Store(a.logger)
-	e.settler.SetLogger(a.logger)
+	e.configure(s)
 }
 
 // provisionRateLimits attaches to the pooled buckets (Validate checked the

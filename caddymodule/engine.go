@@ -41,7 +41,6 @@ type engine struct {
 	// errorLogs queues refusals for error_logs (errorLogLoop writes them).
 	errorLogs        chan billing.ErrorLog
 	errorLogsDropped atomic.Int64
-	errorLogsOn      atomic.Bool
 	health           dbHealth // the last database ping, for /health
 	keys             billing.KeyPool
 	// settler settles the holds of finished requests.
@@ -49,21 +48,9 @@ type engine struct {
 
 	// boot identifies this process's holds: Caddy's instance id and a
 	// random suffix, so that a restarted process is a new owner.
-	boot      string
-	spoolDir  atomic.Pointer[string]
-	holdLease atomic.Int64           // nanoseconds
-	isolation atomic.Pointer[string] // "auto", "process" or "shared"
-	bodies    bodyBudget             // request bodies in flight, bounded by App.BodyMemory
-
-	// settings, replaced by each config that provisions the app
-	authTTL     atomic.Int64 // nanoseconds
-	keyRefresh  atomic.Int64 // nanoseconds
-	static      atomic.Bool  // static keys in use: do not load from the database
-	attempts    atomic.Int64 // upstream attempts per request
-	budget      atomic.Int64 // nanoseconds a request may spend on failed attempts
-	rlCooldown  atomic.Int64 // nanoseconds, 429/529 without Retry-After
-	errCooldown atomic.Int64 // nanoseconds, 5xx and transport errors
-	logger      atomic.Pointer[zap.Logger]
+	boot   string
+	bodies bodyBudget // request bodies in flight, bounded by App.BodyMemory
+	cfg    atomic.Pointer[settings]
 
 	marks      chan keyMark
 	probing    sync.Map     // upstream key id → a probe of it is running (probeKey)
@@ -92,12 +79,48 @@ const (
 	defaultErrorCooldown     = 10 * time.Second
 )
 
+// settings are what the app's config sets in the pooled engine, defaults
+// applied. Each config that provisions the app replaces them whole
+// (engine.configure); readers take the current ones with engine.settings.
+type settings struct {
+	authTTL    time.Duration // how long a key lookup is cached; ≤ 0: not cached
+	keyRefresh time.Duration // how often the upstream key pool is reloaded
+	static     bool          // static upstream keys: never loaded from the database
+	attempts   int           // upstream attempts per request
+	budget     time.Duration // what a request may spend on failed attempts
+	cooldowns  billing.KeyPolicy
+	holdLease  time.Duration // a hold's lease (billing.HoldRequest.Expires)
+	isolation  string        // "auto", "process" or "shared"
+	errorLogs  bool          // refusals are written to error_logs
+	spoolDir   string        // the settlement journal's directory; "": none
+	logger     *zap.Logger
+}
+
+// defaultSettings are an engine's settings before any config sets them.
+func defaultSettings() settings {
+	return settings{
+		authTTL: defaultAuthTTL, keyRefresh: defaultRefresh, attempts: defaultAttempts, budget: defaultRetryBudget,
+		cooldowns: billing.KeyPolicy{RateLimitCooldown: defaultRateLimitCooldown, ErrorCooldown: defaultErrorCooldown},
+		holdLease: defaultHoldLease, isolation: "auto", errorLogs: true, logger: zap.NewNop(),
+	}
+}
+
+// settings returns the current settings; they never change once read.
+func (e *engine) settings() *settings { return e.cfg.Load() }
+
+// configure replaces the settings.
+func (e *engine) configure(s settings) {
+	if s.logger == nil {
+		s.logger = zap.NewNop()
+	}
+	e.cfg.Store(&s)
+	e.settler.SetLogger(s.logger)
+}
+
 // retryPolicy returns the current attempt limit, time budget and cooldowns.
 func (e *engine) retryPolicy() (int, time.Duration, billing.KeyPolicy) {
-	return int(e.attempts.Load()), time.Duration(e.budget.Load()), billing.KeyPolicy{
-		RateLimitCooldown: time.Duration(e.rlCooldown.Load()),
-		ErrorCooldown:     time.Duration(e.errCooldown.Load()),
-	}
+	s := e.settings()
+	return s.attempts, s.budget, s.cooldowns
 }
 
 func newEngine(uri, database string) (*engine, error) {
@@ -137,18 +160,8 @@ func newEngineWithStore(store billing.Store) *engine {
 	}
 	e.friends, _ = store.(billing.FriendLedger)
 	e.settler = settle.New(settle.Config{Store: store, Friends: e.friends, Owner: e.boot, Observer: settleMetrics{}})
-	e.errorLogsOn.Store(true)
-	e.authTTL.Store(int64(defaultAuthTTL))
-	e.keyRefresh.Store(int64(defaultRefresh))
-	e.attempts.Store(defaultAttempts)
-	e.budget.Store(int64(defaultRetryBudget))
-	e.rlCooldown.Store(int64(defaultRateLimitCooldown))
-	e.errCooldown.Store(int64(defaultErrorCooldown))
-	e.logger.Store(zap.NewNop())
-	e.holdLease.Store(int64(defaultHoldLease))
+	e.configure(defaultSettings())
 	e.bodies.limit.Store(DefaultBodyMemory)
-	iso := "auto"
-	e.isolation.Store(&iso)
 	return e
 }
 
@@ -164,7 +177,7 @@ func bootID() string {
 	return id + "/" + hex.EncodeToString(b[:])
 }
 
-func (e *engine) log() *zap.Logger { return e.logger.Load() }
+func (e *engine) log() *zap.Logger { return e.settings().logger }
 
 // start launches the background work once: settlement workers, the key
 // pool refresher and the cache sweeper. It is called from App.Start, never
@@ -189,7 +202,7 @@ func (e *engine) refreshLoop() {
 	e.loadKeys()
 	lastCleanup := time.Time{}
 	for {
-		d := time.Duration(e.keyRefresh.Load())
+		d := e.settings().keyRefresh
 		select {
 		case <-e.stop:
 			return
@@ -197,7 +210,7 @@ func (e *engine) refreshLoop() {
 			e.loadKeys()
 			now := time.Now()
 			e.auth.sweep(now)
-			if !e.static.Load() && now.Sub(lastCleanup) >= time.Minute {
+			if !e.settings().static && now.Sub(lastCleanup) >= time.Minute {
 				lastCleanup = now
 				e.cleanSpares(now)
 			}
@@ -215,7 +228,7 @@ func (e *engine) loadKeys() {
 
 // reloadKeys loads the pool from the database now.
 func (e *engine) reloadKeys(ctx context.Context) error {
-	if e.static.Load() {
+	if e.settings().static {
 		return nil
 	}
 	e.loadMu.Lock()
@@ -234,7 +247,7 @@ func (e *engine) reloadKeys(ctx context.Context) error {
 // spot, so a pool that was empty at start-up recovers as soon as keys exist.
 func (e *engine) pickKey() (billing.UpstreamKey, error) {
 	k, err := e.keys.Pick(time.Now())
-	if err == nil || e.static.Load() || e.keys.Len() > 0 {
+	if err == nil || e.settings().static || e.keys.Len() > 0 {
 		return k, err
 	}
 	e.loadKeys()
@@ -259,7 +272,7 @@ func (e *engine) authenticate(ctx context.Context, key string) (p billing.Princi
 	if err != nil {
 		return p, false, err
 	}
-	if ttl := time.Duration(e.authTTL.Load()); ttl > 0 {
+	if ttl := e.settings().authTTL; ttl > 0 {
 		e.auth.put(key, p, now, ttl)
 	}
 	return p, false, nil
@@ -299,7 +312,7 @@ func (e *engine) refreshAuth(key string) {
 		var ae *billing.AuthError
 		switch {
 		case err == nil:
-			if ttl := time.Duration(e.authTTL.Load()); ttl > 0 {
+			if ttl := e.settings().authTTL; ttl > 0 {
 				e.auth.put(key, p, now, ttl)
 			}
 		case errors.As(err, &ae):
@@ -382,13 +395,13 @@ func (e *engine) cleanSpares(now time.Time) {
 // be opened) it returns nil: settlements are kept in memory only, and a
 // crash leaves their holds to the sweeper.
 func (e *engine) openSpool() (settle.Journal, []spool.Record) {
-	dir := e.spoolDir.Load()
-	if dir == nil || *dir == "" {
+	dir := e.settings().spoolDir
+	if dir == "" {
 		return nil, nil
 	}
-	sp, recs, err := spool.Open(*dir, spool.Options{})
+	sp, recs, err := spool.Open(dir, spool.Options{})
 	if err != nil {
-		e.log().Error("opening the settlement spool failed; settlements are kept in memory only", zap.String("dir", *dir), zap.Error(err))
+		e.log().Error("opening the settlement spool failed; settlements are kept in memory only", zap.String("dir", dir), zap.Error(err))
 		return nil, nil
 	}
 	return sp, recs
@@ -402,7 +415,7 @@ func (e *engine) applyIsolation() {
 	if ms == nil {
 		return
 	}
-	switch *e.isolation.Load() {
+	switch e.settings().isolation {
 	case "process":
 		ms.SetIsolation(mongostore.IsolationProcess)
 		return

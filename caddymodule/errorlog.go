@@ -56,7 +56,7 @@ const (
 // rate_limited_total counts them), nor are the upstream's own errors.
 func (h *Handler) logRefusal(r *http.Request, rr *refusalRecorder) {
 	e := rr.refusal
-	if e == nil || e.status == http.StatusTooManyRequests || !h.eng.errorLogsOn.Load() {
+	if e == nil || e.status == http.StatusTooManyRequests || !h.eng.settings().errorLogs {
 		return
 	}
 	ip, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)

@@ -42,7 +42,7 @@ func withKeys(h *Handler, keys ...string) {
 	for _, k := range keys {
 		ks = append(ks, billing.UpstreamKey{ID: "id-" + k, APIKey: k, Status: "healthy"})
 	}
-	h.eng.static.Store(true) // no database refresh in these tests
+	h.eng.set(func(s *settings) { s.static = true }) // no database refresh in these tests
 	h.eng.keys.Set(ks)
 }
 

@@ -80,7 +80,7 @@ func (h *Handler) holdFriend(ctx context.Context, key, reqID string, p billing.P
 	}
 	now := time.Now()
 	req := billing.FriendHoldRequest{Key: key, RequestID: reqID, Model: model.ID, Slot: lim.Slot, Limit: lim.Limit,
-		Want: want, Min: need, Expires: now.Add(time.Duration(h.eng.holdLease.Load()))}
+		Want: want, Min: need, Expires: now.Add(h.eng.settings().holdLease)}
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
 	t0 := time.Now()

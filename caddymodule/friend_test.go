@@ -59,7 +59,7 @@ func TestFriendKeyCachedCostsOnlyItsHold(t *testing.T) {
 	store := &friendStore{fakeStore: fs, friend: billing.FriendKeyPrefix + strings.Repeat("cd", 32)}
 	eng := newEngineWithStore(store) // a FriendLedger: eng.friends is set
 	keys, _ := fs.LoadUpstreamKeys(context.Background())
-	eng.static.Store(true)
+	eng.set(func(s *settings) { s.static = true })
 	eng.keys.Set(keys)
 	eng.start()
 	t.Cleanup(func() { _ = eng.Destruct() })

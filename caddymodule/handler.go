@@ -353,7 +353,7 @@ func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p bil
 	now := time.Now()
 	req := billing.HoldRequest{
 		RequestID: reqID, User: p.User, Plan: h.plan, Want: want, Min: need, Input: inputCost,
-		Owner: eng.boot, At: now, Expires: now.Add(time.Duration(eng.holdLease.Load())), LogID: billing.NewLogID(now),
+		Owner: eng.boot, At: now, Expires: now.Add(eng.settings().holdLease), LogID: billing.NewLogID(now),
 		Model: model.ID, KeyID: masked, Clear: eng.settler.TakeReceipts(p.User),
 	}
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)

@@ -176,6 +176,13 @@ func (f *fakeStore) AddUsage(_ context.Context, b billing.UsageBatch) error {
 	return nil
 }
 
+// set changes the engine's settings as a config would.
+func (e *engine) set(change func(*settings)) {
+	s := *e.settings()
+	change(&s)
+	e.configure(s)
+}
+
 // newTestHandler returns a provisioned handler over a fake store, with its
 // engine started; the engine is drained when the test ends.
 func newTestHandler(tb testing.TB) (*Handler, *fakeStore) {
@@ -190,7 +197,7 @@ func newTestHandler(tb testing.TB) (*Handler, *fakeStore) {
 	// The pool is set here, not loaded by the refresher: a test that sets
 	// its own keys must not race with a load.
 	keys, _ := fs.LoadUpstreamKeys(context.Background())
-	eng.static.Store(true)
+	eng.set(func(s *settings) { s.static = true })
 	eng.keys.Set(keys)
 	eng.start()
 	tb.Cleanup(func() { _ = eng.Destruct() })
@@ -425,7 +432,7 @@ func TestAuthCacheRefreshAhead(t *testing.T) {
 func TestAuthRefreshInBackground(t *testing.T) {
 	fs := &fakeStore{key: "sk-good"}
 	e := newEngineWithStore(fs)
-	e.authTTL.Store(int64(time.Hour))
+	e.set(func(s *settings) { s.authTTL = time.Hour })
 	ctx := context.Background()
 	if _, refresh, err := e.authenticate(ctx, "sk-good"); err != nil || refresh {
 		t.Fatal(refresh, err)
@@ -460,7 +467,7 @@ func TestAuthRefreshInBackground(t *testing.T) {
 // even when the request ends without an answer from the upstream.
 func TestAuthRefreshAfterTheAnswerStarts(t *testing.T) {
 	h, fs := newTestHandler(t)
-	h.eng.authTTL.Store(int64(time.Hour))
+	h.eng.set(func(s *settings) { s.authTTL = time.Hour })
 	age := func() {
 		h.eng.auth.put(fs.key, billing.Principal{User: "u1", Role: "user"}, time.Now().Add(-40*time.Minute), time.Hour)
 	}

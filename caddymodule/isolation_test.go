@@ -52,7 +52,7 @@ func (f *fakeIsolator) state() ([]mongostore.Isolation, int) {
 func isolationEngine(t *testing.T, mode string, iso *fakeIsolator) *engine {
 	e := newEngineWithStore(&fakeStore{})
 	e.isolator = iso
-	e.isolation.Store(&mode)
+	e.set(func(s *settings) { s.isolation = mode })
 	t.Cleanup(func() { close(e.stop) })
 	return e
 }

@@ -377,6 +377,6 @@ func TestInvalidReloadKeepsEngineSettings(t *testing.T) {
 	assert.Contains(t, err.Error(), "key_attempts")
 	require.NoError(t, reload.Cleanup()) // as Caddy does after a failed Provision
 
-	assert.Equal(t, int64(10*time.Second), running.eng.authTTL.Load(), "key_cache_ttl")
-	assert.Equal(t, int64(5), running.eng.attempts.Load(), "key_attempts")
+	assert.Equal(t, 10*time.Second, running.eng.settings().authTTL, "key_cache_ttl")
+	assert.Equal(t, 5, running.eng.settings().attempts, "key_attempts")
 }
