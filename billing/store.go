@@ -230,58 +230,58 @@ var (
 	ErrRotationInProgress = errors.New("upstream key rotation in progress elsewhere")
 )
 
-// RequestLog is one request_logs document: the legacy fields the dashboard
-// reads, then the gateway's own.
+// RequestLog is the record of one billed request: the legacy fields the
+// dashboard reads, then the gateway's own. The store decides how it is
+// written (mongostore: one request_logs document).
 type RequestLog struct {
-	// ID is the document _id: an ObjectID chosen when the hold is taken, so
-	// that writing the row again (a retry, a replay after a restart, the
-	// sweeper) can never make a second row.
-	// The store writes it as the ObjectID _id.
-	ID               LogID     `bson:"-"`
-	UserID           string    `bson:"userId,omitempty"`
-	UserKeyID        string    `bson:"userKeyId"`
-	TrollKeyID       string    `bson:"trollKeyId,omitempty"`
-	Model            string    `bson:"model"`
-	InputTokens      int64     `bson:"inputTokens"`
-	OutputTokens     int64     `bson:"outputTokens"`
-	CacheWriteTokens int64     `bson:"cacheWriteTokens"`
-	CacheHitTokens   int64     `bson:"cacheHitTokens"`
-	CreditsCost      float64   `bson:"creditsCost"`
-	CreditType       string    `bson:"creditType"`
-	TokensUsed       int64     `bson:"tokensUsed"`
-	StatusCode       int       `bson:"statusCode"`
-	LatencyMs        int64     `bson:"latencyMs"`
-	IsSuccess        bool      `bson:"isSuccess"`
-	CreatedAt        time.Time `bson:"createdAt"`
+	// ID identifies the row. It is chosen when the hold is taken, so that
+	// writing the row again (a retry, a replay after a restart, the
+	// sweeper) can never make a second one.
+	ID               LogID
+	UserID           string
+	UserKeyID        string
+	TrollKeyID       string
+	Model            string
+	InputTokens      int64
+	OutputTokens     int64
+	CacheWriteTokens int64
+	CacheHitTokens   int64
+	CreditsCost      float64
+	CreditType       string
+	TokensUsed       int64
+	StatusCode       int
+	LatencyMs        int64
+	IsSuccess        bool
+	CreatedAt        time.Time
 	// FriendKeyID is the friend key, masked (MaskKey), when the request
 	// used one: the dashboard's friend key filter reads it.
-	FriendKeyID string `bson:"friendKeyId,omitempty"`
+	FriendKeyID string
 
-	RequestID     string  `bson:"requestId"`
-	CreditField   string  `bson:"creditField"`
-	Endpoint      string  `bson:"endpoint"`
-	Stream        bool    `bson:"stream"`
-	UpstreamModel string  `bson:"upstreamModel"`
-	UsageSource   string  `bson:"usageSource"`
-	EndReason     string  `bson:"endReason"`
-	CostNano      int64   `bson:"costNano"`
-	ChargedNano   int64   `bson:"chargedNano"`
-	Shortfall     float64 `bson:"shortfall"`
-	ShortfallNano int64   `bson:"shortfallNano"`
+	RequestID     string
+	CreditField   string
+	Endpoint      string
+	Stream        bool
+	UpstreamModel string
+	UsageSource   string
+	EndReason     string
+	CostNano      int64
+	ChargedNano   int64
+	Shortfall     float64
+	ShortfallNano int64
 	// HoldNano is the credit reserved before forwarding; TakenNano what
 	// the request finally took from each balance field.
-	HoldNano  int64            `bson:"holdNano"`
-	TakenNano map[string]int64 `bson:"takenNano"`
+	HoldNano  int64
+	TakenNano map[string]int64
 	// Attempts lists every upstream attempt, the billed one last.
-	Attempts []Attempt `bson:"attempts,omitempty"`
+	Attempts []Attempt
 }
 
 // Attempt is one try of a request on one upstream key.
 type Attempt struct {
-	KeyID     string `bson:"keyId"`
-	Status    int    `bson:"status"` // 0 for a transport error
-	Reason    string `bson:"reason"` // "ok", or why the key failed
-	LatencyMs int64  `bson:"latencyMs"`
+	KeyID     string
+	Status    int    // 0 for a transport error
+	Reason    string // "ok", or why the key failed
+	LatencyMs int64
 }
 
 // UsageCounters are the per-key counters kept beside a billed request.

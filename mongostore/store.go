@@ -483,10 +483,71 @@ func (s *Store) CleanUsedSpares(ctx context.Context, cutoff time.Time) (int, err
 	return removed, nil
 }
 
-// logDoc is a request log row with its _id.
+// logDoc is a request_logs document: the legacy fields the dashboard
+// reads, then the gateway's own.
 type logDoc struct {
-	ID                 bson.ObjectID `bson:"_id"`
-	billing.RequestLog `bson:",inline"`
+	ID               bson.ObjectID `bson:"_id"`
+	UserID           string        `bson:"userId,omitempty"`
+	UserKeyID        string        `bson:"userKeyId"`
+	TrollKeyID       string        `bson:"trollKeyId,omitempty"`
+	Model            string        `bson:"model"`
+	InputTokens      int64         `bson:"inputTokens"`
+	OutputTokens     int64         `bson:"outputTokens"`
+	CacheWriteTokens int64         `bson:"cacheWriteTokens"`
+	CacheHitTokens   int64         `bson:"cacheHitTokens"`
+	CreditsCost      float64       `bson:"creditsCost"`
+	CreditType       string        `bson:"creditType"`
+	TokensUsed       int64         `bson:"tokensUsed"`
+	StatusCode       int           `bson:"statusCode"`
+	LatencyMs        int64         `bson:"latencyMs"`
+	IsSuccess        bool          `bson:"isSuccess"`
+	CreatedAt        time.Time     `bson:"createdAt"`
+	FriendKeyID      string        `bson:"friendKeyId,omitempty"`
+
+	RequestID     string           `bson:"requestId"`
+	CreditField   string           `bson:"creditField"`
+	Endpoint      string           `bson:"endpoint"`
+	Stream        bool             `bson:"stream"`
+	UpstreamModel string           `bson:"upstreamModel"`
+	UsageSource   string           `bson:"usageSource"`
+	EndReason     string           `bson:"endReason"`
+	CostNano      int64            `bson:"costNano"`
+	ChargedNano   int64            `bson:"chargedNano"`
+	Shortfall     float64          `bson:"shortfall"`
+	ShortfallNano int64            `bson:"shortfallNano"`
+	HoldNano      int64            `bson:"holdNano"`
+	TakenNano     map[string]int64 `bson:"takenNano"`
+	Attempts      []attemptDoc     `bson:"attempts,omitempty"`
+}
+
+// attemptDoc is one upstream attempt in a request_logs document.
+type attemptDoc struct {
+	KeyID     string `bson:"keyId"`
+	Status    int    `bson:"status"`
+	Reason    string `bson:"reason"`
+	LatencyMs int64  `bson:"latencyMs"`
+}
+
+// newLogDoc is l as a document; a row without an id gets one.
+func newLogDoc(l billing.RequestLog) *logDoc {
+	id := l.ID
+	if id.IsZero() {
+		id = billing.NewLogID(l.CreatedAt)
+	}
+	d := &logDoc{
+		ID: bson.ObjectID(id), UserID: l.UserID, UserKeyID: l.UserKeyID, TrollKeyID: l.TrollKeyID, Model: l.Model,
+		InputTokens: l.InputTokens, OutputTokens: l.OutputTokens, CacheWriteTokens: l.CacheWriteTokens,
+		CacheHitTokens: l.CacheHitTokens, CreditsCost: l.CreditsCost, CreditType: l.CreditType, TokensUsed: l.TokensUsed,
+		StatusCode: l.StatusCode, LatencyMs: l.LatencyMs, IsSuccess: l.IsSuccess, CreatedAt: l.CreatedAt,
+		FriendKeyID: l.FriendKeyID, RequestID: l.RequestID, CreditField: l.CreditField, Endpoint: l.Endpoint,
+		Stream: l.Stream, UpstreamModel: l.UpstreamModel, UsageSource: l.UsageSource, EndReason: l.EndReason,
+		CostNano: l.CostNano, ChargedNano: l.ChargedNano, Shortfall: l.Shortfall, ShortfallNano: l.ShortfallNano,
+		HoldNano: l.HoldNano, TakenNano: l.TakenNano,
+	}
+	for _, a := range l.Attempts {
+		d.Attempts = append(d.Attempts, attemptDoc(a))
+	}
+	return d
 }
 
 // InsertRequestLogs inserts the rows unordered, so that one bad row does
@@ -499,11 +560,7 @@ func (s *Store) InsertRequestLogs(ctx context.Context, logs []billing.RequestLog
 	}
 	docs := make([]any, len(logs))
 	for i := range logs {
-		id := logs[i].ID
-		if id.IsZero() {
-			id = billing.NewLogID(logs[i].CreatedAt)
-		}
-		docs[i] = &logDoc{ID: bson.ObjectID(id), RequestLog: logs[i]}
+		docs[i] = newLogDoc(logs[i])
 	}
 	_, err := s.db.Collection(CollRequestLog).InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
 	if err == nil {
