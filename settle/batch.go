@@ -29,7 +29,7 @@ type batchRun struct {
 // journal in one write. A settlement the database refused is kept for
 // retry; nothing is dropped.
 func (st *Settler) SettleBatch(batch []*Settlement) {
-	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), st.batchTimeout())
 	defer cancel()
 	st.settleBatch(ctx, batch)
 }
@@ -113,7 +113,7 @@ func (st *Settler) receipt(ctx context.Context, s *Settlement, merged map[*Settl
 	if rc, ok := merged[s]; ok {
 		return rc, true, nil
 	}
-	opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+	opCtx, cancel := context.WithTimeout(ctx, st.opTimeout)
 	defer cancel()
 	t0 := time.Now()
 	rc, applied, err := st.store.Settle(opCtx, s.request())
@@ -208,7 +208,7 @@ func (st *Settler) findHolds(ctx context.Context, batch []*Settlement) error {
 // retry like any other settlement.
 func (st *Settler) findHold(ctx context.Context, s *Settlement) error {
 	h := s.Hold
-	opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+	opCtx, cancel := context.WithTimeout(ctx, st.opTimeout)
 	defer cancel()
 	held, err := st.store.Reserve(opCtx, billing.HoldRequest{
 		RequestID: h.RequestID, User: h.User, Plan: h.Plan, Owner: h.Owner, At: h.At, Expires: h.Expires,
@@ -245,7 +245,7 @@ func (st *Settler) settleMerged(ctx context.Context, batch []*Settlement) map[*S
 	if len(group) < 2 {
 		return nil // Settle costs the same and says more
 	}
-	opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+	opCtx, cancel := context.WithTimeout(ctx, st.opTimeout)
 	t0 := time.Now()
 	rcs, err := st.store.SettleMany(opCtx, reqs)
 	st.obs.DBWait(OpSettle, time.Since(t0))
@@ -268,7 +268,7 @@ func (st *Settler) settleFriend(ctx context.Context, s *Settlement, rc billing.R
 	if fh == nil || st.friends == nil {
 		return nil
 	}
-	opCtx, cancel := context.WithTimeout(ctx, dbTimeout)
+	opCtx, cancel := context.WithTimeout(ctx, st.opTimeout)
 	defer cancel()
 	t0 := time.Now()
 	err := st.friends.SettleFriend(opCtx, billing.FriendSettlement{Hold: *fh, Charged: rc.Charged, Billed: s.Bill || rc.Charged > 0, At: st.now()})

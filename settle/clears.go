@@ -98,7 +98,7 @@ func (st *Settler) FlushClears(all bool) {
 	if len(due) == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*st.opTimeout)
 	defer cancel()
 	for user, uc := range due {
 		if err := st.store.ClearReceipts(ctx, user, uc.ids); err != nil {

@@ -49,7 +49,7 @@ func (st *Settler) retryLoop() {
 			return
 		case <-time.After(delay):
 		}
-		if !st.RetryOnce(settleTimeout) {
+		if !st.RetryOnce(st.batchTimeout()) {
 			delay = min(2*delay, retryMax)
 		} else {
 			delay = retryMin

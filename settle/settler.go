@@ -70,14 +70,16 @@ type Config struct {
 	Now func() time.Time
 	// Observer is told what happens; nil: nothing is.
 	Observer Observer
+	// OpTimeout bounds one database operation; 0: 5 s. A batch gets three
+	// times as long.
+	OpTimeout time.Duration
 }
 
 // Timings of the pipeline.
 const (
 	batchSize      = 256
 	batchLinger    = 50 * time.Millisecond
-	settleTimeout  = 15 * time.Second
-	dbTimeout      = 5 * time.Second
+	defaultTimeout = 5 * time.Second
 	queueSize      = 1024
 	workers        = 4
 	retryMin       = 500 * time.Millisecond
@@ -96,6 +98,8 @@ type Settler struct {
 	owner   string
 	now     func() time.Time
 	obs     Observer
+	// opTimeout bounds one database operation.
+	opTimeout time.Duration
 
 	logger  atomic.Pointer[zap.Logger]
 	policy  atomic.Pointer[billing.OrphanPolicy]
@@ -121,7 +125,7 @@ type journalRef struct{ j Journal }
 // New returns a Settler; Start launches its background work.
 func New(cfg Config) *Settler {
 	st := &Settler{
-		store: cfg.Store, friends: cfg.Friends, owner: cfg.Owner, now: cfg.Now, obs: cfg.Observer,
+		store: cfg.Store, friends: cfg.Friends, owner: cfg.Owner, now: cfg.Now, obs: cfg.Observer, opTimeout: cfg.OpTimeout,
 		jobs:    make(chan *Settlement, queueSize),
 		batches: make(chan []*Settlement, workers),
 		hurry:   make(chan struct{}, 1),
@@ -129,6 +133,9 @@ func New(cfg Config) *Settler {
 	}
 	if st.now == nil {
 		st.now = time.Now
+	}
+	if st.opTimeout <= 0 {
+		st.opTimeout = defaultTimeout
 	}
 	if st.obs == nil {
 		st.obs = nopObserver{}
@@ -151,15 +158,13 @@ func (st *Settler) SetOrphanPolicy(p billing.OrphanPolicy) { st.policy.Store(&p)
 
 func (st *Settler) log() *zap.Logger { return st.logger.Load() }
 
-// Start queues what j holds from a previous run (recs), then launches the
-// batching workers, the retry loop, the sweeper and the receipt flusher. j
-// may be nil: settlements are then kept in memory only, and a crash leaves
-// their holds to the sweeper.
+// batchTimeout bounds the settling of one batch.
+func (st *Settler) batchTimeout() time.Duration { return 3 * st.opTimeout }
+
+// Start recovers the journal (Recover), then launches the batching
+// workers, the retry loop, the sweeper and the receipt flusher.
 func (st *Settler) Start(j Journal, recs []spool.Record) {
-	if j != nil {
-		st.journal.Store(&journalRef{j})
-		st.replay(recs)
-	}
+	st.Recover(j, recs)
 	st.loops.Add(workers + 4)
 	go st.collectLoop()
 	for i := 0; i < workers; i++ {
@@ -168,6 +173,16 @@ func (st *Settler) Start(j Journal, recs []spool.Record) {
 	go st.retryLoop()
 	go st.sweepLoop()
 	go st.flushLoop()
+}
+
+// Recover makes j the journal and queues for the retry what it holds from
+// a previous run (recs). j may be nil: settlements are then kept in memory
+// only, and a crash leaves their holds to the sweeper.
+func (st *Settler) Recover(j Journal, recs []spool.Record) {
+	if j != nil {
+		st.journal.Store(&journalRef{j})
+		st.replay(recs)
+	}
 }
 
 func (st *Settler) journalOf() Journal {

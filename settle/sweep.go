@@ -20,15 +20,11 @@ func (st *Settler) sweepLoop() {
 	lastSweep := time.Time{}
 	for first := true; ; first = false {
 		now := st.now()
-		ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
-		if err := st.store.Heartbeat(ctx, st.owner, now); err != nil {
-			st.log().Warn("heartbeat failed", zap.Error(err))
-		}
-		cancel()
+		st.Heartbeat(now)
 		if first {
 			// Settle what a previous run of this instance journaled, then
 			// resolve the holds that run left in flight: orphans now.
-			st.RetryOnce(settleTimeout)
+			st.RetryOnce(st.batchTimeout())
 			st.SweepPredecessors(now)
 		}
 		if now.Sub(lastSweep) >= sweepInterval {
@@ -43,10 +39,20 @@ func (st *Settler) sweepLoop() {
 	}
 }
 
+// Heartbeat records that this process is alive at now, so that the
+// sweepers leave its holds alone.
+func (st *Settler) Heartbeat(now time.Time) {
+	ctx, cancel := context.WithTimeout(context.Background(), st.opTimeout)
+	defer cancel()
+	if err := st.store.Heartbeat(ctx, st.owner, now); err != nil {
+		st.log().Warn("heartbeat failed", zap.Error(err))
+	}
+}
+
 // Sweep resolves orphaned holds with the orphan policy and writes the log
 // rows of receipts left without one.
 func (st *Settler) Sweep(now time.Time) {
-	ctx, cancel := context.WithTimeout(context.Background(), 4*dbTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*st.opTimeout)
 	defer cancel()
 	st.resolve(ctx, billing.OrphanQuery{Now: now, OwnerDeadline: now.Add(-ownerTimeout), ReceiptAge: receiptAge})
 }
@@ -71,7 +77,7 @@ func (st *Settler) SweepPredecessors(now time.Time) {
 		pending[s.Hold.RequestID] = true
 	}
 	st.retryMu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 4*dbTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*st.opTimeout)
 	defer cancel()
 	st.resolve(ctx, billing.OrphanQuery{
 		Now: now, OwnerDeadline: now.Add(-ownerTimeout), ReceiptAge: receiptAge,
@@ -109,7 +115,7 @@ func (st *Settler) resolveOne(o billing.Orphan, policy billing.OrphanPolicy) {
 		st.clears.addExact(h.User, []string{h.RequestID}, st.now())
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*st.opTimeout)
 	defer cancel()
 	if rc == nil {
 		r, ok := st.chargeOrphan(ctx, h, policy)

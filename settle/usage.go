@@ -108,7 +108,7 @@ func (st *Settler) FlushUsage() bool {
 
 // writeUsage makes one attempt at writing a counters batch.
 func (st *Settler) writeUsage(b billing.UsageBatch) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*dbTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*st.opTimeout)
 	defer cancel()
 	t0 := time.Now()
 	err := st.store.AddUsage(ctx, b)
