@@ -140,7 +140,7 @@ func (s *Store) enter(ctx context.Context, op Op) (Fault, error) {
 		f = s.faults(op)
 	}
 	switch f {
-	case FailBefore:
+	case FailBefore, Timeout:
 		s.mu.Unlock()
 		return f, &FaultError{Op: op, Fault: f}
 	case Stall:

@@ -132,7 +132,7 @@ func TestFaults(t *testing.T) {
 			require.NoError(t, fc.call(ctx, clean), "without a fault")
 			applied := clean.s.Snapshot()
 
-			for _, fault := range []ledgertest.Fault{ledgertest.FailBefore, ledgertest.FailAfter, ledgertest.Stall} {
+			for _, fault := range []ledgertest.Fault{ledgertest.FailBefore, ledgertest.FailAfter, ledgertest.Stall, ledgertest.Timeout} {
 				f := newFixture(t)
 				var seen []ledgertest.Op
 				f.s.SetFaults(func(op ledgertest.Op) ledgertest.Fault {
@@ -165,15 +165,19 @@ func assertNetworkError(t *testing.T, err error, fault ledgertest.Fault) {
 	}
 	var ie *billing.InsufficientError
 	assert.False(t, errors.As(err, &ie), "%s: not an InsufficientError", fault)
+	if fault == ledgertest.Stall || fault == ledgertest.Timeout {
+		assert.ErrorIs(t, err, context.DeadlineExceeded, "%s: ends with the deadline", fault)
+	}
 	if fault == ledgertest.Stall {
-		assert.ErrorIs(t, err, context.DeadlineExceeded, "a stall ends with the context")
-		return
+		return // the context's own error
 	}
 	var fe *ledgertest.FaultError
 	require.ErrorAs(t, err, &fe, fault.String())
 	assert.Equal(t, fault, fe.Fault)
 	var ne net.Error
-	assert.ErrorAs(t, err, &ne, "%s: a net.Error", fault)
+	if assert.ErrorAs(t, err, &ne, "%s: a net.Error", fault) {
+		assert.Equal(t, fault == ledgertest.Timeout, ne.Timeout(), "%s: a timeout", fault)
+	}
 }
 
 // TestStallWithoutDeadline returns at once with a timeout instead of
