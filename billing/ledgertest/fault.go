@@ -48,6 +48,7 @@ const (
 	Timeout
 )
 
+// String names the fault, for messages.
 func (f Fault) String() string {
 	switch f {
 	case Pass:
@@ -75,6 +76,8 @@ type FaultError struct {
 	Fault Fault
 }
 
+// Error reads like the driver's error for a connection cut mid-answer,
+// and names the injected fault.
 func (e *FaultError) Error() string {
 	return fmt.Sprintf("connection(ledgertest) incomplete read of message header: %v (injected %s on %s)",
 		e.Unwrap(), e.Fault, e.Op)

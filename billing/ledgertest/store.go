@@ -7,6 +7,10 @@
 // It is deterministic: it starts no goroutine, reads no wall clock unless
 // given one (SetClock), and returns everything it lists in a fixed order.
 // It is safe for concurrent use.
+//
+// Conformance holds a store to the semantics the MongoDB store shares with
+// this one (tests/mongostore runs it there). The package imports testing:
+// import it from tests only.
 package ledgertest
 
 import (

@@ -3,7 +3,9 @@ package ledgertest_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -221,4 +223,41 @@ func TestDefaultClock(t *testing.T) {
 	rc, _, err = s.Settle(ctx, settleReq(h, 0))
 	require.NoError(t, err)
 	assert.True(t, rc.At.Equal(t0.Add(time.Hour)), "the heartbeat's time, later: %v", rc.At)
+}
+
+// TestConcurrentUse: the store may be used by the pipeline's workers at
+// once (run with -race); the invariant holds after.
+func TestConcurrentUse(t *testing.T) {
+	s := ledgertest.New()
+	s.SetClock(func() time.Time { return t0 })
+	s.AddUser("u", billing.Balances{CreditsNew: usd(1)})
+	s.AddUser("c", billing.Balances{Credits: usd(0.5), RefCredits: usd(0.5)})
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			for i := range 50 {
+				user, plan := "u", planNew
+				if (w+i)%2 == 0 {
+					user, plan = "c", planOld
+				}
+				h, err := s.Reserve(ctx, holdReq(fmt.Sprintf("w%d-%d", w, i), user, plan, usd(0.05), 0))
+				if err != nil {
+					continue
+				}
+				rc, _, err := s.Settle(ctx, settleReq(h, usd(0.01)*billing.Nano(i%7)))
+				if err == nil && s.InsertRequestLogs(ctx, []billing.RequestLog{logRow(user, rc)}) == nil {
+					_ = s.ClearReceipts(ctx, user, []string{h.RequestID})
+				}
+				_ = s.Snapshot()
+			}
+		})
+	}
+	wg.Wait()
+	snap := s.Snapshot()
+	require.NoError(t, snap.Check())
+	for _, u := range snap.Users {
+		assert.Empty(t, u.Holds, u.ID)
+		assert.Empty(t, u.Receipts, u.ID)
+	}
 }
