@@ -47,6 +47,11 @@ var reserveCases = []confTest{
 		assert.Equal(t, usd(0.3), h.Amount())
 		assert.Zero(t, c.balances(u).CreditsNew)
 	}},
+	{"Reserve/takes Want even below Min when the pool has Min", func(t *testing.T, c *confCase) {
+		u := c.user("u", billing.Balances{CreditsNew: usd(1)})
+		h := c.reserve(c.req("r1", u, planNew, usd(0.1), usd(0.2)))
+		assert.Equal(t, usd(0.1), h.Amount())
+	}},
 	{"Reserve/caps Input by the hold", func(t *testing.T, c *confCase) {
 		u := c.user("u", billing.Balances{CreditsNew: usd(0.3)})
 		req := c.req("r1", u, planNew, usd(1), usd(0.1))
