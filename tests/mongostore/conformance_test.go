@@ -6,17 +6,32 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
 	"github.com/trollllm/caddy-llm-billing/billing/ledgertest"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/tests/seed"
 )
 
 // TestLedgerConformance runs the semantic table the in-memory ledger of
 // the simulations is held to (package billing/ledgertest) against the
-// MongoDB store, so that the two keep the same semantics.
+// MongoDB store, with each isolation, so that the two keep the same
+// semantics.
 func TestLedgerConformance(t *testing.T) {
 	s, db := open(t)
+	for _, iso := range []struct {
+		name string
+		iso  mongostore.Isolation
+	}{{"process", mongostore.IsolationProcess}, {"shared", mongostore.IsolationShared}, {"atomic", mongostore.IsolationAtomic}} {
+		t.Run(iso.name, func(t *testing.T) {
+			s.SetIsolation(iso.iso)
+			conformance(t, s, db)
+		})
+	}
+}
+
+func conformance(t *testing.T, s *mongostore.Store, db *mongo.Database) {
 	ledgertest.Conformance(t, ledgertest.Subject{
 		Store: s,
 		AddUser: func(t *testing.T, id string, b billing.Balances) {
