@@ -39,17 +39,11 @@ type Subject struct {
 // database started once). Receipts are stamped by the store's clock,
 // which must be the wall clock (the MongoDB store's is).
 func Conformance(t *testing.T, sub Subject) {
-	c := &conformance{sub: sub}
 	for _, tc := range conformanceCases {
 		t.Run(tc.name, func(t *testing.T) {
-			tc.run(t, c.newCase(t))
+			tc.run(t, newCase(t, sub))
 		})
 	}
-}
-
-// conformance is one run of the suite.
-type conformance struct {
-	sub Subject
 }
 
 // caseCount numbers the cases of every run in the process, so that runs
@@ -66,9 +60,9 @@ type confCase struct {
 	now    time.Time
 }
 
-func (c *conformance) newCase(t *testing.T) *confCase {
+func newCase(t *testing.T, sub Subject) *confCase {
 	return &confCase{
-		s: c.sub.Store, sub: c.sub, t: t, ctx: context.Background(),
+		s: sub.Store, sub: sub, t: t, ctx: context.Background(),
 		prefix: fmt.Sprintf("conf%d-", caseCount.Add(1)), now: time.Now().Truncate(time.Millisecond),
 	}
 }
