@@ -261,3 +261,22 @@ func TestConcurrentUse(t *testing.T) {
 		assert.Empty(t, u.Receipts, u.ID)
 	}
 }
+
+// TestConn: two connections share the data, each with its own faults.
+func TestConn(t *testing.T) {
+	a := ledgertest.New()
+	a.AddUser("u", billing.Balances{CreditsNew: usd(1)})
+	b := a.Conn()
+	b.SetFaults(func(ledgertest.Op) ledgertest.Fault { return ledgertest.FailBefore })
+	ctx := context.Background()
+	_, err := b.Reserve(ctx, holdReq("r1", "u", planNew, usd(0.4), 0))
+	var fe *ledgertest.FaultError
+	require.ErrorAs(t, err, &fe, "b's calls fail")
+	h, err := a.Reserve(ctx, holdReq("r1", "u", planNew, usd(0.4), 0))
+	require.NoError(t, err, "a's pass")
+	b.SetFaults(nil)
+	h2, err := b.Reserve(ctx, holdReq("r1", "u", planNew, usd(0.4), 0))
+	require.NoError(t, err)
+	assert.Equal(t, h.Taken, h2.Taken, "b sees a's hold")
+	assert.Equal(t, a.Snapshot(), b.Snapshot())
+}
