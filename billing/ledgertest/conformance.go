@@ -34,23 +34,21 @@ type Subject struct {
 
 // Conformance runs the semantics every billing.Ledger and billing.Sweeper
 // of the project shares, one subtest each, against one store: the cases
-// use users, request ids and owners of their own, so a store may be shared
-// (a database started once). Receipts are stamped by the store's clock,
+// use users, request ids and owners of their own, numbered across every
+// run in the process, so a store may be shared by cases and by runs (a
+// database started once). Receipts are stamped by the store's clock,
 // which must be the wall clock (the MongoDB store's is).
 func Conformance(t *testing.T, sub Subject) {
-	c := &conformance{sub: sub}
 	for _, tc := range conformanceCases {
 		t.Run(tc.name, func(t *testing.T) {
-			tc.run(t, c.newCase(t))
+			tc.run(t, newCase(t, sub))
 		})
 	}
 }
 
-// conformance is one run of the suite.
-type conformance struct {
-	sub Subject
-	n   atomic.Int64
-}
+// caseCount numbers the cases of every run in the process, so that runs
+// against one database do not meet each other's users.
+var caseCount atomic.Int64
 
 // confCase is one subtest's context: its unique prefix and time.
 type confCase struct {
@@ -62,10 +60,10 @@ type confCase struct {
 	now    time.Time
 }
 
-func (c *conformance) newCase(t *testing.T) *confCase {
+func newCase(t *testing.T, sub Subject) *confCase {
 	return &confCase{
-		s: c.sub.Store, sub: c.sub, t: t, ctx: context.Background(),
-		prefix: fmt.Sprintf("conf%d-", c.n.Add(1)), now: time.Now().Truncate(time.Millisecond),
+		s: sub.Store, sub: sub, t: t, ctx: context.Background(),
+		prefix: fmt.Sprintf("conf%d-", caseCount.Add(1)), now: time.Now().Truncate(time.Millisecond),
 	}
 }
 

@@ -1,6 +1,7 @@
 package ledgertest
 
 import (
+	"errors"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -45,6 +46,11 @@ var reserveCases = []confTest{
 		h := c.reserve(c.req("r1", u, planNew, usd(1), usd(0.01)))
 		assert.Equal(t, usd(0.3), h.Amount())
 		assert.Zero(t, c.balances(u).CreditsNew)
+	}},
+	{"Reserve/takes Want even below Min when the pool has Min", func(t *testing.T, c *confCase) {
+		u := c.user("u", billing.Balances{CreditsNew: usd(1)})
+		h := c.reserve(c.req("r1", u, planNew, usd(0.1), usd(0.2)))
+		assert.Equal(t, usd(0.1), h.Amount())
 	}},
 	{"Reserve/caps Input by the hold", func(t *testing.T, c *confCase) {
 		u := c.user("u", billing.Balances{CreditsNew: usd(0.3)})
@@ -139,6 +145,33 @@ var reserveCases = []confTest{
 		c.reserve(req) // the hold exists: only the receipts go
 		_, _, err := c.s.Settle(c.ctx, billing.SettleRequest{Hold: h1, Cost: usd(0.1), By: billing.SettledByRequest})
 		assert.ErrorIs(t, err, billing.ErrNoHold)
+	}},
+	{"Reserve/fails when Clear names a receipt twice", func(t *testing.T, c *confCase) {
+		u := c.user("u", billing.Balances{CreditsNew: usd(1)})
+		h1 := c.settleAfterReserve(c.req("r1", u, planNew, usd(0.2), 0), usd(0.1))
+		req := c.req("r2", u, planNew, usd(0.2), 0)
+		req.Clear = []string{h1.RequestID, h1.RequestID}
+		_, err := c.s.Reserve(c.ctx, req)
+		require.Error(t, err, "the update would unset one path twice")
+		var ie *billing.InsufficientError
+		assert.False(t, errors.As(err, &ie))
+		assert.Equal(t, usd(0.9), c.balances(u).CreditsNew, "nothing taken")
+		_, applied, err := c.s.Settle(c.ctx, billing.SettleRequest{Hold: h1, Cost: usd(0.1), By: billing.SettledByRequest})
+		require.NoError(t, err, "the receipt is kept")
+		assert.False(t, applied)
+		_, err = c.s.Reserve(c.ctx, c.req("r2", u, planNew, usd(0.2), 0))
+		require.NoError(t, err, "the same request without the Clear")
+		_, err = c.s.Reserve(c.ctx, req)
+		assert.Error(t, err, "the hold exists: the first update fails all the same")
+		req.Want, req.Min = 0, 1
+		_, err = c.s.Reserve(c.ctx, req)
+		assert.NoError(t, err, "Want below Min reads first: the hold exists, its Clear is exact")
+		_, err = c.s.Reserve(c.ctx, c.req("r3", c.id("nobody"), planNew, usd(0.2), 0))
+		assert.ErrorIs(t, err, billing.ErrUserNotFound, "without Clear")
+		req = c.req("r3", c.id("nobody"), planNew, usd(0.2), 0)
+		req.Clear = []string{"x", "x"}
+		_, err = c.s.Reserve(c.ctx, req)
+		assert.NotErrorIs(t, err, billing.ErrUserNotFound, "the update fails before it finds no user")
 	}},
 	{"Balances/reads the fields", func(t *testing.T, c *confCase) {
 		u := c.user("u", billing.Balances{CreditsNew: usd(1), Credits: usd(2), RefCredits: usd(3)})

@@ -107,6 +107,14 @@ var settleCases = []confTest{
 		assert.ErrorIs(t, err, billing.ErrNoHold)
 		assert.Equal(t, usd(0.9), c.balances(u).CreditsNew)
 	}},
+	{"Settle/trusts the amounts of the hold it is given", func(t *testing.T, c *confCase) {
+		u := c.user("u", billing.Balances{CreditsNew: usd(1)})
+		h := c.reserve(c.req("r1", u, planNew, usd(0.2), 0))
+		h.Taken = []billing.Nano{usd(0.5)} // not what was taken: pass the hold Reserve returned
+		rc := c.settle(h, usd(0.1))
+		assert.Equal(t, usd(0.1), rc.Charged)
+		assert.Equal(t, usd(1.2), c.balances(u).CreditsNew, "0.4 given back of a 0.2 hold")
+	}},
 	{"Settle/unknown user", func(t *testing.T, c *confCase) {
 		h := billing.Hold{RequestID: c.id("r1"), User: c.id("nobody"), Plan: planNew, Taken: []billing.Nano{usd(1)}}
 		_, _, err := c.s.Settle(c.ctx, billing.SettleRequest{Hold: h, Cost: usd(0.1), By: billing.SettledByRequest})

@@ -94,6 +94,15 @@ var sweepCases = []confTest{
 		got := c.orphans(billing.OrphanQuery{Now: c.now, OwnerDeadline: c.now.Add(-time.Minute), ReceiptAge: time.Hour})
 		assert.Equal(t, []string{"hold:old"}, got)
 	}},
+	{"Orphans/a hold without a lease end", func(t *testing.T, c *confCase) {
+		u := c.user("u", billing.Balances{CreditsNew: usd(1)})
+		require.NoError(t, c.s.Heartbeat(c.ctx, c.id("owner"), c.now))
+		req := c.req("r1", u, planNew, usd(0.1), 0)
+		req.Expires = time.Time{}
+		c.reserve(req)
+		got := c.orphans(billing.OrphanQuery{Now: c.now, OwnerDeadline: c.now.Add(-time.Minute), ReceiptAge: time.Hour})
+		assert.Equal(t, []string{"hold:r1"}, got, "a zero Expires has ended")
+	}},
 	{"Orphans/dead owner", func(t *testing.T, c *confCase) {
 		u := c.user("u", billing.Balances{CreditsNew: usd(1)})
 		require.NoError(t, c.s.Heartbeat(c.ctx, c.id("owner"), c.now))

@@ -1,6 +1,7 @@
 package ledgertest
 
 import (
+	"context"
 	"fmt"
 	"io"
 )
@@ -40,8 +41,14 @@ const (
 	// answering. With a context that cannot end it returns a timeout
 	// *FaultError at once, so that a test cannot hang.
 	Stall
+	// Timeout fails the call at once, without applying anything, with the
+	// error a stall gives once the caller's deadline passed: a *FaultError
+	// that wraps context.DeadlineExceeded. It is the stall of a
+	// deterministic simulation, which must not wait for the wall clock.
+	Timeout
 )
 
+// String names the fault, for messages.
 func (f Fault) String() string {
 	switch f {
 	case Pass:
@@ -52,31 +59,42 @@ func (f Fault) String() string {
 		return "fail after"
 	case Stall:
 		return "stall"
+	case Timeout:
+		return "timeout"
 	}
 	return fmt.Sprintf("fault(%d)", uint8(f))
 }
 
 // FaultError is the error of an injected fault. It looks like a driver's
 // network error, not like any billing sentinel: it satisfies net.Error
-// (Timeout is true for a stall) and wraps io.ErrUnexpectedEOF, as a read
-// cut short by a dropped connection does. Callers must not tell it apart
-// from a real database failure; tests may, with errors.As.
+// (Timeout is true for Stall and Timeout) and wraps io.ErrUnexpectedEOF,
+// as a read cut short by a dropped connection does, or for Timeout
+// context.DeadlineExceeded. Callers must not tell it apart from a real
+// database failure; tests may, with errors.As.
 type FaultError struct {
 	Op    Op
 	Fault Fault
 }
 
+// Error reads like the driver's error for a connection cut mid-answer,
+// and names the injected fault.
 func (e *FaultError) Error() string {
 	return fmt.Sprintf("connection(ledgertest) incomplete read of message header: %v (injected %s on %s)",
-		io.ErrUnexpectedEOF, e.Fault, e.Op)
+		e.Unwrap(), e.Fault, e.Op)
 }
 
-// Unwrap returns io.ErrUnexpectedEOF.
-func (e *FaultError) Unwrap() error { return io.ErrUnexpectedEOF }
+// Unwrap returns context.DeadlineExceeded for Timeout, io.ErrUnexpectedEOF
+// otherwise.
+func (e *FaultError) Unwrap() error {
+	if e.Fault == Timeout {
+		return context.DeadlineExceeded
+	}
+	return io.ErrUnexpectedEOF
+}
 
-// Timeout reports whether the fault is a stall, as net.Error does for a
-// deadline.
-func (e *FaultError) Timeout() bool { return e.Fault == Stall }
+// Timeout reports whether the fault is a stall or a timeout, as net.Error
+// does for a deadline.
+func (e *FaultError) Timeout() bool { return e.Fault == Stall || e.Fault == Timeout }
 
 // Temporary reports true: a network error may pass on a retry.
 func (e *FaultError) Temporary() bool { return true }

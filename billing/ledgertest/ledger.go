@@ -15,7 +15,10 @@ import (
 // req.Clear exactly). A pool that is empty or below req.Min gives an
 // *billing.InsufficientError, a missing user billing.ErrUserNotFound. The
 // receipts named by req.Clear are dropped with a new hold and counted out
-// whether they existed or not, as the MongoDB store's update counts them.
+// whether they existed or not, as the MongoDB store's update counts them;
+// a Clear that names a receipt twice fails with a write error, as the
+// MongoDB store's update does (whenever it sends one: always when Want is
+// at least Min, otherwise when a new hold is to be taken).
 func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.Hold, error) {
 	if err := validRequestID(req.RequestID); err != nil {
 		return billing.Hold{}, err
@@ -38,6 +41,13 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 
 // reserve is Reserve under the lock.
 func (s *Store) reserve(req billing.HoldRequest) (billing.Hold, error) {
+	if req.Want >= req.Min {
+		// The MongoDB store tries one update first, which the database
+		// refuses whatever the document holds.
+		if err := clearConflict(req.Clear); err != nil {
+			return billing.Hold{}, err
+		}
+	}
 	u := s.users[req.User]
 	if u == nil {
 		return billing.Hold{}, billing.ErrUserNotFound
@@ -50,6 +60,9 @@ func (s *Store) reserve(req billing.HoldRequest) (billing.Hold, error) {
 	avail := u.pool(fields)
 	if avail <= 0 || avail < req.Min {
 		return billing.Hold{}, &billing.InsufficientError{Balance: avail, Need: req.Min}
+	}
+	if err := clearConflict(req.Clear); err != nil {
+		return billing.Hold{}, err
 	}
 	taken := u.takeFirstFirst(fields, max(min(req.Want, avail), 0))
 	for i, f := range fields {
@@ -69,6 +82,20 @@ func (s *Store) reserve(req billing.HoldRequest) (billing.Hold, error) {
 	}
 	u.doneN -= int64(len(req.Clear))
 	return h, nil
+}
+
+// clearConflict is the write error the database gives for an update that
+// drops the receipts ids when one is named twice: it would $unset the
+// same path twice.
+func clearConflict(ids []string) error {
+	seen := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		if seen[id] {
+			return fmt.Errorf("taking a hold: write exception: updating the path 'llmDone.%s' would create a conflict", id)
+		}
+		seen[id] = true
+	}
+	return nil
 }
 
 // Settle releases the hold and charges the cost, as the MongoDB store

@@ -7,6 +7,10 @@
 // It is deterministic: it starts no goroutine, reads no wall clock unless
 // given one (SetClock), and returns everything it lists in a fixed order.
 // It is safe for concurrent use.
+//
+// Conformance holds a store to the semantics the MongoDB store shares with
+// this one (tests/mongostore runs it there). The package imports testing:
+// import it from tests only.
 package ledgertest
 
 import (
@@ -32,8 +36,15 @@ var balanceFields = []string{billing.FieldCreditsNew, billing.FieldCredits, bill
 // keeps them, drift included: see Snapshot.Check). Times are kept to the
 // millisecond, as the MongoDB store packs them.
 //
-// The zero Store is not usable; call New.
+// A Store is one connection to its data: Conn opens another, with faults
+// of its own. The zero Store is not usable; call New.
 type Store struct {
+	*data
+	faults func(Op) Fault // guarded by mu
+}
+
+// data is what every connection of a store shares.
+type data struct {
 	mu        sync.Mutex
 	users     map[string]*user
 	instances map[string]time.Time
@@ -44,7 +55,6 @@ type Store struct {
 	usageSeen map[string]bool
 	clock     func() time.Time
 	seen      time.Time // the latest time given to the store
-	faults    func(Op) Fault
 	nextLogID uint64
 }
 
@@ -64,13 +74,19 @@ type user struct {
 // New returns an empty store without faults, whose clock is the latest
 // time it was given (see SetClock).
 func New() *Store {
-	return &Store{
+	return &Store{data: &data{
 		users:     map[string]*user{},
 		instances: map[string]time.Time{},
 		logs:      map[billing.LogID]billing.RequestLog{},
 		usageSeen: map[string]bool{},
-	}
+	}}
 }
+
+// Conn returns another connection to the same store: the same data, clock
+// and lock, with its own fault hook (none at first, see SetFaults). Give
+// each simulated gateway instance its own, so that one instance's database
+// calls can fail while another's pass.
+func (s *Store) Conn() *Store { return &Store{data: s.data} }
 
 // SetClock sets the clock that stamps receipts (the MongoDB store uses the
 // wall clock there). Without one, the store's time is the latest time it
@@ -81,11 +97,11 @@ func (s *Store) SetClock(now func() time.Time) {
 	s.clock = now
 }
 
-// SetFaults sets the hook that decides the fault of each call; nil means
-// none. The hook is called with the store's lock held, once per call that
-// reaches the database (calls refused by validation never do), so it may
-// use a seeded random source without a lock of its own, and it must not
-// call the store.
+// SetFaults sets the hook that decides the fault of each call on this
+// connection; nil means none. The hook is called with the store's lock
+// held (one lock for all connections), once per call that reaches the
+// database (calls refused by validation never do), so it may use a seeded
+// random source without a lock of its own, and it must not call the store.
 func (s *Store) SetFaults(hook func(Op) Fault) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -140,7 +156,7 @@ func (s *Store) enter(ctx context.Context, op Op) (Fault, error) {
 		f = s.faults(op)
 	}
 	switch f {
-	case FailBefore:
+	case FailBefore, Timeout:
 		s.mu.Unlock()
 		return f, &FaultError{Op: op, Fault: f}
 	case Stall:

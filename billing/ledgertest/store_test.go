@@ -3,7 +3,9 @@ package ledgertest_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -132,7 +134,7 @@ func TestFaults(t *testing.T) {
 			require.NoError(t, fc.call(ctx, clean), "without a fault")
 			applied := clean.s.Snapshot()
 
-			for _, fault := range []ledgertest.Fault{ledgertest.FailBefore, ledgertest.FailAfter, ledgertest.Stall} {
+			for _, fault := range []ledgertest.Fault{ledgertest.FailBefore, ledgertest.FailAfter, ledgertest.Stall, ledgertest.Timeout} {
 				f := newFixture(t)
 				var seen []ledgertest.Op
 				f.s.SetFaults(func(op ledgertest.Op) ledgertest.Fault {
@@ -165,15 +167,19 @@ func assertNetworkError(t *testing.T, err error, fault ledgertest.Fault) {
 	}
 	var ie *billing.InsufficientError
 	assert.False(t, errors.As(err, &ie), "%s: not an InsufficientError", fault)
+	if fault == ledgertest.Stall || fault == ledgertest.Timeout {
+		assert.ErrorIs(t, err, context.DeadlineExceeded, "%s: ends with the deadline", fault)
+	}
 	if fault == ledgertest.Stall {
-		assert.ErrorIs(t, err, context.DeadlineExceeded, "a stall ends with the context")
-		return
+		return // the context's own error
 	}
 	var fe *ledgertest.FaultError
 	require.ErrorAs(t, err, &fe, fault.String())
 	assert.Equal(t, fault, fe.Fault)
 	var ne net.Error
-	assert.ErrorAs(t, err, &ne, "%s: a net.Error", fault)
+	if assert.ErrorAs(t, err, &ne, "%s: a net.Error", fault) {
+		assert.Equal(t, fault == ledgertest.Timeout, ne.Timeout(), "%s: a timeout", fault)
+	}
 }
 
 // TestStallWithoutDeadline returns at once with a timeout instead of
@@ -217,4 +223,60 @@ func TestDefaultClock(t *testing.T) {
 	rc, _, err = s.Settle(ctx, settleReq(h, 0))
 	require.NoError(t, err)
 	assert.True(t, rc.At.Equal(t0.Add(time.Hour)), "the heartbeat's time, later: %v", rc.At)
+}
+
+// TestConcurrentUse: the store may be used by the pipeline's workers at
+// once (run with -race); the invariant holds after.
+func TestConcurrentUse(t *testing.T) {
+	s := ledgertest.New()
+	s.SetClock(func() time.Time { return t0 })
+	s.AddUser("u", billing.Balances{CreditsNew: usd(1)})
+	s.AddUser("c", billing.Balances{Credits: usd(0.5), RefCredits: usd(0.5)})
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			for i := range 50 {
+				user, plan := "u", planNew
+				if (w+i)%2 == 0 {
+					user, plan = "c", planOld
+				}
+				h, err := s.Reserve(ctx, holdReq(fmt.Sprintf("w%d-%d", w, i), user, plan, usd(0.05), 0))
+				if err != nil {
+					continue
+				}
+				rc, _, err := s.Settle(ctx, settleReq(h, usd(0.01)*billing.Nano(i%7)))
+				if err == nil && s.InsertRequestLogs(ctx, []billing.RequestLog{logRow(user, rc)}) == nil {
+					_ = s.ClearReceipts(ctx, user, []string{h.RequestID})
+				}
+				_ = s.Snapshot()
+			}
+		})
+	}
+	wg.Wait()
+	snap := s.Snapshot()
+	require.NoError(t, snap.Check())
+	for _, u := range snap.Users {
+		assert.Empty(t, u.Holds, u.ID)
+		assert.Empty(t, u.Receipts, u.ID)
+	}
+}
+
+// TestConn: two connections share the data, each with its own faults.
+func TestConn(t *testing.T) {
+	a := ledgertest.New()
+	a.AddUser("u", billing.Balances{CreditsNew: usd(1)})
+	b := a.Conn()
+	b.SetFaults(func(ledgertest.Op) ledgertest.Fault { return ledgertest.FailBefore })
+	ctx := context.Background()
+	_, err := b.Reserve(ctx, holdReq("r1", "u", planNew, usd(0.4), 0))
+	var fe *ledgertest.FaultError
+	require.ErrorAs(t, err, &fe, "b's calls fail")
+	h, err := a.Reserve(ctx, holdReq("r1", "u", planNew, usd(0.4), 0))
+	require.NoError(t, err, "a's pass")
+	b.SetFaults(nil)
+	h2, err := b.Reserve(ctx, holdReq("r1", "u", planNew, usd(0.4), 0))
+	require.NoError(t, err)
+	assert.Equal(t, h.Taken, h2.Taken, "b sees a's hold")
+	assert.Equal(t, a.Snapshot(), b.Snapshot())
 }
