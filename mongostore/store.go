@@ -178,33 +178,7 @@ func (s *Store) Authenticate(ctx context.Context, key string) (billing.Principal
 		options.FindOne().SetProjection(bson.D{{Key: "name", Value: 1}, {Key: "isActive", Value: 1}, {Key: "expiresAt", Value: 1}})).Decode(&uk)
 	switch {
 	case err == nil:
-		if uk.IsActive != nil && !*uk.IsActive {
-			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthRevoked}
-		}
-		if uk.ExpiresAt != nil && uk.ExpiresAt.Before(now) {
-			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthExpired}
-		}
-		p := billing.Principal{User: uk.Name, InUserKeys: true}
-		var u userDoc
-		err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: uk.Name}},
-			options.FindOne().SetProjection(userAuthProjection)).Decode(&u)
-		switch {
-		case errors.Is(err, mongo.ErrNoDocuments):
-			// As the legacy proxy: the migration check is skipped; billing
-			// then fails with ErrUserNotFound before anything is served.
-			return p, nil
-		case err != nil:
-			return billing.Principal{}, fmt.Errorf("reading user of key: %w", err)
-		}
-		if u.IsActive != nil && !*u.IsActive {
-			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthRevoked}
-		}
-		p.Role = strings.ToLower(strings.TrimSpace(u.Role))
-		if p.Role != "admin" && !u.Migration {
-			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthMigrationRequired}
-		}
-		p.Balances = u.Bal.balances()
-		return p, nil
+		return s.authenticateUserKey(ctx, uk, now)
 	case !errors.Is(err, mongo.ErrNoDocuments):
 		return billing.Principal{}, fmt.Errorf("reading user_keys: %w", err)
 	}
@@ -218,17 +192,67 @@ func (s *Store) Authenticate(ctx context.Context, key string) (billing.Principal
 	case err != nil:
 		return billing.Principal{}, fmt.Errorf("reading usersNew: %w", err)
 	}
-	if u.IsActive != nil && !*u.IsActive {
-		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthRevoked}
+	if err := refuseInactive(u.IsActive, u.ExpiresAt, now); err != nil {
+		return billing.Principal{}, err
 	}
-	if u.ExpiresAt != nil && u.ExpiresAt.Before(now) {
-		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthExpired}
-	}
-	role := strings.ToLower(strings.TrimSpace(u.Role))
-	if role != "admin" && !u.Migration {
-		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthMigrationRequired}
+	role, err := migratedRole(u)
+	if err != nil {
+		return billing.Principal{}, err
 	}
 	return billing.Principal{User: u.ID, Role: role, Balances: u.Bal.balances()}, nil
+}
+
+// authenticateUserKey resolves a key found in user_keys: the key must be
+// active and not expired at now, and its user, when it exists, active and
+// migrated (or an admin). A key whose user is missing is accepted without
+// the user's checks, as the legacy proxy did.
+func (s *Store) authenticateUserKey(ctx context.Context, uk userKeyDoc, now time.Time) (billing.Principal, error) {
+	if err := refuseInactive(uk.IsActive, uk.ExpiresAt, now); err != nil {
+		return billing.Principal{}, err
+	}
+	p := billing.Principal{User: uk.Name, InUserKeys: true}
+	var u userDoc
+	err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: uk.Name}},
+		options.FindOne().SetProjection(userAuthProjection)).Decode(&u)
+	switch {
+	case errors.Is(err, mongo.ErrNoDocuments):
+		// As the legacy proxy: the migration check is skipped; billing
+		// then fails with ErrUserNotFound before anything is served.
+		return p, nil
+	case err != nil:
+		return billing.Principal{}, fmt.Errorf("reading user of key: %w", err)
+	}
+	if err := refuseInactive(u.IsActive, nil, now); err != nil {
+		return billing.Principal{}, err
+	}
+	if p.Role, err = migratedRole(u); err != nil {
+		return billing.Principal{}, err
+	}
+	p.Balances = u.Bal.balances()
+	return p, nil
+}
+
+// refuseInactive returns the AuthError of a key or user that is revoked
+// (isActive false; a missing isActive counts as active) or, when expiresAt
+// is set, expired at now; nil otherwise.
+func refuseInactive(isActive *bool, expiresAt *time.Time, now time.Time) error {
+	if isActive != nil && !*isActive {
+		return &billing.AuthError{Reason: billing.AuthRevoked}
+	}
+	if expiresAt != nil && expiresAt.Before(now) {
+		return &billing.AuthError{Reason: billing.AuthExpired}
+	}
+	return nil
+}
+
+// migratedRole returns the user's role, trimmed and lowercased, or the
+// AuthError of a user who is neither an admin nor migrated.
+func migratedRole(u userDoc) (string, error) {
+	role := strings.ToLower(strings.TrimSpace(u.Role))
+	if role != "admin" && !u.Migration {
+		return "", &billing.AuthError{Reason: billing.AuthMigrationRequired}
+	}
+	return role, nil
 }
 
 // fieldValue is a balance field as read: its value and whether it exists.
