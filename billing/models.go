@@ -274,29 +274,48 @@ func parseModel(i int, raw json.RawMessage) (*Model, error) {
 	if m.ID == "" {
 		return m, errors.New("id is missing or empty")
 	}
+	if err := m.setPrice(&j); err != nil {
+		return m, err
+	}
+	if err := m.setTokenLimits(&j); err != nil {
+		return m, err
+	}
+	if err := m.setUpstreamIDs(&j); err != nil {
+		return m, err
+	}
+	return m, nil
+}
 
+// setPrice sets m.Price from j: input and output prices required, cache
+// prices optional, the multiplier checked. It stops at the first field
+// that is not valid.
+func (m *Model) setPrice(j *modelJSON) error {
 	var err error
 	if m.Price.Input, err = priceField("input_price_per_mtok", j.InputPrice, true); err != nil {
-		return m, err
+		return err
 	}
 	if m.Price.Output, err = priceField("output_price_per_mtok", j.OutputPrice, true); err != nil {
-		return m, err
+		return err
 	}
 	if m.Price.CacheWrite, err = priceField("cache_write_price_per_mtok", j.CacheWritePrice, false); err != nil {
-		return m, err
+		return err
 	}
 	if m.Price.CacheRead, err = priceField("cache_hit_price_per_mtok", j.CacheHitPrice, false); err != nil {
-		return m, err
+		return err
 	}
-	if m.Price.Multiplier, err = multiplierField(j.Multiplier); err != nil {
-		return m, err
-	}
+	m.Price.Multiplier, err = multiplierField(j.Multiplier)
+	return err
+}
 
+// setTokenLimits sets m.ThinkingBudget (the reasoning default when absent
+// or 0, never negative) and m.ContextWindow (DefaultContextWindow when
+// absent, else 1 to MaxContextWindow tokens) from j.
+func (m *Model) setTokenLimits(j *modelJSON) error {
 	switch {
 	case j.ThinkingBudget == nil || *j.ThinkingBudget == 0:
 		m.ThinkingBudget = defaultThinkingBudget(m.Reasoning)
 	case *j.ThinkingBudget < 0:
-		return m, fmt.Errorf("thinking_budget must not be negative, got %d", *j.ThinkingBudget)
+		return fmt.Errorf("thinking_budget must not be negative, got %d", *j.ThinkingBudget)
 	default:
 		m.ThinkingBudget = *j.ThinkingBudget
 	}
@@ -305,31 +324,38 @@ func parseModel(i int, raw json.RawMessage) (*Model, error) {
 	case j.ContextWindow == nil:
 		m.ContextWindow = DefaultContextWindow
 	case *j.ContextWindow < 1 || *j.ContextWindow > MaxContextWindow:
-		return m, fmt.Errorf("context_window must be between 1 and %d tokens, got %d", MaxContextWindow, *j.ContextWindow)
+		return fmt.Errorf("context_window must be between 1 and %d tokens, got %d", MaxContextWindow, *j.ContextWindow)
 	default:
 		m.ContextWindow = *j.ContextWindow
 	}
+	return nil
+}
 
+// setUpstreamIDs sets m.UpstreamIDs and, when j gives them, their weights:
+// one per id, each above 0, adding up to at most 2^63-1.
+func (m *Model) setUpstreamIDs(j *modelJSON) error {
+	var err error
 	if m.UpstreamIDs, err = upstreamIDs(j.UpstreamModelID, m.ID); err != nil {
-		return m, err
+		return err
 	}
-	if j.UpstreamWeights != nil {
-		if len(j.UpstreamWeights) != len(m.UpstreamIDs) {
-			return m, fmt.Errorf("upstream_model_weights has %d entries but upstream_model_id has %d",
-				len(j.UpstreamWeights), len(m.UpstreamIDs))
-		}
-		var total uint64
-		for k, w := range j.UpstreamWeights {
-			if w <= 0 {
-				return m, fmt.Errorf("upstream_model_weights[%d] must be greater than 0, got %d", k, w)
-			}
-			if total += uint64(w); total > math.MaxInt64 {
-				return m, errors.New("upstream_model_weights add up to more than 2^63-1")
-			}
-		}
-		m.UpstreamWeights = j.UpstreamWeights
+	if j.UpstreamWeights == nil {
+		return nil
 	}
-	return m, nil
+	if len(j.UpstreamWeights) != len(m.UpstreamIDs) {
+		return fmt.Errorf("upstream_model_weights has %d entries but upstream_model_id has %d",
+			len(j.UpstreamWeights), len(m.UpstreamIDs))
+	}
+	var total uint64
+	for k, w := range j.UpstreamWeights {
+		if w <= 0 {
+			return fmt.Errorf("upstream_model_weights[%d] must be greater than 0, got %d", k, w)
+		}
+		if total += uint64(w); total > math.MaxInt64 {
+			return errors.New("upstream_model_weights add up to more than 2^63-1")
+		}
+	}
+	m.UpstreamWeights = j.UpstreamWeights
+	return nil
 }
 
 // priceField converts a USD-per-Mtok price to micro-USD per Mtok. Required

@@ -190,94 +190,143 @@ func (hw *holdWriter) ReadFrom(r io.Reader) (int64, error) {
 // time budget. Every attempt is appended to pr.attempts and pr.upKey ends
 // as the key that answered. When it answers the client itself (no key
 // left, upstream unreachable) the meter sees nothing, so nothing is billed.
-func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next interface {
-	ServeHTTP(http.ResponseWriter, *http.Request) error
-}, m *meter, pr *proxied, fwd []byte, api billing.API) error {
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next upstreamHandler,
+	m *meter, pr *proxied, fwd []byte, api billing.API) error {
 	// Only allowed headers and query parameters go upstream: the pool key
 	// is the only credential that leaves. Plain bytes from the upstream, so
 	// the usage reader sees JSON, not gzip.
 	h.headers.apply(r)
 	r.Header.Set("Accept-Encoding", "identity")
-	eng := h.eng
-	maxAttempts, budget, policy := eng.retryPolicy()
+	maxAttempts, budget, policy := h.eng.retryPolicy()
 	for attempt := 1; ; attempt++ {
-		setBody(r, fwd)
-		r.Header.Set("Authorization", "Bearer "+pr.upKey.APIKey)
-		hw := newHoldWriter(m, pr.expect)
-		t0 := time.Now()
-		err := next.ServeHTTP(hw, r)
-		if cerr := hw.endCheck(err, pr.client.Err() != nil); err == nil {
-			err = cerr
-		}
-		at := billing.Attempt{KeyID: pr.upKey.ID, Status: hw.status, LatencyMs: time.Since(t0).Milliseconds()}
-
-		var v billing.KeyVerdict
-		switch {
-		case hw.garbage:
-			// Not what the API promises: never shown, never billed.
-			at.Reason = "invalid_answer"
-			pr.attempts = append(pr.attempts, at)
-			h.logger.Warn("upstream answered a success that is not valid for its API; answering 502",
-				zap.String("upstream_key", pr.upKey.ID), zap.Int("status", hw.status),
-				zap.String("content_type", hw.header.Get("Content-Type")))
-			errBadAnswer.write(w, api)
-			return nil
-		case hw.committed:
-			at.Reason = "ok"
-			if hw.status >= 400 {
-				at.Reason = "error_passed_through"
-			}
-			pr.attempts = append(pr.attempts, at)
+		t := tryKey(r, next, m, pr, fwd)
+		v, done, err := h.judgeTry(w, r, pr, t, policy, api)
+		if done {
 			return err
-		case hw.held:
-			v = policy.JudgeResponse(hw.status, hw.body, hw.header.Get("Retry-After"), time.Now())
-		case err != nil && pr.client.Err() == nil && r.Context().Err() == nil:
-			v = policy.JudgeTransportError()
-		case err != nil:
-			return nil // the client is gone; nothing to answer
-		default:
-			// An empty answer without a status: nothing reached the client.
-			at.Reason = "empty"
-			pr.attempts = append(pr.attempts, at)
-			return nil
 		}
-		at.Reason = v.Reason
-		if at.Reason == "" {
-			at.Reason = "not_retried"
-		}
-		pr.attempts = append(pr.attempts, at)
-		if v.Status != "" {
-			eng.markKey(pr.upKey, v)
-		}
-		if v.Probe {
-			h.probeKey(r, next, pr.upKey) // only its answer may demote the key for good
-		}
+		h.applyVerdict(r, next, pr, t, v)
 		if !v.Retry || attempt >= maxAttempts || time.Since(pr.start) > budget || pr.client.Err() != nil {
-			if hw.held {
-				hw.replay(api)
-			} else {
-				if pr.client.Err() == nil {
-					h.logger.Warn("upstream request failed", zap.String("upstream_key", pr.upKey.ID), zap.Error(err))
-				}
-				errUpstream.write(w, api)
-			}
+			h.giveUp(w, pr, t, api)
 			return nil
 		}
-		k, kerr := eng.pickKey()
-		if kerr != nil {
-			h.logger.Warn("no upstream key left to retry on", zap.Int("attempts", attempt))
-			if hw.held {
-				errNoKey.write(w, api) // no key can serve: the legacy 503
-			} else {
-				errUpstream.write(w, api)
-			}
+		if !h.switchKey(w, pr, t, v, attempt, api) {
 			return nil
 		}
-		h.logger.Info("retrying on another upstream key",
-			zap.String("failed_key", pr.upKey.ID), zap.String("reason", v.Reason), zap.String("next_key", k.ID))
-		pr.upKey = k
-		upstreamFailovers.WithLabelValues(v.Reason).Inc()
 	}
+}
+
+// keyTry is one attempt of the request on one upstream key.
+type keyTry struct {
+	hw  *holdWriter     // the attempt's answer: held, committed or discarded
+	at  billing.Attempt // its record; Reason is set when it is judged
+	err error           // the attempt's error, else the check's on a held success
+}
+
+// tryKey sends the request once on pr.upKey, with the forwarded body fwd
+// and the key as its credential, through a fresh hold writer. A success
+// still being checked when the attempt ends has been ruled on (endCheck).
+func tryKey(r *http.Request, next upstreamHandler, m *meter, pr *proxied, fwd []byte) *keyTry {
+	setBody(r, fwd)
+	r.Header.Set("Authorization", "Bearer "+pr.upKey.APIKey)
+	hw := newHoldWriter(m, pr.expect)
+	t0 := time.Now()
+	err := next.ServeHTTP(hw, r)
+	if cerr := hw.endCheck(err, pr.client.Err() != nil); err == nil {
+		err = cerr
+	}
+	at := billing.Attempt{KeyID: pr.upKey.ID, Status: hw.status, LatencyMs: time.Since(t0).Milliseconds()}
+	return &keyTry{hw: hw, at: at, err: err}
+}
+
+// judgeTry rules on an ended attempt. When the attempt ends the request (an
+// answer committed to the client, a success not valid for its API, an empty
+// answer, a client gone), it records the attempt where there is one to
+// record, answers the client where it must, and returns done with what
+// forward returns. Otherwise it returns the policy's verdict on the key and
+// leaves the attempt to applyVerdict.
+func (h *Handler) judgeTry(w http.ResponseWriter, r *http.Request, pr *proxied, t *keyTry,
+	policy billing.KeyPolicy, api billing.API) (v billing.KeyVerdict, done bool, err error) {
+	hw := t.hw
+	switch {
+	case hw.garbage:
+		// Not what the API promises: never shown, never billed.
+		t.at.Reason = "invalid_answer"
+		pr.attempts = append(pr.attempts, t.at)
+		h.logger.Warn("upstream answered a success that is not valid for its API; answering 502",
+			zap.String("upstream_key", pr.upKey.ID), zap.Int("status", hw.status),
+			zap.String("content_type", hw.header.Get("Content-Type")))
+		errBadAnswer.write(w, api)
+		return v, true, nil
+	case hw.committed:
+		t.at.Reason = "ok"
+		if hw.status >= 400 {
+			t.at.Reason = "error_passed_through"
+		}
+		pr.attempts = append(pr.attempts, t.at)
+		return v, true, t.err
+	case hw.held:
+		return policy.JudgeResponse(hw.status, hw.body, hw.header.Get("Retry-After"), time.Now()), false, nil
+	case t.err != nil && pr.client.Err() == nil && r.Context().Err() == nil:
+		return policy.JudgeTransportError(), false, nil
+	case t.err != nil:
+		return v, true, nil // the client is gone; nothing to answer
+	default:
+		// An empty answer without a status: nothing reached the client.
+		t.at.Reason = "empty"
+		pr.attempts = append(pr.attempts, t.at)
+		return v, true, nil
+	}
+}
+
+// applyVerdict records a judged attempt with the verdict's reason
+// ("not_retried" when it gives none), takes the key out of the pool when the
+// verdict gives it a status, and probes the key when the verdict asks.
+func (h *Handler) applyVerdict(r *http.Request, next upstreamHandler, pr *proxied, t *keyTry, v billing.KeyVerdict) {
+	t.at.Reason = v.Reason
+	if t.at.Reason == "" {
+		t.at.Reason = "not_retried"
+	}
+	pr.attempts = append(pr.attempts, t.at)
+	if v.Status != "" {
+		h.eng.markKey(pr.upKey, v)
+	}
+	if v.Probe {
+		h.probeKey(r, next, pr.upKey) // only its answer may demote the key for good
+	}
+}
+
+// giveUp answers the client when an attempt is not retried: the held error,
+// sanitised, or the legacy upstream error when there is none.
+func (h *Handler) giveUp(w http.ResponseWriter, pr *proxied, t *keyTry, api billing.API) {
+	if t.hw.held {
+		t.hw.replay(api)
+		return
+	}
+	if pr.client.Err() == nil {
+		h.logger.Warn("upstream request failed", zap.String("upstream_key", pr.upKey.ID), zap.Error(t.err))
+	}
+	errUpstream.write(w, api)
+}
+
+// switchKey makes pr.upKey the next key to retry on and reports true, or,
+// when no key is left, answers the client (the legacy 503 after a held
+// error, else the upstream error) and reports false.
+func (h *Handler) switchKey(w http.ResponseWriter, pr *proxied, t *keyTry, v billing.KeyVerdict, attempt int, api billing.API) bool {
+	k, err := h.eng.pickKey()
+	if err != nil {
+		h.logger.Warn("no upstream key left to retry on", zap.Int("attempts", attempt))
+		if t.hw.held {
+			errNoKey.write(w, api) // no key can serve: the legacy 503
+		} else {
+			errUpstream.write(w, api)
+		}
+		return false
+	}
+	h.logger.Info("retrying on another upstream key",
+		zap.String("failed_key", pr.upKey.ID), zap.String("reason", v.Reason), zap.String("next_key", k.ID))
+	pr.upKey = k
+	upstreamFailovers.WithLabelValues(v.Reason).Inc()
+	return true
 }
 
 // markKey takes a failing key out of the in-memory pool at once and records

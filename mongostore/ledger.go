@@ -568,8 +568,26 @@ func (s *Store) Heartbeat(ctx context.Context, owner string, at time.Time) error
 // owner deadline whose owner is silent since then, the holds whose lease
 // ended, and the receipts older than receiptAge.
 func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.Orphan, error) {
-	now, ownerDeadline, receiptAge := q.Now, q.OwnerDeadline, q.ReceiptAge
-	cur, err := s.db.Collection(CollInstances).Find(ctx, bson.D{{Key: "seen", Value: bson.D{{Key: "$gte", Value: ownerDeadline}}}})
+	alive, err := s.aliveOwners(ctx, q.OwnerDeadline)
+	if err != nil {
+		return nil, err
+	}
+	docs, err := s.holdingUsers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []billing.Orphan
+	for _, d := range docs {
+		out = d.orphanHolds(out, q, alive)
+		out = d.oldReceipts(out, q.Now, q.ReceiptAge)
+	}
+	return out, nil
+}
+
+// aliveOwners returns the instances that sent a heartbeat at or after
+// deadline.
+func (s *Store) aliveOwners(ctx context.Context, deadline time.Time) (map[string]bool, error) {
+	cur, err := s.db.Collection(CollInstances).Find(ctx, bson.D{{Key: "seen", Value: bson.D{{Key: "$gte", Value: deadline}}}})
 	if err != nil {
 		return nil, fmt.Errorf("reading instances: %w", err)
 	}
@@ -583,7 +601,19 @@ func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.O
 	for _, i := range inst {
 		alive[i.ID] = true
 	}
-	cur, err = s.db.Collection(CollUsers).Find(ctx,
+	return alive, nil
+}
+
+// holdingUser is a user's open holds and settlement receipts, still packed.
+type holdingUser struct {
+	ID    string                   `bson:"_id"`
+	Holds map[string]bson.RawValue `bson:"llmHolds"`
+	Done  map[string]bson.RawValue `bson:"llmDone"`
+}
+
+// holdingUsers returns every user with an open hold or a receipt.
+func (s *Store) holdingUsers(ctx context.Context) ([]holdingUser, error) {
+	cur, err := s.db.Collection(CollUsers).Find(ctx,
 		bson.D{{Key: "$or", Value: bson.A{
 			bson.D{{Key: FieldHeld, Value: bson.D{{Key: "$gt", Value: 0}}}},
 			bson.D{{Key: FieldDoneCount, Value: bson.D{{Key: "$gt", Value: 0}}}},
@@ -592,43 +622,51 @@ func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.O
 	if err != nil {
 		return nil, fmt.Errorf("finding holds: %w", err)
 	}
-	var docs []struct {
-		ID    string                   `bson:"_id"`
-		Holds map[string]bson.RawValue `bson:"llmHolds"`
-		Done  map[string]bson.RawValue `bson:"llmDone"`
-	}
+	var docs []holdingUser
 	if err := cur.All(ctx, &docs); err != nil {
 		return nil, fmt.Errorf("finding holds: %w", err)
 	}
-	var out []billing.Orphan
-	for _, d := range docs {
-		for rid, v := range d.Holds {
-			h, err := unpackHold(v)
-			if err != nil {
-				continue // not ours to judge: unreadable
-			}
-			// A hold younger than the deadline may belong to an instance
-			// that has not sent its first heartbeat yet.
-			dead := q.Dead != nil && q.Dead(h.Owner)
-			if !dead && (alive[h.Owner] || !h.At.Before(ownerDeadline)) && !h.Expires.Before(now) {
-				continue
-			}
-			h.RequestID, h.User = rid, d.ID
-			out = append(out, billing.Orphan{Hold: h})
+	return docs, nil
+}
+
+// orphanHolds appends to out the user's holds that no live owner will
+// settle: the owner is dead (q.Dead), or silent since the owner deadline
+// and the hold older than it, or the hold's lease ended. An unreadable hold
+// is left alone.
+func (d holdingUser) orphanHolds(out []billing.Orphan, q billing.OrphanQuery, alive map[string]bool) []billing.Orphan {
+	for rid, v := range d.Holds {
+		h, err := unpackHold(v)
+		if err != nil {
+			continue // not ours to judge: unreadable
 		}
-		for rid, v := range d.Done {
-			rc, err := unpackReceipt(rid, v)
-			if err != nil || now.Sub(rc.At) < receiptAge {
-				continue
-			}
-			h := billing.Hold{RequestID: rid, User: d.ID, LogID: rc.LogID, At: rc.At}
-			if p, err := billing.ParseCreditPlan(rc.Fields); err == nil {
-				h.Plan = p
-			}
-			out = append(out, billing.Orphan{Hold: h, Receipt: &rc})
+		// A hold younger than the deadline may belong to an instance
+		// that has not sent its first heartbeat yet.
+		dead := q.Dead != nil && q.Dead(h.Owner)
+		if !dead && (alive[h.Owner] || !h.At.Before(q.OwnerDeadline)) && !h.Expires.Before(q.Now) {
+			continue
 		}
+		h.RequestID, h.User = rid, d.ID
+		out = append(out, billing.Orphan{Hold: h})
 	}
-	return out, nil
+	return out
+}
+
+// oldReceipts appends to out the user's readable receipts at least
+// receiptAge old at now, each with the hold it settled as far as the
+// receipt tells it.
+func (d holdingUser) oldReceipts(out []billing.Orphan, now time.Time, receiptAge time.Duration) []billing.Orphan {
+	for rid, v := range d.Done {
+		rc, err := unpackReceipt(rid, v)
+		if err != nil || now.Sub(rc.At) < receiptAge {
+			continue
+		}
+		h := billing.Hold{RequestID: rid, User: d.ID, LogID: rc.LogID, At: rc.At}
+		if p, err := billing.ParseCreditPlan(rc.Fields); err == nil {
+			h.Plan = p
+		}
+		out = append(out, billing.Orphan{Hold: h, Receipt: &rc})
+	}
+	return out
 }
 
 // Interface guards.

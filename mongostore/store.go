@@ -178,33 +178,7 @@ func (s *Store) Authenticate(ctx context.Context, key string) (billing.Principal
 		options.FindOne().SetProjection(bson.D{{Key: "name", Value: 1}, {Key: "isActive", Value: 1}, {Key: "expiresAt", Value: 1}})).Decode(&uk)
 	switch {
 	case err == nil:
-		if uk.IsActive != nil && !*uk.IsActive {
-			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthRevoked}
-		}
-		if uk.ExpiresAt != nil && uk.ExpiresAt.Before(now) {
-			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthExpired}
-		}
-		p := billing.Principal{User: uk.Name, InUserKeys: true}
-		var u userDoc
-		err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: uk.Name}},
-			options.FindOne().SetProjection(userAuthProjection)).Decode(&u)
-		switch {
-		case errors.Is(err, mongo.ErrNoDocuments):
-			// As the legacy proxy: the migration check is skipped; billing
-			// then fails with ErrUserNotFound before anything is served.
-			return p, nil
-		case err != nil:
-			return billing.Principal{}, fmt.Errorf("reading user of key: %w", err)
-		}
-		if u.IsActive != nil && !*u.IsActive {
-			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthRevoked}
-		}
-		p.Role = strings.ToLower(strings.TrimSpace(u.Role))
-		if p.Role != "admin" && !u.Migration {
-			return billing.Principal{}, &billing.AuthError{Reason: billing.AuthMigrationRequired}
-		}
-		p.Balances = u.Bal.balances()
-		return p, nil
+		return s.authenticateUserKey(ctx, uk, now)
 	case !errors.Is(err, mongo.ErrNoDocuments):
 		return billing.Principal{}, fmt.Errorf("reading user_keys: %w", err)
 	}
@@ -218,17 +192,67 @@ func (s *Store) Authenticate(ctx context.Context, key string) (billing.Principal
 	case err != nil:
 		return billing.Principal{}, fmt.Errorf("reading usersNew: %w", err)
 	}
-	if u.IsActive != nil && !*u.IsActive {
-		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthRevoked}
+	if err := refuseInactive(u.IsActive, u.ExpiresAt, now); err != nil {
+		return billing.Principal{}, err
 	}
-	if u.ExpiresAt != nil && u.ExpiresAt.Before(now) {
-		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthExpired}
-	}
-	role := strings.ToLower(strings.TrimSpace(u.Role))
-	if role != "admin" && !u.Migration {
-		return billing.Principal{}, &billing.AuthError{Reason: billing.AuthMigrationRequired}
+	role, err := migratedRole(u)
+	if err != nil {
+		return billing.Principal{}, err
 	}
 	return billing.Principal{User: u.ID, Role: role, Balances: u.Bal.balances()}, nil
+}
+
+// authenticateUserKey resolves a key found in user_keys: the key must be
+// active and not expired at now, and its user, when it exists, active and
+// migrated (or an admin). A key whose user is missing is accepted without
+// the user's checks, as the legacy proxy did.
+func (s *Store) authenticateUserKey(ctx context.Context, uk userKeyDoc, now time.Time) (billing.Principal, error) {
+	if err := refuseInactive(uk.IsActive, uk.ExpiresAt, now); err != nil {
+		return billing.Principal{}, err
+	}
+	p := billing.Principal{User: uk.Name, InUserKeys: true}
+	var u userDoc
+	err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: uk.Name}},
+		options.FindOne().SetProjection(userAuthProjection)).Decode(&u)
+	switch {
+	case errors.Is(err, mongo.ErrNoDocuments):
+		// As the legacy proxy: the migration check is skipped; billing
+		// then fails with ErrUserNotFound before anything is served.
+		return p, nil
+	case err != nil:
+		return billing.Principal{}, fmt.Errorf("reading user of key: %w", err)
+	}
+	if err := refuseInactive(u.IsActive, nil, now); err != nil {
+		return billing.Principal{}, err
+	}
+	if p.Role, err = migratedRole(u); err != nil {
+		return billing.Principal{}, err
+	}
+	p.Balances = u.Bal.balances()
+	return p, nil
+}
+
+// refuseInactive returns the AuthError of a key or user that is revoked
+// (isActive false; a missing isActive counts as active) or, when expiresAt
+// is set, expired at now; nil otherwise.
+func refuseInactive(isActive *bool, expiresAt *time.Time, now time.Time) error {
+	if isActive != nil && !*isActive {
+		return &billing.AuthError{Reason: billing.AuthRevoked}
+	}
+	if expiresAt != nil && expiresAt.Before(now) {
+		return &billing.AuthError{Reason: billing.AuthExpired}
+	}
+	return nil
+}
+
+// migratedRole returns the user's role, trimmed and lowercased, or the
+// AuthError of a user who is neither an admin nor migrated.
+func migratedRole(u userDoc) (string, error) {
+	role := strings.ToLower(strings.TrimSpace(u.Role))
+	if role != "admin" && !u.Migration {
+		return "", &billing.AuthError{Reason: billing.AuthMigrationRequired}
+	}
+	return role, nil
 }
 
 // fieldValue is a balance field as read: its value and whether it exists.
@@ -333,29 +357,12 @@ func (s *Store) MarkUpstreamKey(ctx context.Context, id, status string, cooldown
 // shrinks half-way.
 func (s *Store) RotateUpstreamKey(ctx context.Context, id, reason string) (string, error) {
 	now := s.now()
-	claims := s.db.Collection(CollClaims)
-	lockID := "rotate:" + id
-	claim := func() error {
-		_, err := claims.InsertOne(ctx, bson.D{{Key: "_id", Value: lockID}, {Key: "reason", Value: reason}, {Key: "createdAt", Value: now}})
-		return err
+	if rotated, err := s.claimRotation(ctx, id, reason, now); rotated || err != nil {
+		return "", err
 	}
-	if err := claim(); err != nil {
-		if !mongo.IsDuplicateKeyError(err) {
-			return "", fmt.Errorf("claiming rotation: %w", err)
-		}
-		if n, err := s.db.Collection(CollKeys).CountDocuments(ctx, bson.D{{Key: "_id", Value: id}}); err == nil && n == 0 {
-			return "", nil // rotated already
-		}
-		// Take over a claim whose holder died, once.
-		r, derr := claims.DeleteOne(ctx, bson.D{{Key: "_id", Value: lockID}, {Key: "createdAt", Value: bson.D{{Key: "$lt", Value: now.Add(-staleRotation)}}}})
-		if derr != nil || r.DeletedCount != 1 {
-			return "", billing.ErrRotationInProgress
-		}
-		if err := claim(); err != nil {
-			return "", billing.ErrRotationInProgress
-		}
+	release := func() {
+		_, _ = s.db.Collection(CollClaims).DeleteOne(context.WithoutCancel(ctx), bson.D{{Key: "_id", Value: "rotate:" + id}})
 	}
-	release := func() { _, _ = claims.DeleteOne(context.WithoutCancel(ctx), bson.D{{Key: "_id", Value: lockID}}) }
 
 	var old bson.M
 	err := s.db.Collection(CollKeys).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&old)
@@ -366,41 +373,98 @@ func (s *Store) RotateUpstreamKey(ctx context.Context, id, reason string) (strin
 		release()
 		return "", fmt.Errorf("reading the failed key: %w", err)
 	}
+	newID, apiKey, err := s.claimSpare(ctx, id, now)
+	if err != nil {
+		release() // a spare added later may serve the next rotation
+		return "", err
+	}
+	rot := rotation{id: id, reason: reason, newID: newID, apiKey: apiKey, old: old, now: now}
+	if err := s.applyRotation(ctx, rot); err != nil {
+		return "", err
+	}
+	return newID, nil
+}
 
-	// Claim a spare: the oldest unused one nobody else claimed.
+// claimRotation claims the rotation of key id with a unique insert of
+// "rotate:"+id into CollClaims, taking over, once, a claim older than
+// staleRotation (its holder died). It reports rotated when a claim exists
+// and the key is gone already, and billing.ErrRotationInProgress when
+// another instance holds a live claim. On a nil error with rotated false,
+// the caller holds the claim.
+func (s *Store) claimRotation(ctx context.Context, id, reason string, now time.Time) (rotated bool, err error) {
+	claims := s.db.Collection(CollClaims)
+	lockID := "rotate:" + id
+	claim := func() error {
+		_, err := claims.InsertOne(ctx, bson.D{{Key: "_id", Value: lockID}, {Key: "reason", Value: reason}, {Key: "createdAt", Value: now}})
+		return err
+	}
+	err = claim()
+	if err == nil {
+		return false, nil
+	}
+	if !mongo.IsDuplicateKeyError(err) {
+		return false, fmt.Errorf("claiming rotation: %w", err)
+	}
+	if n, err := s.db.Collection(CollKeys).CountDocuments(ctx, bson.D{{Key: "_id", Value: id}}); err == nil && n == 0 {
+		return true, nil
+	}
+	// Take over a claim whose holder died, once.
+	r, derr := claims.DeleteOne(ctx, bson.D{{Key: "_id", Value: lockID}, {Key: "createdAt", Value: bson.D{{Key: "$lt", Value: now.Add(-staleRotation)}}}})
+	if derr != nil || r.DeletedCount != 1 {
+		return false, billing.ErrRotationInProgress
+	}
+	if err := claim(); err != nil {
+		return false, billing.ErrRotationInProgress
+	}
+	return false, nil
+}
+
+// claimSpare claims, for failed key id, the oldest unused spare with an API
+// key that no other rotation claimed, with a unique insert of
+// "spare:"+spareID into CollClaims. It returns the spare's id and API key,
+// or billing.ErrNoSpareKey when none is left to claim.
+func (s *Store) claimSpare(ctx context.Context, id string, now time.Time) (spareID, apiKey string, err error) {
 	cur, err := s.db.Collection(CollBackupKeys).Find(ctx, bson.D{{Key: "isUsed", Value: false}},
 		options.Find().SetSort(bson.D{{Key: "createdAt", Value: 1}, {Key: "_id", Value: 1}}).SetLimit(50))
 	if err != nil {
-		release()
-		return "", fmt.Errorf("reading spare keys: %w", err)
+		return "", "", fmt.Errorf("reading spare keys: %w", err)
 	}
 	var spares []struct {
 		ID     string `bson:"_id"`
 		APIKey string `bson:"apiKey"`
 	}
 	if err := cur.All(ctx, &spares); err != nil {
-		release()
-		return "", fmt.Errorf("reading spare keys: %w", err)
+		return "", "", fmt.Errorf("reading spare keys: %w", err)
 	}
-	newID, apiKey := "", ""
 	for _, sp := range spares {
 		if sp.APIKey == "" {
 			continue
 		}
-		_, err := claims.InsertOne(ctx, bson.D{{Key: "_id", Value: "spare:" + sp.ID}, {Key: "usedFor", Value: id}, {Key: "createdAt", Value: now}})
+		_, err := s.db.Collection(CollClaims).InsertOne(ctx, bson.D{{Key: "_id", Value: "spare:" + sp.ID}, {Key: "usedFor", Value: id}, {Key: "createdAt", Value: now}})
 		if err == nil {
-			newID, apiKey = sp.ID, sp.APIKey
-			break
+			return sp.ID, sp.APIKey, nil
 		}
 		if !mongo.IsDuplicateKeyError(err) {
-			release()
-			return "", fmt.Errorf("claiming a spare key: %w", err)
+			return "", "", fmt.Errorf("claiming a spare key: %w", err)
 		}
 	}
-	if newID == "" {
-		release() // a spare added later may serve the next rotation
-		return "", billing.ErrNoSpareKey
-	}
+	return "", "", billing.ErrNoSpareKey
+}
+
+// rotation is one claimed replacement of a failed upstream key by a spare.
+type rotation struct {
+	id, reason    string // the failed key and why it failed
+	newID, apiKey string // the claimed spare
+	old           bson.M // the failed key's document, archived as it was
+	now           time.Time
+}
+
+// applyRotation writes a claimed rotation in an order that never shrinks
+// the pool: mark the spare used, insert it as a healthy key, repoint the
+// bindings, archive the old key, delete it. It stops at the first write
+// that fails and names its step.
+func (s *Store) applyRotation(ctx context.Context, rot rotation) error {
+	id, newID, now := rot.id, rot.newID, rot.now
 	steps := []func() error{
 		func() error {
 			_, err := s.db.Collection(CollBackupKeys).UpdateOne(ctx, bson.D{{Key: "_id", Value: newID}},
@@ -409,7 +473,7 @@ func (s *Store) RotateUpstreamKey(ctx context.Context, id, reason string) (strin
 		},
 		func() error {
 			_, err := s.db.Collection(CollKeys).InsertOne(ctx, bson.D{
-				{Key: "_id", Value: newID}, {Key: "apiKey", Value: apiKey}, {Key: "status", Value: billing.KeyHealthy},
+				{Key: "_id", Value: newID}, {Key: "apiKey", Value: rot.apiKey}, {Key: "status", Value: billing.KeyHealthy},
 				{Key: "tokensUsed", Value: int64(0)}, {Key: "requestsCount", Value: int64(0)},
 				{Key: "createdAt", Value: now}, {Key: "replacedKey", Value: id},
 			})
@@ -422,8 +486,8 @@ func (s *Store) RotateUpstreamKey(ctx context.Context, id, reason string) (strin
 		},
 		func() error {
 			_, err := s.db.Collection(CollArchive).InsertOne(ctx, bson.D{
-				{Key: "sourceCollection", Value: CollKeys}, {Key: "sourceId", Value: id}, {Key: "reason", Value: reason},
-				{Key: "deletedBy", Value: "caddy-llm-billing"}, {Key: "deletedAt", Value: now}, {Key: "document", Value: old},
+				{Key: "sourceCollection", Value: CollKeys}, {Key: "sourceId", Value: id}, {Key: "reason", Value: rot.reason},
+				{Key: "deletedBy", Value: "caddy-llm-billing"}, {Key: "deletedAt", Value: now}, {Key: "document", Value: rot.old},
 				{Key: "metadata", Value: bson.D{{Key: "replacedBy", Value: newID}}},
 			})
 			return err
@@ -437,10 +501,10 @@ func (s *Store) RotateUpstreamKey(ctx context.Context, id, reason string) (strin
 		if err := step(); err != nil {
 			// The claims stay: a half-done rotation is finished by hand or
 			// taken over once stale, never run twice at once.
-			return "", fmt.Errorf("rotating upstream key, step %d: %w", i+1, err)
+			return fmt.Errorf("rotating upstream key, step %d: %w", i+1, err)
 		}
 	}
-	return newID, nil
+	return nil
 }
 
 // CleanUsedSpares is the legacy 6-hour cleanup of openhands_backup_keys,

@@ -71,6 +71,8 @@ func (c *CLI) Run(ctx context.Context) (int, error) {
 	return code, err
 }
 
+// run is Run before its error is redacted: it reads the baseline, connects,
+// checks, writes the report and saves the baseline.
 func (c *CLI) run(ctx context.Context) (int, error) {
 	if c.URI == "" {
 		return ExitError, errors.New("no MongoDB URI: give --mongodb-uri or set MONGODB_URI")
@@ -87,45 +89,18 @@ func (c *CLI) run(ctx context.Context) (int, error) {
 	if dbName == "" {
 		dbName = DefaultDatabase
 	}
-	timeout := c.ConnectTimeout
-	if timeout <= 0 {
-		timeout = DefaultConnectTimeout
-	}
-	out := c.Stdout
-	if out == nil {
-		out = os.Stdout
-	}
 
-	// The defaults first: what the URI sets (serverSelectionTimeoutMS,
-	// appName...) wins.
-	client, err := mongo.Connect(options.Client().
-		SetServerSelectionTimeout(timeout).SetConnectTimeout(timeout).SetAppName("llm-billing-reconcile").
-		ApplyURI(c.URI))
+	client, err := c.connect(ctx)
 	if err != nil {
-		return ExitError, fmt.Errorf("connecting to MongoDB: %w", err)
+		return ExitError, err
 	}
-	defer func() {
-		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		defer cancel()
-		_ = client.Disconnect(dctx)
-	}()
-	pctx, cancel := context.WithTimeout(ctx, timeout)
-	err = client.Ping(pctx, nil)
-	cancel()
-	if err != nil {
-		return ExitError, fmt.Errorf("connecting to MongoDB: %w", err)
-	}
+	defer disconnect(ctx, client)
 
 	rep, err := Run(ctx, client.Database(dbName), opts)
 	if err != nil {
 		return ExitError, err
 	}
-	if c.JSON {
-		err = rep.WriteJSON(out)
-	} else {
-		err = rep.WriteText(out)
-	}
-	if err != nil {
+	if err := c.writeReport(rep); err != nil {
 		return ExitError, fmt.Errorf("writing the report: %w", err)
 	}
 	if c.SaveBaselineFile != "" {
@@ -137,6 +112,50 @@ func (c *CLI) run(ctx context.Context) (int, error) {
 		return ExitDrift, fmt.Errorf("drift found: %d item(s)", len(rep.Drift))
 	}
 	return ExitOK, nil
+}
+
+// connect returns a client connected to c.URI that answered a ping, both
+// within the connect timeout. The caller disconnects it.
+func (c *CLI) connect(ctx context.Context) (*mongo.Client, error) {
+	timeout := c.ConnectTimeout
+	if timeout <= 0 {
+		timeout = DefaultConnectTimeout
+	}
+	// The defaults first: what the URI sets (serverSelectionTimeoutMS,
+	// appName...) wins.
+	client, err := mongo.Connect(options.Client().
+		SetServerSelectionTimeout(timeout).SetConnectTimeout(timeout).SetAppName("llm-billing-reconcile").
+		ApplyURI(c.URI))
+	if err != nil {
+		return nil, fmt.Errorf("connecting to MongoDB: %w", err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, timeout)
+	err = client.Ping(pctx, nil)
+	cancel()
+	if err != nil {
+		disconnect(ctx, client)
+		return nil, fmt.Errorf("connecting to MongoDB: %w", err)
+	}
+	return client, nil
+}
+
+// disconnect closes client, waiting up to 5 seconds even when ctx is done.
+func disconnect(ctx context.Context, client *mongo.Client) {
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_ = client.Disconnect(dctx)
+}
+
+// writeReport writes rep to c.Stdout (os.Stdout when nil), as JSON or text.
+func (c *CLI) writeReport(rep *Report) error {
+	out := c.Stdout
+	if out == nil {
+		out = os.Stdout
+	}
+	if c.JSON {
+		return rep.WriteJSON(out)
+	}
+	return rep.WriteText(out)
 }
 
 // uriPattern matches a MongoDB connection string echoed in a message.

@@ -67,11 +67,32 @@ func readUsers(ctx context.Context, db *mongo.Database, filter bson.D) (map[stri
 	return users, err
 }
 
+// parseUser reads a usersNew document's balances and bookkeeping. It never
+// fails: what cannot be read is left out and listed in malformed.
 func parseUser(raw bson.Raw) *userState {
 	u := &userState{id: idString(raw.Lookup("_id")), balances: map[string]billing.Nano{}}
-	bad := func(field, format string, args ...any) {
-		u.malformed = append(u.malformed, Item{Kind: KindMalformed, User: u.id, Field: field, Detail: fmt.Sprintf(format, args...)})
+	u.readBalances(raw)
+	u.readNet(raw)
+	u.readHolds(raw)
+	if v := raw.Lookup(mongostore.FieldHeld); !absent(v) {
+		n, ok := nanoValue(v)
+		if !ok {
+			u.bad("", "%s is %s, not a count", mongostore.FieldHeld, describe(v))
+			n = int64(len(u.holds)) // reported above; do not report twice
+		}
+		u.held = n
 	}
+	u.readReceipts(raw)
+	return u
+}
+
+// bad lists, as malformed, a value of the user's that cannot be read.
+func (u *userState) bad(field, format string, args ...any) {
+	u.malformed = append(u.malformed, Item{Kind: KindMalformed, User: u.id, Field: field, Detail: fmt.Sprintf(format, args...)})
+}
+
+// readBalances reads the balance fields present, in nano-USD.
+func (u *userState) readBalances(raw bson.Raw) {
 	for _, f := range BalanceFields {
 		v := raw.Lookup(f)
 		if absent(v) {
@@ -79,114 +100,133 @@ func parseUser(raw bson.Raw) *userState {
 		}
 		usd, ok := floatValue(v)
 		if !ok {
-			bad(f, "balance %s is %s, not a number", f, describe(v))
+			u.bad(f, "balance %s is %s, not a number", f, describe(v))
 			continue
 		}
 		u.balances[f] = billing.NanoFromUSD(usd)
 	}
+}
 
-	if v := raw.Lookup(mongostore.FieldNet); !absent(v) {
-		u.hasNet = true
-		u.net = map[string]int64{}
-		doc, ok := v.DocumentOK()
-		if !ok {
-			bad("", "%s is %s, not a document", mongostore.FieldNet, describe(v))
-		}
-		elems, _ := doc.Elements()
-		for _, e := range elems {
-			n, ok := nanoValue(e.Value())
-			if !ok {
-				bad(e.Key(), "%s.%s is %s, not an integer amount", mongostore.FieldNet, e.Key(), describe(e.Value()))
-				continue
-			}
-			u.net[e.Key()] = n
-		}
+// readNet reads llmNet, when present, field by field.
+func (u *userState) readNet(raw bson.Raw) {
+	v := raw.Lookup(mongostore.FieldNet)
+	if absent(v) {
+		return
 	}
+	u.hasNet = true
+	u.net = map[string]int64{}
+	doc, ok := v.DocumentOK()
+	if !ok {
+		u.bad("", "%s is %s, not a document", mongostore.FieldNet, describe(v))
+	}
+	elems, _ := doc.Elements()
+	for _, e := range elems {
+		n, ok := nanoValue(e.Value())
+		if !ok {
+			u.bad(e.Key(), "%s.%s is %s, not an integer amount", mongostore.FieldNet, e.Key(), describe(e.Value()))
+			continue
+		}
+		u.net[e.Key()] = n
+	}
+}
 
+// readHolds reads llmHolds. Every entry is a hold, even one that cannot be
+// read (it then counts with nothing taken).
+func (u *userState) readHolds(raw bson.Raw) {
 	u.holds = map[string]*holdState{}
-	if v := raw.Lookup(mongostore.FieldHolds); !absent(v) {
-		doc, ok := v.DocumentOK()
-		if !ok {
-			bad("", "%s is %s, not a document", mongostore.FieldHolds, describe(v))
-		}
-		elems, _ := doc.Elements()
-		for _, e := range elems {
-			rid := e.Key()
-			h := &holdState{}
-			u.holds[rid] = h
-			if str, ok := e.Value().StringValueOK(); ok {
-				// Packed (mongostore.EncodeHold), as the gateway writes holds.
-				ph, err := mongostore.DecodeHold(str)
-				if err != nil {
-					bad("", "hold %s: %v", rid, err)
-					continue
-				}
-				h.fields, h.amounts, h.at, h.exp, h.owner, h.log = ph.Plan.Fields(), ph.Taken, ph.At, ph.Expires, ph.Owner, ph.LogID.String()
-				continue
-			}
-			hd, ok := e.Value().DocumentOK()
-			if !ok {
-				bad("", "hold %s is %s, not a document", rid, describe(e.Value()))
-				continue
-			}
-			var problems []string
-			h.fields, h.amounts, problems = pairs(hd, "amt")
-			for _, p := range problems {
-				bad("", "hold %s: %s", rid, p)
-			}
-			h.at, _ = hd.Lookup("at").TimeOK()
-			h.exp, _ = hd.Lookup("exp").TimeOK()
-			h.owner, _ = hd.Lookup("owner").StringValueOK()
-			if oid, ok := hd.Lookup("log").ObjectIDOK(); ok {
-				h.log = oid.Hex()
-			}
-		}
+	v := raw.Lookup(mongostore.FieldHolds)
+	if absent(v) {
+		return
 	}
-	if v := raw.Lookup(mongostore.FieldHeld); !absent(v) {
-		n, ok := nanoValue(v)
-		if !ok {
-			bad("", "%s is %s, not a count", mongostore.FieldHeld, describe(v))
-			n = int64(len(u.holds)) // reported above; do not report twice
-		}
-		u.held = n
+	doc, ok := v.DocumentOK()
+	if !ok {
+		u.bad("", "%s is %s, not a document", mongostore.FieldHolds, describe(v))
 	}
+	elems, _ := doc.Elements()
+	for _, e := range elems {
+		u.holds[e.Key()] = u.readHold(e.Key(), e.Value())
+	}
+}
 
+// readHold reads hold rid, packed (mongostore.EncodeHold, as the gateway
+// writes holds) or as a document, keeping what it can read.
+func (u *userState) readHold(rid string, v bson.RawValue) *holdState {
+	h := &holdState{}
+	if str, ok := v.StringValueOK(); ok {
+		ph, err := mongostore.DecodeHold(str)
+		if err != nil {
+			u.bad("", "hold %s: %v", rid, err)
+			return h
+		}
+		h.fields, h.amounts, h.at, h.exp, h.owner, h.log = ph.Plan.Fields(), ph.Taken, ph.At, ph.Expires, ph.Owner, ph.LogID.String()
+		return h
+	}
+	hd, ok := v.DocumentOK()
+	if !ok {
+		u.bad("", "hold %s is %s, not a document", rid, describe(v))
+		return h
+	}
+	var problems []string
+	h.fields, h.amounts, problems = pairs(hd, "amt")
+	for _, p := range problems {
+		u.bad("", "hold %s: %s", rid, p)
+	}
+	h.at, _ = hd.Lookup("at").TimeOK()
+	h.exp, _ = hd.Lookup("exp").TimeOK()
+	h.owner, _ = hd.Lookup("owner").StringValueOK()
+	if oid, ok := hd.Lookup("log").ObjectIDOK(); ok {
+		h.log = oid.Hex()
+	}
+	return h
+}
+
+// readReceipts reads llmDone, leaving out a receipt that cannot be read.
+func (u *userState) readReceipts(raw bson.Raw) {
 	u.receipts = map[string]receiptState{}
-	if v := raw.Lookup(mongostore.FieldDone); !absent(v) {
-		doc, _ := v.DocumentOK()
-		elems, _ := doc.Elements()
-		for _, e := range elems {
-			if str, ok := e.Value().StringValueOK(); ok {
-				// Packed (mongostore.EncodeReceipt).
-				r, plan, err := mongostore.DecodeReceipt(str)
-				if err != nil {
-					bad("", "receipt %s: %v", e.Key(), err)
-					continue
-				}
-				rc := receiptState{fields: plan.Fields()}
-				for _, a := range r.Taken {
-					rc.taken = append(rc.taken, int64(a))
-				}
-				u.receipts[e.Key()] = rc
-				continue
-			}
-			rd, ok := e.Value().DocumentOK()
-			if !ok {
-				bad("", "receipt %s is %s, not a document", e.Key(), describe(e.Value()))
-				continue
-			}
-			fields, amounts, problems := pairs(rd, "taken")
-			for _, p := range problems {
-				bad("", "receipt %s: %s", e.Key(), p)
-			}
-			rc := receiptState{fields: fields}
-			for _, a := range amounts {
-				rc.taken = append(rc.taken, int64(a))
-			}
+	v := raw.Lookup(mongostore.FieldDone)
+	if absent(v) {
+		return
+	}
+	doc, _ := v.DocumentOK()
+	elems, _ := doc.Elements()
+	for _, e := range elems {
+		if rc, ok := u.readReceipt(e.Key(), e.Value()); ok {
 			u.receipts[e.Key()] = rc
 		}
 	}
-	return u
+}
+
+// readReceipt reads receipt rid, packed (mongostore.EncodeReceipt) or as a
+// document. It reports false for a receipt it cannot read at all; a
+// document's unreadable pairs are left out.
+func (u *userState) readReceipt(rid string, v bson.RawValue) (receiptState, bool) {
+	if str, ok := v.StringValueOK(); ok {
+		r, plan, err := mongostore.DecodeReceipt(str)
+		if err != nil {
+			u.bad("", "receipt %s: %v", rid, err)
+			return receiptState{}, false
+		}
+		return newReceipt(plan.Fields(), r.Taken), true
+	}
+	rd, ok := v.DocumentOK()
+	if !ok {
+		u.bad("", "receipt %s is %s, not a document", rid, describe(v))
+		return receiptState{}, false
+	}
+	fields, amounts, problems := pairs(rd, "taken")
+	for _, p := range problems {
+		u.bad("", "receipt %s: %s", rid, p)
+	}
+	return newReceipt(fields, amounts), true
+}
+
+// newReceipt is a receipt that took amounts[i] from fields[i].
+func newReceipt(fields []string, amounts []billing.Nano) receiptState {
+	rc := receiptState{fields: fields}
+	for _, a := range amounts {
+		rc.taken = append(rc.taken, int64(a))
+	}
+	return rc
 }
 
 // pairs reads the parallel arrays fields and <amounts> of a hold or a

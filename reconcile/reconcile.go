@@ -240,22 +240,49 @@ func Run(ctx context.Context, db *mongo.Database, opts Options) (*Report, error)
 	for _, u := range users {
 		rep.Drift = append(rep.Drift, u.malformed...)
 	}
-
-	// The logs, all of them: rows in the window are checked one by one,
-	// every row counts in the ledger.
-	lg := newLedger()
-	inWindow := func(r *logRow) bool {
-		if opts.Since.IsZero() && opts.Until.IsZero() {
-			return true
-		}
-		if !r.hasCreated {
-			return false
-		}
-		return (opts.Since.IsZero() || !r.createdAt.Before(opts.Since)) && (opts.Until.IsZero() || r.createdAt.Before(opts.Until))
+	lg, windowUsers, err := rep.checkRows(ctx, db, users, opts)
+	if err != nil {
+		return nil, err
 	}
+	if err := rep.checkLedger(ctx, db, users, lg, windowUsers, opts.RecheckDelay); err != nil {
+		return nil, err
+	}
+	rep.checkHolds(users, now, opts.MaxHoldAge)
+	rep.checkBalances(users)
+	rep.baseline = baselineOf(users, now)
+	if opts.Baseline != nil {
+		rep.BaselineAt = opts.Baseline.TakenAt
+		compareBaseline(rep, opts.Baseline, users, opts.AllowCredit)
+	}
+
+	sortItems(rep.Drift)
+	return rep, nil
+}
+
+// inWindow reports whether a log row is in the window of rows checked one
+// by one: every row when the window is unbounded, else only rows with a
+// createdAt inside it.
+func (o Options) inWindow(r *logRow) bool {
+	if o.Since.IsZero() && o.Until.IsZero() {
+		return true
+	}
+	if !r.hasCreated {
+		return false
+	}
+	return (o.Since.IsZero() || !r.createdAt.Before(o.Since)) && (o.Until.IsZero() || r.createdAt.Before(o.Until))
+}
+
+// checkRows reads every log row into a ledger (every row counts there:
+// llmNet is cumulative) and checks the rows in the window one by one,
+// counting them and totalling what their requests were charged (each
+// requestId once). A request with more than one row whose first is in the
+// window is drift. It returns the ledger and the users of the rows in the
+// window.
+func (rep *Report) checkRows(ctx context.Context, db *mongo.Database, users map[string]*userState, opts Options) (*ledger, map[string]bool, error) {
+	lg := newLedger()
 	windowUsers := map[string]bool{}
-	err = scanRows(ctx, db, bson.D{}, func(r *logRow) {
-		in := inWindow(r)
+	err := scanRows(ctx, db, bson.D{}, func(r *logRow) {
+		in := opts.inWindow(r)
 		first := lg.add(r, users[r.user], in)
 		if !in {
 			return
@@ -271,7 +298,7 @@ func Run(ctx context.Context, db *mongo.Database, opts Options) (*Report, error)
 		}
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	for _, d := range lg.dups {
 		if !d.inWindow {
@@ -282,8 +309,15 @@ func Run(ctx context.Context, db *mongo.Database, opts Options) (*Report, error)
 			Detail: fmt.Sprintf("%d log rows for one request: the request is logged (or charged) more than once", d.rows),
 		})
 	}
+	return lg, windowUsers, nil
+}
 
-	// The ledger, per user.
+// checkLedger checks the ledger of every user with ledger state (llmNet,
+// holds or receipts) or a row in the window. When recheckDelay is positive,
+// the users that disagree (up to MaxRecheckUsers) are read again after it
+// and only what still disagrees is drift.
+func (rep *Report) checkLedger(ctx context.Context, db *mongo.Database, users map[string]*userState,
+	lg *ledger, windowUsers map[string]bool, recheckDelay time.Duration) error {
 	check := map[string]bool{}
 	for id, u := range users {
 		if u.hasNet || len(u.holds) > 0 || len(u.receipts) > 0 {
@@ -298,37 +332,31 @@ func Run(ctx context.Context, db *mongo.Database, opts Options) (*Report, error)
 	for _, id := range sortedKeys(check) {
 		items, pending := ledgerItems(id, users[id], lg.taken[id], lg.seen)
 		rep.ReceiptsPending += pending
-		if len(items) > 0 && opts.RecheckDelay > 0 && len(recheck) < MaxRecheckUsers {
+		if len(items) > 0 && recheckDelay > 0 && len(recheck) < MaxRecheckUsers {
 			recheck = append(recheck, id)
 			continue
 		}
 		rep.Drift = append(rep.Drift, items...)
 	}
 	if len(recheck) > 0 {
-		items, err := recheckLedger(ctx, db, recheck, opts.RecheckDelay)
+		items, err := recheckLedger(ctx, db, recheck, recheckDelay)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		rep.Drift = append(rep.Drift, items...)
 	}
+	return nil
+}
 
-	// Holds and their count.
+// checkHolds lists every outstanding hold, by user and requestId, counts
+// them and the leftovers among them (each leftover is drift), and reports
+// a user whose llmHeld differs from the number of its holds.
+func (rep *Report) checkHolds(users map[string]*userState, now time.Time, maxHoldAge time.Duration) {
 	for _, id := range sortedKeys(users) {
 		u := users[id]
 		for _, rid := range sortedKeys(u.holds) {
 			h := u.holds[rid]
-			out := Hold{
-				User: id, RequestID: rid, Fields: h.fields, Amounts: h.amounts, Amount: h.total(),
-				At: h.at, Exp: h.exp, Owner: h.owner, LogID: h.log,
-			}
-			switch {
-			case h.exp.IsZero():
-				out.Leftover, out.Reason = true, "the hold has no lease end (exp)"
-			case h.exp.Before(now):
-				out.Leftover, out.Reason = true, fmt.Sprintf("its lease ended %s ago", roundDur(now.Sub(h.exp)))
-			case opts.MaxHoldAge > 0 && !h.at.IsZero() && now.Sub(h.at) > opts.MaxHoldAge:
-				out.Leftover, out.Reason = true, fmt.Sprintf("taken %s ago, more than the maximum hold age %s", roundDur(now.Sub(h.at)), opts.MaxHoldAge)
-			}
+			out := listHold(id, rid, h, now, maxHoldAge)
 			rep.HoldsOutstanding++
 			if out.Leftover {
 				rep.HoldsLeftover++
@@ -346,8 +374,29 @@ func Run(ctx context.Context, db *mongo.Database, opts Options) (*Report, error)
 			})
 		}
 	}
+}
 
-	// Balances.
+// listHold is user's hold rid as the report lists it, judged a leftover at
+// now when it has no lease end, its lease ended, or (maxHoldAge positive)
+// it was taken more than maxHoldAge ago.
+func listHold(user, rid string, h *holdState, now time.Time, maxHoldAge time.Duration) Hold {
+	out := Hold{
+		User: user, RequestID: rid, Fields: h.fields, Amounts: h.amounts, Amount: h.total(),
+		At: h.at, Exp: h.exp, Owner: h.owner, LogID: h.log,
+	}
+	switch {
+	case h.exp.IsZero():
+		out.Leftover, out.Reason = true, "the hold has no lease end (exp)"
+	case h.exp.Before(now):
+		out.Leftover, out.Reason = true, fmt.Sprintf("its lease ended %s ago", roundDur(now.Sub(h.exp)))
+	case maxHoldAge > 0 && !h.at.IsZero() && now.Sub(h.at) > maxHoldAge:
+		out.Leftover, out.Reason = true, fmt.Sprintf("taken %s ago, more than the maximum hold age %s", roundDur(now.Sub(h.at)), maxHoldAge)
+	}
+	return out
+}
+
+// checkBalances reports every balance field below zero.
+func (rep *Report) checkBalances(users map[string]*userState) {
 	for _, id := range sortedKeys(users) {
 		u := users[id]
 		for _, f := range BalanceFields {
@@ -356,14 +405,6 @@ func Run(ctx context.Context, db *mongo.Database, opts Options) (*Report, error)
 			}
 		}
 	}
-	rep.baseline = baselineOf(users, now)
-	if opts.Baseline != nil {
-		rep.BaselineAt = opts.Baseline.TakenAt
-		compareBaseline(rep, opts.Baseline, users, opts.AllowCredit)
-	}
-
-	sortItems(rep.Drift)
-	return rep, nil
 }
 
 // recheckLedger waits delay, then reads each user and their rows again and

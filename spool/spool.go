@@ -257,6 +257,34 @@ func Open(dir string, opts Options) (*Spool, []Record, error) {
 
 // load reads the segments of earlier runs and returns the pending records.
 func (s *Spool) load() ([]Record, error) {
+	nums, err := s.segmentNums()
+	if err != nil {
+		return nil, err
+	}
+	data := map[string]loadedRec{}
+	var maxSeq uint64
+	for _, num := range nums {
+		s.nextSeg = num + 1
+		segMax, err := s.loadSegment(num, data)
+		if err != nil {
+			return nil, err
+		}
+		maxSeq = max(maxSeq, segMax)
+	}
+	s.nextSeq = maxSeq + 1
+	return inSeqOrder(data), nil
+}
+
+// loadedRec is the data of a pending record found by load, with its
+// sequence number.
+type loadedRec struct {
+	seq  uint64
+	data []byte
+}
+
+// segmentNums returns the numbers of the segment files in the spool's
+// directory, in increasing order.
+func (s *Spool) segmentNums() ([]uint64, error) {
 	des, err := os.ReadDir(s.dir)
 	if err != nil {
 		return nil, fmt.Errorf("spool: read directory: %w", err)
@@ -268,63 +296,76 @@ func (s *Spool) load() ([]Record, error) {
 		}
 	}
 	slices.Sort(nums)
-	type rec struct {
-		seq  uint64
-		data []byte
+	return nums, nil
+}
+
+// loadSegment reads segment num into the spool: its frames update the
+// pending records (s.pending, and their data in data) in order, its
+// damaged stretches are logged, and the segment joins s.segs. An empty
+// segment is removed instead. It returns the highest sequence number the
+// segment holds.
+func (s *Spool) loadSegment(num uint64, data map[string]loadedRec) (uint64, error) {
+	seg := &segment{num: num, path: s.segPath(num)}
+	buf, err := os.ReadFile(seg.path)
+	if err != nil {
+		return 0, fmt.Errorf("spool: read segment: %w", err)
 	}
-	data := map[string]rec{}
+	if len(buf) == 0 {
+		// Holds nothing, not even a done frame: not needed in any order.
+		if err := os.Remove(seg.path); err != nil {
+			return 0, fmt.Errorf("spool: remove empty segment: %w", err)
+		}
+		return 0, nil
+	}
+	seg.size = int64(len(buf))
 	var maxSeq uint64
-	for _, num := range nums {
-		seg := &segment{num: num, path: s.segPath(num)}
-		s.nextSeg = num + 1
-		buf, err := os.ReadFile(seg.path)
-		if err != nil {
-			return nil, fmt.Errorf("spool: read segment: %w", err)
+	bad := scan(buf, func(f frame) {
+		maxSeq = max(maxSeq, f.seq)
+		s.loadFrame(seg, f, data)
+	})
+	for _, d := range bad {
+		if d.tail {
+			s.logf("spool: %s: ignored %d unreadable bytes at the end (offset %d), e.g. a torn last write", seg.path, d.n, d.off)
+		} else {
+			s.logf("spool: %s: skipped %d corrupt bytes at offset %d", seg.path, d.n, d.off)
 		}
-		if len(buf) == 0 {
-			// Holds nothing, not even a done frame: not needed in any order.
-			if err := os.Remove(seg.path); err != nil {
-				return nil, fmt.Errorf("spool: remove empty segment: %w", err)
-			}
-			continue
-		}
-		seg.size = int64(len(buf))
-		bad := scan(buf, func(f frame) {
-			maxSeq = max(maxSeq, f.seq)
-			id := string(f.id)
-			old, ok := s.pending[id]
-			switch {
-			case f.kind == kindDone:
-				if ok && old.seq == f.seq {
-					delete(s.pending, id)
-					delete(data, id)
-					s.unlive(old)
-				}
-				return
-			case ok && old.seq != f.seq:
-				// Two pending appends of one id: the done frame of the first
-				// was lost. The later one wins.
-				s.logf("spool: %s: record %q appended again (sequence %d after %d); keeping the later one", seg.path, id, f.seq, old.seq)
-			}
-			if ok {
-				s.unlive(old) // an earlier copy (or a superseded append)
-			}
-			e := entry{seq: f.seq, seg: seg, n: int64(f.n)}
-			s.pending[id] = e
-			seg.live++
-			seg.liveBytes += e.n
-			data[id] = rec{f.seq, f.data}
-		})
-		for _, d := range bad {
-			if d.tail {
-				s.logf("spool: %s: ignored %d unreadable bytes at the end (offset %d), e.g. a torn last write", seg.path, d.n, d.off)
-			} else {
-				s.logf("spool: %s: skipped %d corrupt bytes at offset %d", seg.path, d.n, d.off)
-			}
-		}
-		s.segs = append(s.segs, seg)
 	}
-	s.nextSeq = maxSeq + 1
+	s.segs = append(s.segs, seg)
+	return maxSeq, nil
+}
+
+// loadFrame applies one intact frame of seg: a done frame ends the pending
+// append it names; an append makes its record pending in seg, replacing an
+// earlier copy (the later of two appends wins).
+func (s *Spool) loadFrame(seg *segment, f frame, data map[string]loadedRec) {
+	id := string(f.id)
+	old, ok := s.pending[id]
+	switch {
+	case f.kind == kindDone:
+		if ok && old.seq == f.seq {
+			delete(s.pending, id)
+			delete(data, id)
+			s.unlive(old)
+		}
+		return
+	case ok && old.seq != f.seq:
+		// Two pending appends of one id: the done frame of the first
+		// was lost. The later one wins.
+		s.logf("spool: %s: record %q appended again (sequence %d after %d); keeping the later one", seg.path, id, f.seq, old.seq)
+	}
+	if ok {
+		s.unlive(old) // an earlier copy (or a superseded append)
+	}
+	e := entry{seq: f.seq, seg: seg, n: int64(f.n)}
+	s.pending[id] = e
+	seg.live++
+	seg.liveBytes += e.n
+	data[id] = loadedRec{f.seq, f.data}
+}
+
+// inSeqOrder returns the loaded records in the order they were appended,
+// each with a copy of its data.
+func inSeqOrder(data map[string]loadedRec) []Record {
 	type seqRec struct {
 		seq uint64
 		Record
@@ -338,7 +379,7 @@ func (s *Spool) load() ([]Record, error) {
 	for i, r := range sorted {
 		recs[i] = r.Record
 	}
-	return recs, nil
+	return recs
 }
 
 // unlive takes e out of its segment's live counts.
