@@ -163,8 +163,11 @@ var ErrNoHold = fmt.Errorf("hold already settled")
 // another instance) without moving money twice.
 type Ledger interface {
 	// Reserve takes a hold: atomically, never driving a field below zero.
-	// It returns *InsufficientError when the pool is below req.Min, and
-	// ErrUserNotFound when the user does not exist.
+	// It returns *InsufficientError when the pool is below req.Min,
+	// ErrUserNotFound when the user does not exist, and ErrNoHold when the
+	// request's hold was taken and settled before and its receipt is still
+	// kept (a request is held once). Asked again while the hold is out, it
+	// returns that hold.
 	Reserve(ctx context.Context, req HoldRequest) (Hold, error)
 	// Settle releases a hold and charges the cost: the unused part of the
 	// hold goes back; a cost above the hold is taken from what the pool

@@ -112,17 +112,20 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 // update, and reports whether it matched. taken receives the amounts.
 func (s *Store) reserveWanted(ctx context.Context, req billing.HoldRequest, fields []string, taken []billing.Nano) (bool, error) {
 	notHeld := bson.E{Key: FieldHolds + "." + req.RequestID, Value: bson.D{{Key: "$exists", Value: false}}}
+	notDone := bson.E{Key: FieldDone + "." + req.RequestID, Value: bson.D{{Key: "$exists", Value: false}}}
 	var filter bson.D
 	if req.Want > 0 {
 		taken[0] = req.Want
-		filter = bson.D{{Key: "_id", Value: req.User}, {Key: fields[0], Value: bson.D{{Key: "$gte", Value: req.Want.USD()}}}, notHeld}
+		filter = bson.D{{Key: "_id", Value: req.User}, {Key: fields[0], Value: bson.D{{Key: "$gte", Value: req.Want.USD()}}}, notHeld, notDone}
+		filter = append(filter, receiptsKept(req.Clear)...)
 	} else {
 		// A zero hold ("check" sizing): the pool must have something.
 		any := bson.A{}
 		for _, f := range fields {
 			any = append(any, bson.D{{Key: f, Value: bson.D{{Key: "$gt", Value: 0}}}})
 		}
-		filter = bson.D{{Key: "_id", Value: req.User}, {Key: "$or", Value: any}, notHeld}
+		filter = bson.D{{Key: "_id", Value: req.User}, {Key: "$or", Value: any}, notHeld, notDone}
+		filter = append(filter, receiptsKept(req.Clear)...)
 	}
 	r, err := s.db.Collection(CollUsers).UpdateOne(ctx, filter, s.reserveUpdate(req, fields, taken, nil))
 	if err != nil {
@@ -141,9 +144,14 @@ func (s *Store) reserveWanted(ctx context.Context, req billing.HoldRequest, fiel
 // retry of the same request is idempotent). A changed balance is not done.
 func (s *Store) reserveAvailable(ctx context.Context, req billing.HoldRequest, fields []string, h *billing.Hold) (bool, error) {
 	holdPath := FieldHolds + "." + req.RequestID
-	vals, held, err := s.readForHold(ctx, req.User, fields, holdPath)
+	vals, held, settled, err := s.readForHold(ctx, req.User, fields, req.RequestID)
 	if err != nil {
 		return false, err
+	}
+	if settled && held == nil {
+		// Held and settled before, its receipt still kept: a request is
+		// held once, and a second hold would write a second receipt.
+		return false, billing.ErrNoHold
 	}
 	if held != nil {
 		// Taken already: idempotent. The receipts it was to drop go now.
@@ -164,6 +172,14 @@ func (s *Store) reserveAvailable(ctx context.Context, req billing.HoldRequest, f
 	}
 	if avail <= 0 || avail < req.Min {
 		return false, &billing.InsufficientError{Balance: avail, Need: req.Min}
+	}
+	if len(req.Clear) > 0 {
+		// Some of them may be gone (the fast path requires them all):
+		// drop exactly those still kept, then hold without them.
+		if err := s.clearReceipts(ctx, req.User, req.Clear); err != nil {
+			return false, err
+		}
+		req.Clear = nil
 	}
 	want := min(req.Want, avail)
 	takes, taken, conds := takeFrom(fields, vals, want)
@@ -229,6 +245,16 @@ func takeFrom(fields []string, vals []fieldValue, amount billing.Nano) ([]float6
 	return takes, taken, conds
 }
 
+// receiptsKept is the filter that every receipt named exists: a hold's
+// update counts each one it names as dropped.
+func receiptsKept(ids []string) bson.D {
+	out := make(bson.D, 0, len(ids))
+	for _, rid := range ids {
+		out = append(out, bson.E{Key: FieldDone + "." + rid, Value: bson.D{{Key: "$exists", Value: true}}})
+	}
+	return out
+}
+
 // reserveUpdate takes taken[i] from fields[i] (as the exact doubles takes[i]
 // when given, for fields drained to zero) and records the hold.
 func (s *Store) reserveUpdate(req billing.HoldRequest, fields []string, taken []billing.Nano, takes []float64) bson.D {
@@ -267,18 +293,19 @@ func (s *Store) reserveUpdate(req billing.HoldRequest, fields []string, taken []
 }
 
 // readForHold reads the plan's fields and the hold, if any.
-func (s *Store) readForHold(ctx context.Context, user string, fields []string, holdPath string) ([]fieldValue, *billing.Hold, error) {
-	proj := bson.D{{Key: holdPath, Value: 1}}
+func (s *Store) readForHold(ctx context.Context, user string, fields []string, requestID string) ([]fieldValue, *billing.Hold, bool, error) {
+	holdPath, donePath := FieldHolds+"."+requestID, FieldDone+"."+requestID
+	proj := bson.D{{Key: holdPath, Value: 1}, {Key: donePath, Value: 1}}
 	for _, f := range fields {
 		proj = append(proj, bson.E{Key: f, Value: 1})
 	}
 	var raw bson.Raw
 	err := s.db.Collection(CollUsers).FindOne(ctx, bson.D{{Key: "_id", Value: user}}, options.FindOne().SetProjection(proj)).Decode(&raw)
 	if errors.Is(err, mongo.ErrNoDocuments) {
-		return nil, nil, billing.ErrUserNotFound
+		return nil, nil, false, billing.ErrUserNotFound
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("reading balance: %w", err)
+		return nil, nil, false, fmt.Errorf("reading balance: %w", err)
 	}
 	vals := make([]fieldValue, len(fields))
 	for i, f := range fields {
@@ -288,11 +315,11 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, h
 		}
 		var x any
 		if err := v.Unmarshal(&x); err != nil {
-			return nil, nil, fmt.Errorf("balance field %s: %w", f, err)
+			return nil, nil, false, fmt.Errorf("balance field %s: %w", f, err)
 		}
 		n, ok := toFloat(x)
 		if !ok {
-			return nil, nil, fmt.Errorf("balance field %s has type %s, want a number", f, v.Type)
+			return nil, nil, false, fmt.Errorf("balance field %s has type %s, want a number", f, v.Type)
 		}
 		vals[i] = fieldValue{v: n, present: true}
 	}
@@ -300,11 +327,12 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, h
 	if v, err := raw.LookupErr(strings.Split(holdPath, ".")...); err == nil {
 		h, err := unpackHold(v)
 		if err != nil {
-			return nil, nil, fmt.Errorf("reading hold: %w", err)
+			return nil, nil, false, fmt.Errorf("reading hold: %w", err)
 		}
 		held = &h
 	}
-	return vals, held, nil
+	_, err = raw.LookupErr(strings.Split(donePath, ".")...)
+	return vals, held, err == nil, nil
 }
 
 // unpackHold reads a hold as the store writes it (EncodeHold).
@@ -364,7 +392,7 @@ func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.
 	}
 	// ...or what the fields have is taken, draining them to zero.
 	for attempt := 0; attempt < casAttempts; attempt++ {
-		vals, hd, err := s.readForHold(ctx, h.User, fields, FieldHolds+"."+h.RequestID)
+		vals, hd, _, err := s.readForHold(ctx, h.User, fields, h.RequestID)
 		if err != nil {
 			return billing.Receipt{}, false, err
 		}

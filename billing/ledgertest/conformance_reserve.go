@@ -2,7 +2,9 @@ package ledgertest
 
 import (
 	"errors"
+	"fmt"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -122,6 +124,36 @@ var reserveCases = []confTest{
 		c.reserve(req)
 		_, _, err := c.s.Settle(c.ctx, billing.SettleRequest{Hold: h1, Cost: usd(0.1), By: billing.SettledByRequest})
 		assert.ErrorIs(t, err, billing.ErrNoHold, "the receipt went with the hold")
+	}},
+	{"Reserve/refuses a request settled before whose receipt is kept", func(t *testing.T, c *confCase) {
+		u := c.user("u", billing.Balances{CreditsNew: usd(1)})
+		req := c.req("r1", u, planNew, usd(0.2), 0)
+		c.settleAfterReserve(req, usd(0.1))
+		req.Want = 0 // as a lookup of a hold whose answer was lost
+		_, err := c.s.Reserve(c.ctx, req)
+		assert.ErrorIs(t, err, billing.ErrNoHold, "a request is held once")
+		assert.Equal(t, billing.Balances{CreditsNew: usd(0.9)}, c.balances(u))
+	}},
+	{"Reserve/counts out only the receipts named by Clear that exist", func(t *testing.T, c *confCase) {
+		u := c.user("u", billing.Balances{CreditsNew: usd(1)})
+		kept := c.settleAfterReserve(c.req("r1", u, planNew, usd(0.2), 0), usd(0.1))
+		gone := c.settleAfterReserve(c.req("r2", u, planNew, usd(0.2), 0), usd(0.1))
+		require.NoError(t, c.s.ClearReceipts(c.ctx, u, []string{gone.RequestID}))
+		for i, want := range []billing.Nano{usd(0.2), 0} {
+			req := c.req(fmt.Sprint("r", 3+i), u, planNew, want, 0)
+			req.Clear = []string{gone.RequestID}
+			h := c.settleAfterReserve(req, 0)
+			require.NoError(t, c.s.ClearReceipts(c.ctx, u, []string{h.RequestID}))
+		}
+		// The receipt still kept is still counted: the sweeper finds it.
+		later := time.Now().Add(time.Hour)
+		os, err := c.s.Orphans(c.ctx, billing.OrphanQuery{Now: later, OwnerDeadline: later.Add(-2 * time.Hour), ReceiptAge: time.Minute})
+		require.NoError(t, err)
+		var found bool
+		for _, o := range os {
+			found = found || (o.Receipt != nil && o.Hold.RequestID == kept.RequestID)
+		}
+		assert.True(t, found, "the kept receipt is still swept")
 	}},
 	{"Reserve/keeps the receipts named by Clear when it fails", func(t *testing.T, c *confCase) {
 		u := c.user("u", billing.Balances{CreditsNew: usd(0.2)})

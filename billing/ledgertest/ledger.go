@@ -13,10 +13,10 @@ import (
 // has when that is less, first field first, never driving a field below
 // zero; the same request id again returns the hold taken before (and drops
 // req.Clear exactly). A pool that is empty or below req.Min gives an
-// *billing.InsufficientError, a missing user billing.ErrUserNotFound. The
-// receipts named by req.Clear are dropped with a new hold and counted out
-// whether they existed or not, as the MongoDB store's update counts them;
-// a Clear that names a receipt twice fails with a write error, as the
+// *billing.InsufficientError, a missing user billing.ErrUserNotFound, a
+// request settled before whose receipt is kept billing.ErrNoHold. The
+// receipts named by req.Clear are dropped with a new hold, exactly (only
+// those that still exist are counted out); a Clear that names a receipt twice fails with a write error, as the
 // MongoDB store's update does (whenever it sends one: always when Want is
 // at least Min, otherwise when a new hold is to be taken).
 func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.Hold, error) {
@@ -56,6 +56,9 @@ func (s *Store) reserve(req billing.HoldRequest) (billing.Hold, error) {
 		u.clearExact(req.Clear)
 		return cloneHold(held), nil
 	}
+	if _, ok := u.receipts[req.RequestID]; ok {
+		return billing.Hold{}, billing.ErrNoHold // held and settled before
+	}
 	fields := req.Plan.Fields()
 	avail := u.pool(fields)
 	if avail <= 0 || avail < req.Min {
@@ -77,10 +80,7 @@ func (s *Store) reserve(req billing.HoldRequest) (billing.Hold, error) {
 	stored.At, stored.Expires = ms(h.At), ms(h.Expires)
 	u.holds[req.RequestID] = stored
 	u.held++
-	for _, rid := range req.Clear {
-		delete(u.receipts, rid)
-	}
-	u.doneN -= int64(len(req.Clear))
+	u.clearExact(req.Clear)
 	return h, nil
 }
 

@@ -110,19 +110,17 @@ func (snap Snapshot) User(id string) (UserState, bool) {
 }
 
 // Recorded is what the records say each settled request of the user took,
-// per field: the receipts still kept, and the log rows of the user's
-// requests (rows of a request that still has its receipt are not counted
-// twice). A row counts once per request id, however many rows it has.
+// per field: the log rows of the user's requests, once per request id
+// however many rows it has, and the receipts of requests without a row
+// yet. A row wins over a receipt of the same request: a receipt kept
+// beside a row is either the same settlement waiting to be dropped, or the
+// zero release of a request looked up again after the sweeper resolved
+// and logged it (see settle's findHold); a second charge would show as a
+// balance drop with no record.
 func (snap Snapshot) Recorded(id string) map[string]billing.Nano {
 	out := map[string]billing.Nano{}
 	u, _ := snap.User(id)
 	have := map[string]bool{}
-	for _, rc := range u.Receipts {
-		have[rc.RequestID] = true
-		for i, f := range rc.Fields {
-			out[f] += rc.Taken[i]
-		}
-	}
 	for _, lid := range snap.LogOrder {
 		row := snap.Logs[lid]
 		if row.UserID != id || have[row.RequestID] {
@@ -131,6 +129,15 @@ func (snap Snapshot) Recorded(id string) map[string]billing.Nano {
 		have[row.RequestID] = true
 		for f, n := range row.TakenNano {
 			out[f] += billing.Nano(n)
+		}
+	}
+	for _, rc := range u.Receipts {
+		if have[rc.RequestID] {
+			continue
+		}
+		have[rc.RequestID] = true
+		for i, f := range rc.Fields {
+			out[f] += rc.Taken[i]
 		}
 	}
 	return out
