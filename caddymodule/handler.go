@@ -370,7 +370,7 @@ func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p bil
 		observeDB(waitHold, t0)
 	}
 	if err != nil {
-		eng.settler.ReturnReceipts(p.User, req.Clear)
+		eng.settler.ReturnReceipts(p.User, req.Clear, err)
 	}
 	switch {
 	case err == nil:

@@ -203,7 +203,8 @@ func (st *Settler) findHolds(ctx context.Context, batch []*Settlement) error {
 // by request id, so asking again, for a zero hold, returns the hold the
 // unanswered request took, or takes an empty one; the release then gives
 // back exactly what was taken. When there is no hold and no credit to hold
-// (or no user), the release stays Unknown: there is nothing to give back.
+// (or no user), or the hold was settled already (the sweeper resolved it),
+// the release stays Unknown: there is nothing to give back.
 // An error means the database is still away: the release waits for the
 // retry like any other settlement.
 func (st *Settler) findHold(ctx context.Context, s *Settlement) error {
@@ -218,7 +219,7 @@ func (st *Settler) findHold(ctx context.Context, s *Settlement) error {
 	switch {
 	case err == nil:
 		s.Hold, s.Unknown = held, false
-	case errors.As(err, &ie), errors.Is(err, billing.ErrUserNotFound):
+	case errors.As(err, &ie), errors.Is(err, billing.ErrUserNotFound), errors.Is(err, billing.ErrNoHold):
 	default:
 		return err
 	}

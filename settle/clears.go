@@ -2,10 +2,15 @@ package settle
 
 import (
 	"context"
+	"errors"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/trollllm/caddy-llm-billing/billing"
 )
 
 // clearDelay is how long a receipt whose log row is written waits for the
@@ -48,7 +53,12 @@ func (c *receiptClears) put(user string, ids []string, now time.Time, exact bool
 		uc = &userClears{since: now}
 		c.m[user] = uc
 	}
-	uc.ids = append(uc.ids, ids...)
+	for _, id := range ids {
+		// A hold naming one receipt twice is refused by the database.
+		if !slices.Contains(uc.ids, id) {
+			uc.ids = append(uc.ids, id)
+		}
+	}
 	uc.exact = uc.exact || exact
 }
 
@@ -84,11 +94,22 @@ func (c *receiptClears) due(now time.Time, all bool) map[string]*userClears {
 func (st *Settler) TakeReceipts(user string) []string { return st.clears.take(user) }
 
 // ReturnReceipts puts back receipts TakeReceipts gave for a hold that
-// failed.
-func (st *Settler) ReturnReceipts(user string, ids []string) {
-	if len(ids) > 0 {
-		st.clears.add(user, ids, st.now())
+// failed with err. A refusal (billing.InsufficientError,
+// billing.ErrUserNotFound) changed nothing, so they may go with the next
+// hold again. Any other error leaves it unknown whether the hold's update
+// dropped them: they then go only through ClearReceipts, which drops what
+// still exists, since a hold's update counts every receipt it names as
+// dropped.
+func (st *Settler) ReturnReceipts(user string, ids []string, err error) {
+	if len(ids) == 0 {
+		return
 	}
+	var ie *billing.InsufficientError
+	if errors.As(err, &ie) || errors.Is(err, billing.ErrUserNotFound) {
+		st.clears.add(user, ids, st.now())
+		return
+	}
+	st.clears.addExact(user, ids, st.now())
 }
 
 // FlushClears drops the receipts no hold took along within clearDelay, or
@@ -100,11 +121,14 @@ func (st *Settler) FlushClears(all bool) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*st.opTimeout)
 	defer cancel()
-	for user, uc := range due {
+	for _, user := range slices.Sorted(maps.Keys(due)) { // in order: a replayed run does the same
+		uc := due[user]
 		if err := st.store.ClearReceipts(ctx, user, uc.ids); err != nil {
-			// Tried again with the next hold or flush; past receiptAge
-			// the sweeper drops them too.
-			st.clears.put(user, uc.ids, st.now(), uc.exact)
+			// Tried again by the next flush; past receiptAge the
+			// sweeper drops them too. The failed write may have dropped
+			// them already, so only ClearReceipts, never a hold's
+			// update, which counts what it names as dropped.
+			st.clears.put(user, uc.ids, st.now(), true)
 			if !all {
 				st.log().Warn("clearing settlement receipts failed; will retry", zap.String("user", user), zap.Error(err))
 			}
