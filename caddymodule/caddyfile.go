@@ -299,7 +299,7 @@ func (h *Handler) unmarshalSubdirective(d *caddyfile.Dispenser, name string) err
 	case "max_body_size":
 		err = sizeArg(d, &h.MaxBodySize)
 	case "hold":
-		err = stringArg(d, &h.Hold)
+		err = stringArg(d, &h.HoldSizing)
 	case "default_max_tokens":
 		err = intArg(d, &h.DefaultMaxTokens)
 	case "client_disconnect":

@@ -30,7 +30,7 @@ func TestHandlerUnmarshalCaddyfile(t *testing.T) {
 		{
 			name:  "hold and disconnect policy",
 			input: "llm_billing {\n credit_field creditsNew\n models m\n hold check\n default_max_tokens 8192\n client_disconnect stop\n drain_timeout 30s\n}",
-			want: Handler{CreditFields: []string{"creditsNew"}, Models: "m", Hold: HoldCheck, DefaultMaxTokens: 8192,
+			want: Handler{CreditFields: []string{"creditsNew"}, Models: "m", HoldSizing: HoldCheck, DefaultMaxTokens: 8192,
 				ClientDisconnect: DisconnectStop, DrainTimeout: caddy.Duration(30 * time.Second)},
 		},
 		{
@@ -38,7 +38,7 @@ func TestHandlerUnmarshalCaddyfile(t *testing.T) {
 			// the parser converts what it is given.
 			name:  "out of bounds parses",
 			input: "llm_billing {\n hold all\n default_max_tokens 0\n client_disconnect bill\n drain_timeout -1s\n max_body_size 0\n}",
-			want:  Handler{Hold: "all", ClientDisconnect: "bill", DrainTimeout: caddy.Duration(-time.Second)},
+			want:  Handler{HoldSizing: "all", ClientDisconnect: "bill", DrainTimeout: caddy.Duration(-time.Second)},
 		},
 		{name: "max tokens not a number", input: "llm_billing {\n default_max_tokens many\n}", wantErr: `default_max_tokens: not a whole number: "many"`},
 		{name: "drain timeout not a duration", input: "llm_billing {\n drain_timeout soon\n}", wantErr: `drain_timeout: not a duration: "soon"`},

@@ -65,7 +65,7 @@ type Handler struct {
 	// nothing, leaves max_tokens as sent and only requires a positive
 	// balance, as the legacy proxy did (concurrent requests can then spend
 	// past the balance; the excess is recorded as shortfall).
-	Hold string `json:"hold,omitempty"`
+	HoldSizing string `json:"hold,omitempty"`
 
 	// DefaultMaxTokens is the output size a hold assumes when the request
 	// sets no max_tokens (OpenAI requests may omit it). Default: 4096.
@@ -305,7 +305,7 @@ type proxied struct {
 	expect        int               // what a success must be: expectJSON or expectSSE
 }
 
-// reserve takes the request's hold, sized by h.Hold (see Handler.Hold), and
+// reserve takes the request's hold, sized by h.HoldSizing, and
 // returns the max_tokens to forward: what the hold pays for after the
 // input bound of a forwarded body of size bytes (billing.HoldTerms), or -1
 // (leave the body's as it is) under hold check.
@@ -317,7 +317,7 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID, key strin
 	}
 	terms := billing.HoldTerms(model, size, info.MaxTokens, h.DefaultMaxTokens)
 	want, need := terms.Want, terms.Input
-	if h.Hold == HoldCheck {
+	if h.HoldSizing == HoldCheck {
 		want, need = 0, 0
 	}
 	// An orphaned hold is still charged the estimated input (charge_input),
@@ -333,7 +333,7 @@ func (h *Handler) reserve(ctx context.Context, api billing.API, reqID, key strin
 		return hold, -1, friendCredit(p, aerr)
 	}
 	hold.Friend = fh // settled with the hold, or given back with it
-	if h.Hold == HoldCheck {
+	if h.HoldSizing == HoldCheck {
 		return hold, -1, nil
 	}
 	maxTokens := terms.Cap(model, hold.Amount(), info.ThinkingBudget)

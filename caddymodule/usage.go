@@ -148,7 +148,7 @@ func (h *Handler) charge(r *measured, pr *proxied) (billing.Nano, billing.Usage)
 		zap.Int64("reported_input", r.u.Input), zap.Int64("reported_output", r.u.Output),
 		zap.Int64("reported_cache_write", r.u.CacheWrite), zap.Int64("reported_cache_read", r.u.CacheRead))
 	u := h.boundUsage(pr)
-	if h.Hold != HoldCheck {
+	if h.HoldSizing != HoldCheck {
 		return pr.hold.Amount(), u
 	}
 	if r.source == sourceHoldInvalid {

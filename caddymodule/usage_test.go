@@ -40,7 +40,7 @@ func TestInvalidUsageBillsTheHoldOrTheBound(t *testing.T) {
 	} {
 		t.Run(tc.hold+" "+tc.problem, func(t *testing.T) {
 			h, fs := newTestHandler(t)
-			h.Hold, h.DefaultMaxTokens = tc.hold, DefaultMaxTokens
+			h.HoldSizing, h.DefaultMaxTokens = tc.hold, DefaultMaxTokens
 			counter := usageProblems.WithLabelValues("creditsNew", tc.problem)
 			before := testutil.ToFloat64(counter)
 			rec := httptest.NewRecorder()

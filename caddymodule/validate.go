@@ -88,10 +88,10 @@ func (h *Handler) Validate() error {
 	if h.MaxBodySize != 0 && (h.MaxBodySize < 1 || h.MaxBodySize > maxMaxBodySize) {
 		return fmt.Errorf("max_body_size must be from 1 byte to 1TiB, got %d bytes", h.MaxBodySize)
 	}
-	switch h.Hold {
+	switch h.HoldSizing {
 	case "", HoldWorstCase, HoldCheck:
 	default:
-		return fmt.Errorf("hold: unknown sizing %q (want %s or %s)", h.Hold, HoldWorstCase, HoldCheck)
+		return fmt.Errorf("hold: unknown sizing %q (want %s or %s)", h.HoldSizing, HoldWorstCase, HoldCheck)
 	}
 	if h.DefaultMaxTokens != 0 && (h.DefaultMaxTokens < 1 || h.DefaultMaxTokens > maxDefaultTokens) {
 		return fmt.Errorf("default_max_tokens must be from 1 to %d, got %d", maxDefaultTokens, h.DefaultMaxTokens)

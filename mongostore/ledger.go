@@ -153,24 +153,13 @@ func (s *Store) reserveAvailable(ctx context.Context, req billing.HoldRequest, f
 		// held once, and a second hold would write a second receipt.
 		return false, billing.ErrNoHold
 	}
-	if held != nil {
-		// Taken already: idempotent. The receipts it was to drop go now.
-		if len(req.Clear) > 0 {
-			if err := s.clearReceipts(ctx, req.User, req.Clear); err != nil {
-				return false, err
-			}
-		}
-		*h = *held
-		h.RequestID, h.User = req.RequestID, req.User
-		return true, nil
-	}
 	var avail billing.Nano
 	for _, fv := range vals {
 		if fv.v > 0 {
 			avail += billing.NanoFromUSD(fv.v)
 		}
 	}
-	if avail <= 0 || avail < req.Min {
+	if held == nil && (avail <= 0 || avail < req.Min) {
 		return false, &billing.InsufficientError{Balance: avail, Need: req.Min}
 	}
 	if len(req.Clear) > 0 {
@@ -180,6 +169,12 @@ func (s *Store) reserveAvailable(ctx context.Context, req billing.HoldRequest, f
 			return false, err
 		}
 		req.Clear = nil
+	}
+	if held != nil {
+		// Taken already: idempotent.
+		*h = *held
+		h.RequestID, h.User = req.RequestID, req.User
+		return true, nil
 	}
 	want := min(req.Want, avail)
 	takes, taken, conds := takeFrom(fields, vals, want)
