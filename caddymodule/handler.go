@@ -51,7 +51,7 @@ type Handler struct {
 	// MaxBodySize is the request body limit in bytes. Default: 50 MB.
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
-	// Hold is how much credit is reserved before a request is forwarded:
+	// HoldSizing is how much credit is reserved before a request is forwarded:
 	// "worst_case" (the default) reserves the cost of an upper bound of the
 	// input (one token per byte of the forwarded body, at most the model's
 	// context window, at the highest input price) plus max_tokens of
