@@ -110,7 +110,8 @@ type SettleSource string
 
 // The settlers of a hold.
 const (
-	SettledByRequest SettleSource = "request" // the request's own settlement
+	SettledByRequest SettleSource = "request" // the request's own settlement, billed
+	SettledByRelease SettleSource = "release" // the request's own settlement, unbilled: no log row
 	SettledBySweeper SettleSource = "sweeper" // the sweeper, for an orphaned hold
 )
 

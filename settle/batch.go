@@ -72,7 +72,7 @@ func (b *batchRun) settle(ctx context.Context, s *Settlement, merged map[*Settle
 	case err != nil:
 		b.fail(s, err)
 		return
-	case rc.By != billing.SettledByRequest:
+	case rc.By == billing.SettledBySweeper:
 		// The sweeper resolved the hold first (this process was presumed
 		// dead): its charge and its log row stand.
 		s.Logger.Warn("hold was resolved by the sweeper before its settlement",

@@ -43,9 +43,15 @@ func Release(h billing.Hold, logger *zap.Logger) *Settlement {
 	return &Settlement{Hold: h, Logger: logger}
 }
 
-// request is the store's settle request for s.
+// request is the store's settle request for s. The receipt it leaves
+// says whether a log row follows (SettledByRequest) or not
+// (SettledByRelease), so the sweeper knows which receipts need one.
 func (s *Settlement) request() billing.SettleRequest {
-	return billing.SettleRequest{Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: billing.SettledByRequest}
+	by := billing.SettledByRequest
+	if !s.Bill {
+		by = billing.SettledByRelease
+	}
+	return billing.SettleRequest{Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: by}
 }
 
 // fillLog completes the log row with what the receipt says was charged.

@@ -109,10 +109,10 @@ func (st *Settler) resolve(ctx context.Context, q billing.OrphanQuery) {
 // its lease.
 func (st *Settler) resolveOne(o billing.Orphan, policy billing.OrphanPolicy) {
 	h, rc := o.Hold, o.Receipt
-	if rc != nil && rc.By == billing.SettledByRequest && rc.Cost == 0 && rc.Charged == 0 {
-		// A hold its request released without a charge (the request
-		// failed): it has no log row to write. A sweeper's receipt always
-		// has one, even at zero: its request was served.
+	if rc != nil && rc.By == billing.SettledByRelease {
+		// A hold its request gave back unbilled (the request failed): it
+		// has no log row to write. Every other receipt has one, even at
+		// zero cost: its request was served.
 		st.clears.addExact(h.User, []string{h.RequestID}, st.now())
 		return
 	}
