@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check CI runs, in order: formatting, go vet, the plugin's unit
-# tests, the end-to-end suite (real Caddy in-process, embedded FerretDB, the
-# stand-in upstream, the official SDK clients), then the xcaddy build and a
+# tests, the settlement simulation, the end-to-end suite (real Caddy
+# in-process, embedded FerretDB, the stand-in upstream, the official SDK
+# clients), then the xcaddy build and a
 # `caddy validate` and `caddy fmt` check of Caddyfile.example with that binary.
 #
 #   ./scripts/test.sh                 # everything
@@ -23,7 +24,10 @@ go vet ./...
 (cd tests && go vet ./...)
 
 step "unit tests (plugin module)"
-go test -race -count=1 ./...
+go test -race -count=1 -skip '^TestSimulation$' ./...
+
+step "settlement simulation (300 seeds, no race detector: it is one goroutine)"
+go test -count=1 -run '^TestSimulation$' ./settle -sim.seeds=300
 
 step "end-to-end tests (tests module)"
 (cd tests && go test -race -count=1 -p 1 -timeout 20m ./...)
