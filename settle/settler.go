@@ -307,24 +307,22 @@ func (st *Settler) settleLoop() {
 // SettleQueued settles, on the calling goroutine, what is queued now and
 // not yet taken by a worker: a simulation's step (no workers run).
 func (st *Settler) SettleQueued() {
+	var batch []*Settlement
 	for {
-		batch := make([]*Settlement, 0, batchSize)
-	fill:
-		for len(batch) < batchSize {
-			select {
-			case s, ok := <-st.jobs:
-				if !ok {
-					break fill
+		select {
+		case s, ok := <-st.jobs:
+			if ok {
+				if batch = append(batch, s); len(batch) < batchSize {
+					continue
 				}
-				batch = append(batch, s)
-			default:
-				break fill
 			}
+		default:
 		}
 		if len(batch) == 0 {
 			return
 		}
 		st.SettleBatch(batch)
+		batch = nil
 	}
 }
 
