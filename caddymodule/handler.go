@@ -406,7 +406,7 @@ func (h *Handler) settle(r *http.Request, m *meter, pr *proxied) {
 	p, key, upKey, model := pr.principal, pr.key, pr.upKey, pr.model
 	ms := h.measure(m, pr, pr.client.Err() != nil || m.gone.Load())
 	cost, u := h.charge(&ms, pr)
-	source, end := ms.source, ms.end
+	source, end := ms.Source, ms.End
 	h.checkCap(pr, source, u, cost)
 	u = u.Clamped() // what one request may add to the token counters
 	weighted := billing.ClampTokens(model.Price.WeightedTokens(u))

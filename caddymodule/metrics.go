@@ -232,7 +232,7 @@ func (settleMetrics) Billed(s *settle.Settlement) {
 	tokensTotal.WithLabelValues(pool, l.Model, "cache_write").Add(float64(l.CacheWriteTokens))
 	tokensTotal.WithLabelValues(pool, l.Model, "cache_read").Add(float64(l.CacheHitTokens))
 	chargedUSD.WithLabelValues(pool).Add(billing.Nano(l.ChargedNano).USD())
-	if l.UsageSource == sourceEstimated || l.UsageSource == sourcePartial {
+	if l.UsageSource == billing.SourceEstimated || l.UsageSource == billing.SourcePartial {
 		usageEstimated.WithLabelValues(pool).Inc()
 	}
 	settlementLag.Observe(time.Since(l.CreatedAt).Seconds())

@@ -149,7 +149,7 @@ func TestUsageEstimatedMetric(t *testing.T) {
 	waitCharges(t, fs, 1)
 	fs.mu.Lock()
 	require.Len(t, fs.logs, 1)
-	assert.Equal(t, sourceEstimated, fs.logs[0].UsageSource)
+	assert.Equal(t, billing.SourceEstimated, fs.logs[0].UsageSource)
 	fs.mu.Unlock()
 	require.Eventually(t, func() bool {
 		return sample(t, reg, "caddy_llm_billing_usage_estimated_total", "pool", "creditsNew") == before+1

@@ -33,10 +33,10 @@ func TestInvalidUsageBillsTheHoldOrTheBound(t *testing.T) {
 	for _, tc := range []struct {
 		hold, usage, source, problem string
 	}{
-		{HoldWorstCase, `{"input_tokens":-1,"output_tokens":5}`, sourceHoldInvalid, "negative"},
-		{HoldCheck, `{"input_tokens":-1,"output_tokens":5}`, sourceBoundInvalid, "negative"},
-		{HoldWorstCase, `null`, sourceHoldMissing, "missing_usage"},
-		{HoldCheck, `{"input_tokens":9223372036854775807,"output_tokens":5}`, sourceBoundInvalid, "beyond_context_window"},
+		{HoldWorstCase, `{"input_tokens":-1,"output_tokens":5}`, billing.SourceHoldInvalid, "negative"},
+		{HoldCheck, `{"input_tokens":-1,"output_tokens":5}`, billing.SourceBoundInvalid, "negative"},
+		{HoldWorstCase, `null`, billing.SourceHoldMissing, "missing_usage"},
+		{HoldCheck, `{"input_tokens":9223372036854775807,"output_tokens":5}`, billing.SourceBoundInvalid, "beyond_context_window"},
 	} {
 		t.Run(tc.hold+" "+tc.problem, func(t *testing.T) {
 			h, fs := newTestHandler(t)
