@@ -21,6 +21,11 @@ const (
 	// caused, its body's bytes as input tokens plus max_tokens of output.
 	SourceBoundInvalid = "bound_invalid_usage"
 	SourceBoundMissing = "bound_missing_usage"
+	// SourceHoldFallback: the sweeper resolved an orphaned hold under the
+	// orphan policy (OrphanRequestLog).
+	SourceHoldFallback = "hold_fallback"
+	// SourceReceipt: the row of a settled request rebuilt from its receipt.
+	SourceReceipt = "receipt"
 )
 
 // ProblemCutBeforeUsage is the usage problem of a stream the upstream

@@ -338,3 +338,31 @@ func MaskKey(key string) string {
 	}
 	return key[:8] + "..." + key[len(key)-4:]
 }
+
+// Settled completes the row of a billed request with what its settlement
+// did (rc): what was charged, and from which fields. The shortfall is
+// the receipt's, plus any part of CostNano above what was asked of the
+// pool (a friend key's charge is capped by its hold).
+func (l *RequestLog) Settled(rc Receipt) {
+	l.ChargedNano = int64(rc.Charged)
+	l.ShortfallNano = int64(rc.Shortfall) + max(l.CostNano-int64(rc.Cost), 0)
+	l.Shortfall = Nano(l.ShortfallNano).USD()
+	l.TakenNano = rc.TakenByField()
+}
+
+// OrphanRequestLog is the row of a hold the sweeper resolved under policy,
+// or of a receipt whose row was never written: what the hold and the
+// receipt say.
+func OrphanRequestLog(h Hold, rc Receipt, policy OrphanPolicy) RequestLog {
+	source, end := SourceHoldFallback, "orphaned:"+string(policy)
+	if rc.By == SettledByRequest {
+		source, end = SourceReceipt, "recovered"
+	}
+	return RequestLog{
+		ID: rc.LogID, UserID: h.User, UserKeyID: h.KeyID, Model: h.Model,
+		CreditsCost: rc.Cost.USD(), CreditType: h.Plan.CreditType(), StatusCode: 200, IsSuccess: true, CreatedAt: rc.At,
+		RequestID: h.RequestID, CreditField: h.Plan.String(), UsageSource: source, EndReason: end,
+		CostNano: int64(rc.Cost), ChargedNano: int64(rc.Charged), ShortfallNano: int64(rc.Shortfall), Shortfall: rc.Shortfall.USD(),
+		HoldNano: int64(h.Amount()), TakenNano: rc.TakenByField(),
+	}
+}

@@ -96,7 +96,7 @@ func (b *batchRun) settle(ctx context.Context, s *Settlement, merged map[*Settle
 		b.done = append(b.done, s)
 		return
 	}
-	s.fillLog(rc)
+	s.Log.Settled(rc)
 	b.logs = append(b.logs, s.Log)
 	b.logged = append(b.logged, s)
 }

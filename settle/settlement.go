@@ -54,15 +54,6 @@ func (s *Settlement) request() billing.SettleRequest {
 	return billing.SettleRequest{Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: by}
 }
 
-// fillLog completes the log row with what the receipt says was charged.
-// A friend key's charge is capped by its hold, so the part of the priced
-// cost above s.Cost is shortfall too.
-func (s *Settlement) fillLog(rc billing.Receipt) {
-	s.Log.ChargedNano = int64(rc.Charged)
-	s.Log.ShortfallNano = int64(rc.Shortfall) + max(s.Log.CostNano-int64(s.Cost), 0)
-	s.Log.Shortfall = billing.Nano(s.Log.ShortfallNano).USD()
-	s.Log.TakenNano = rc.TakenByField()
-}
 
 // logBilled writes one line per billed request, as Caddy's own
 // reverse_proxy logs its round trips: at DEBUG (the request log row is the

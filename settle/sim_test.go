@@ -333,14 +333,14 @@ func (w *world) checkEnd(snap ledgertest.Snapshot) error {
 		switch {
 		case !ok:
 			return fmt.Errorf("request %s was billed %s and has no log row", id, cost)
-		case row.UsageSource == "hold_fallback":
+		case row.UsageSource == billing.SourceHoldFallback:
 			continue // the sweeper resolved it first (its lease ran out): its charge stands
 		case row.CostNano != int64(cost) || row.ChargedNano+row.ShortfallNano != int64(cost):
 			return fmt.Errorf("request %s cost %s: its row says cost %d, charged %d, shortfall %d", id, cost, row.CostNano, row.ChargedNano, row.ShortfallNano)
 		}
 	}
 	for id := range w.released {
-		if row, ok := rows[id]; ok && row.UsageSource != "hold_fallback" {
+		if row, ok := rows[id]; ok && row.UsageSource != billing.SourceHoldFallback {
 			return fmt.Errorf("request %s was released and has a log row: %+v", id, row)
 		}
 	}

@@ -125,7 +125,7 @@ func (st *Settler) resolveOne(o billing.Orphan, policy billing.OrphanPolicy) {
 		}
 		rc = &r
 	}
-	row := orphanLog(h, *rc, policy)
+	row := billing.OrphanRequestLog(h, *rc, policy)
 	if err := st.store.InsertRequestLogs(ctx, []billing.RequestLog{row}); err != nil {
 		st.log().Warn("writing the log row of a swept hold failed", zap.String("request_id", h.RequestID), zap.Error(err))
 		return
@@ -159,20 +159,4 @@ func (st *Settler) chargeOrphan(ctx context.Context, h billing.Hold, policy bill
 			zap.String("hold", h.Amount().String()), zap.String("charged", r.Charged.String()))
 	}
 	return r, true
-}
-
-// orphanLog is the log row of a hold the sweeper resolved, or of a receipt
-// whose row was never written: what the hold and the receipt say.
-func orphanLog(h billing.Hold, rc billing.Receipt, policy billing.OrphanPolicy) billing.RequestLog {
-	source, end := "hold_fallback", "orphaned:"+string(policy)
-	if rc.By == billing.SettledByRequest {
-		source, end = "receipt", "recovered"
-	}
-	return billing.RequestLog{
-		ID: rc.LogID, UserID: h.User, UserKeyID: h.KeyID, Model: h.Model,
-		CreditsCost: rc.Cost.USD(), CreditType: h.Plan.CreditType(), StatusCode: 200, IsSuccess: true, CreatedAt: rc.At,
-		RequestID: h.RequestID, CreditField: h.Plan.String(), UsageSource: source, EndReason: end,
-		CostNano: int64(rc.Cost), ChargedNano: int64(rc.Charged), ShortfallNano: int64(rc.Shortfall), Shortfall: rc.Shortfall.USD(),
-		HoldNano: int64(h.Amount()), TakenNano: rc.TakenByField(),
-	}
 }
