@@ -31,8 +31,15 @@ for t in "${targets[@]}"; do
 	log="fuzz-logs/$name.log"
 	echo "== $name ($time, -parallel $parallel)"
 	if ! go test -run '^$' -fuzz "^${name}\$" -fuzztime "$time" -parallel "$parallel" "./$pkg/" >"$log" 2>&1; then
-		status=1
-		echo "   FAILED: see $log"
+		if grep -q 'context deadline exceeded' "$log" && ! grep -q 'Failing input written to' "$log"; then
+			# Go 1.26's fuzz coordinator can report its own -fuzztime
+			# deadline as a failure (golang/go#75804, fixed in 1.27):
+			# no input failed and none was written.
+			echo "   ended by the coordinator's deadline race (golang/go#75804), no crasher"
+		else
+			status=1
+			echo "   FAILED: see $log"
+		fi
 	fi
 	# New coverage found in each quarter of the run: a run that stopped
 	# finding any in its last quarter has plateaued.
