@@ -54,7 +54,6 @@ func (s *Settlement) request() billing.SettleRequest {
 	return billing.SettleRequest{Hold: s.Hold, Cost: s.Cost, Usage: s.Usage, WeightedTokens: s.Weighted, By: by}
 }
 
-
 // logBilled writes one line per billed request, as Caddy's own
 // reverse_proxy logs its round trips: at DEBUG (the request log row is the
 // record), and at WARN when part of the cost could not be charged.
