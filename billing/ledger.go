@@ -81,6 +81,9 @@ type Hold struct {
 	// Friend is the hold on a friend key's limit that goes with this one
 	// (nil for other keys); settling or releasing the hold settles it too.
 	Friend *FriendHold `json:",omitempty"`
+	// Lease is the credit lease the hold was served from, in memory
+	// (empty for a hold the store took; see LeaseLedger).
+	Lease string `json:",omitempty"`
 }
 
 // Amount is the total reserved.

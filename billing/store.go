@@ -320,7 +320,7 @@ type Recorder interface {
 // Store is everything the gateway needs from its database.
 type Store interface {
 	Authenticator
-	Ledger
+	LeaseLedger
 	Sweeper
 	KeyLoader
 	Recorder

@@ -302,21 +302,9 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, r
 	if err != nil {
 		return nil, nil, false, fmt.Errorf("reading balance: %w", err)
 	}
-	vals := make([]fieldValue, len(fields))
-	for i, f := range fields {
-		v, err := raw.LookupErr(f)
-		if err != nil || v.Type == bson.TypeNull {
-			continue
-		}
-		var x any
-		if err := v.Unmarshal(&x); err != nil {
-			return nil, nil, false, fmt.Errorf("balance field %s: %w", f, err)
-		}
-		n, ok := toFloat(x)
-		if !ok {
-			return nil, nil, false, fmt.Errorf("balance field %s has type %s, want a number", f, v.Type)
-		}
-		vals[i] = fieldValue{v: n, present: true}
+	vals, err := fieldValues(raw, fields)
+	if err != nil {
+		return nil, nil, false, err
 	}
 	var held *billing.Hold
 	if v, err := raw.LookupErr(strings.Split(holdPath, ".")...); err == nil {
@@ -328,6 +316,27 @@ func (s *Store) readForHold(ctx context.Context, user string, fields []string, r
 	}
 	_, err = raw.LookupErr(strings.Split(donePath, ".")...)
 	return vals, held, err == nil, nil
+}
+
+// fieldValues reads the balance fields from a user document.
+func fieldValues(raw bson.Raw, fields []string) ([]fieldValue, error) {
+	vals := make([]fieldValue, len(fields))
+	for i, f := range fields {
+		v, err := raw.LookupErr(f)
+		if err != nil || v.Type == bson.TypeNull {
+			continue
+		}
+		var x any
+		if err := v.Unmarshal(&x); err != nil {
+			return nil, fmt.Errorf("balance field %s: %w", f, err)
+		}
+		n, ok := toFloat(x)
+		if !ok {
+			return nil, fmt.Errorf("balance field %s has type %s, want a number", f, v.Type)
+		}
+		vals[i] = fieldValue{v: n, present: true}
+	}
+	return vals, nil
 }
 
 // unpackHold reads a hold as the store writes it (EncodeHold).
@@ -351,11 +360,16 @@ func unpackReceipt(rid string, v bson.RawValue) (billing.Receipt, error) {
 }
 
 // Settle releases the hold and charges the cost, in one conditional update
-// that also leaves the receipt; see billing.Ledger.
+// that also leaves the receipt; see billing.Ledger. A hold served from a
+// lease is settled as billing.LeaseLedger says (settleCarved); a lease
+// itself is refused (billing.ErrCarvedLease).
 func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.Receipt, bool, error) {
 	h := req.Hold
 	if err := validRequestID(h.RequestID); err != nil {
 		return billing.Receipt{}, false, err
+	}
+	if billing.IsLease(h.RequestID) {
+		return billing.Receipt{}, false, fmt.Errorf("settling %s: %w", h.RequestID, billing.ErrCarvedLease)
 	}
 	fields := h.Plan.Fields()
 	if len(fields) == 0 || len(h.Taken) != len(fields) {
@@ -363,6 +377,9 @@ func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.
 	}
 	if req.Cost < 0 {
 		return billing.Receipt{}, false, errors.New("settling a negative cost")
+	}
+	if h.Lease != "" {
+		return s.settleCarved(ctx, req)
 	}
 	unlock, err := s.lockUser(ctx, h.User)
 	if err != nil {
@@ -473,20 +490,9 @@ func (s *Store) settleUpdate(req billing.SettleRequest, fields []string, keep []
 		usd := back.USD() - takeUSD // back > 0 and take > 0 never happen together
 		inc = append(inc, bson.E{Key: f, Value: usd}, bson.E{Key: FieldNet + "." + f, Value: int64(delta)})
 	}
-	if rc.Charged > 0 {
-		inc = append(inc, bson.E{Key: h.Plan.UsedField(), Value: rc.Charged.USD()})
-	}
-	// One request adds at most billing.MaxRequestTokens to a token
-	// counter, so that no $inc of a stored total can overflow.
-	if tf := h.Plan.TokensField(); tf != "" && req.WeightedTokens > 0 {
-		inc = append(inc, bson.E{Key: tf, Value: billing.ClampTokens(req.WeightedTokens)})
-	}
-	if req.Usage.Input > 0 {
-		inc = append(inc, bson.E{Key: "totalInputTokens", Value: billing.ClampTokens(req.Usage.Input)})
-	}
-	if req.Usage.Output > 0 {
-		inc = append(inc, bson.E{Key: "totalOutputTokens", Value: billing.ClampTokens(req.Usage.Output)})
-	}
+	var use usageSum
+	use.add(req, rc.Charged)
+	inc = use.incs(inc, h.Plan)
 	return bson.D{
 		{Key: "$inc", Value: inc},
 		{Key: "$unset", Value: bson.D{{Key: FieldHolds + "." + h.RequestID, Value: ""}}},
@@ -707,7 +713,9 @@ var (
 // returns billing.ErrNotAllHeld when an
 // update did not apply because one of its holds was gone (settled before);
 // the other users' updates may have applied, so the caller settles each
-// request with Settle, which recognises what this call did settle.
+// request with Settle, which recognises what this call did settle. A lease
+// or a hold served from one fails the call before anything is written
+// (billing.ErrCarvedLease).
 func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([]billing.Receipt, error) {
 	if len(reqs) == 0 {
 		return nil, nil
@@ -810,8 +818,7 @@ func settleGroup(reqs []billing.SettleRequest, idx []int, out []billing.Receipt,
 	}
 	filter = bson.D{{Key: "_id", Value: user}}
 	deltas := make([]billing.Nano, len(fields))
-	var charged billing.Nano
-	var weighted, input, output int64
+	var use usageSum
 	unset := make(bson.D, 0, len(idx))
 	set := make(bson.D, 0, len(idx))
 	for _, i := range idx {
@@ -823,6 +830,9 @@ func settleGroup(reqs []billing.SettleRequest, idx []int, out []billing.Receipt,
 		if len(h.Taken) != len(fields) || req.Cost < 0 || req.Cost > h.Amount() {
 			return nil, nil, errors.New("settling a hold without its credit plan, or with a cost above the hold, in a batch")
 		}
+		if h.Lease != "" || billing.IsLease(h.RequestID) {
+			return nil, nil, fmt.Errorf("settling %s in a batch: %w", h.RequestID, billing.ErrCarvedLease)
+		}
 		keep := make([]billing.Nano, len(fields))
 		rest := req.Cost
 		for j, t := range h.Taken {
@@ -830,12 +840,7 @@ func settleGroup(reqs []billing.SettleRequest, idx []int, out []billing.Receipt,
 			rest -= keep[j]
 			deltas[j] += t - keep[j]
 		}
-		charged += req.Cost
-		// One request adds at most billing.MaxRequestTokens to a counter,
-		// and the sums saturate, so no $inc can overflow.
-		weighted = billing.AddSat(weighted, billing.ClampTokens(req.WeightedTokens))
-		input = billing.AddSat(input, billing.ClampTokens(req.Usage.Input))
-		output = billing.AddSat(output, billing.ClampTokens(req.Usage.Output))
+		use.add(req, req.Cost)
 		out[i] = billing.Receipt{RequestID: h.RequestID, LogID: h.LogID, Fields: fields, Taken: keep,
 			Cost: req.Cost, Charged: req.Cost, By: req.By, At: now}
 		filter = append(filter, bson.E{Key: FieldHolds + "." + h.RequestID, Value: bson.D{{Key: "$exists", Value: true}}})
@@ -848,17 +853,6 @@ func settleGroup(reqs []billing.SettleRequest, idx []int, out []billing.Receipt,
 			inc = append(inc, bson.E{Key: f, Value: deltas[j].USD()}, bson.E{Key: FieldNet + "." + f, Value: int64(deltas[j])})
 		}
 	}
-	if charged > 0 {
-		inc = append(inc, bson.E{Key: plan.UsedField(), Value: charged.USD()})
-	}
-	if tf := plan.TokensField(); tf != "" && weighted > 0 {
-		inc = append(inc, bson.E{Key: tf, Value: weighted})
-	}
-	if input > 0 {
-		inc = append(inc, bson.E{Key: "totalInputTokens", Value: input})
-	}
-	if output > 0 {
-		inc = append(inc, bson.E{Key: "totalOutputTokens", Value: output})
-	}
+	inc = use.incs(inc, plan)
 	return filter, bson.D{{Key: "$inc", Value: inc}, {Key: "$unset", Value: unset}, {Key: "$set", Value: set}}, nil
 }

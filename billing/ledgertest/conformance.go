@@ -15,10 +15,10 @@ import (
 	"github.com/trollllm/caddy-llm-billing/billing"
 )
 
-// Backend is a store the conformance suite runs against: the ledger, the
-// sweeper and the request log insert.
+// Backend is a store the conformance suite runs against: the ledger with
+// credit leases, the sweeper and the request log insert.
 type Backend interface {
-	billing.Ledger
+	billing.LeaseLedger
 	billing.Sweeper
 	InsertRequestLogs(ctx context.Context, logs []billing.RequestLog) error
 }
@@ -166,4 +166,5 @@ func init() {
 	conformanceCases = append(conformanceCases, settleCases...)
 	conformanceCases = append(conformanceCases, settleManyCases...)
 	conformanceCases = append(conformanceCases, sweepCases...)
+	conformanceCases = append(conformanceCases, leaseCases...)
 }

@@ -14,6 +14,7 @@ const (
 	OpReserve       Op = "reserve"
 	OpSettle        Op = "settle"
 	OpSettleMany    Op = "settleMany"
+	OpFlushLease    Op = "flushLease"
 	OpClearReceipts Op = "clearReceipts"
 	OpBalances      Op = "balances"
 	OpInsertLogs    Op = "insertLogs"

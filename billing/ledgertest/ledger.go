@@ -104,11 +104,21 @@ func clearConflict(ids []string) error {
 // Shortfall; the receipt is left in the same step. A hold settled before
 // (by anyone) gives its receipt and applied false; a hold whose receipt is
 // gone too gives billing.ErrNoHold. The amounts are those of req.Hold, not
-// of the stored hold, as in the MongoDB store.
+// of the stored hold, as in the MongoDB store. A hold served from a lease
+// is settled as billing.LeaseLedger says (see settleCarved); a lease
+// itself is refused (billing.ErrCarvedLease).
 func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.Receipt, bool, error) {
 	h := req.Hold
 	if err := validRequestID(h.RequestID); err != nil {
 		return billing.Receipt{}, false, err
+	}
+	if billing.IsLease(h.RequestID) {
+		return billing.Receipt{}, false, fmt.Errorf("settling %s: %w", h.RequestID, billing.ErrCarvedLease)
+	}
+	if h.Lease != "" {
+		if err := validRequestID(h.Lease); err != nil {
+			return billing.Receipt{}, false, err
+		}
 	}
 	if h.Plan.IsZero() || len(h.Taken) != len(h.Plan.Fields()) {
 		return billing.Receipt{}, false, errors.New("settling a hold without its credit plan")
@@ -131,6 +141,9 @@ func (s *Store) Settle(ctx context.Context, req billing.SettleRequest) (billing.
 // settle is Settle under the lock.
 func (s *Store) settle(req billing.SettleRequest) (billing.Receipt, bool, error) {
 	h := req.Hold
+	if h.Lease != "" {
+		return s.settleCarved(req)
+	}
 	u := s.users[h.User]
 	if u == nil {
 		return billing.Receipt{}, false, billing.ErrUserNotFound
@@ -188,7 +201,8 @@ func (u *user) settle(rid string, rc billing.Receipt) {
 // them, each such group on its own. It returns billing.ErrNotAllHeld when
 // a group was not settled because one of its holds (or its user) is gone;
 // the other groups are settled then. A request it cannot take (an invalid
-// id, a cost outside its hold) fails the whole call before anything.
+// id, a cost outside its hold, a lease or a hold served from one: see
+// billing.ErrCarvedLease) fails the whole call before anything.
 func (s *Store) SettleMany(ctx context.Context, reqs []billing.SettleRequest) ([]billing.Receipt, error) {
 	if len(reqs) == 0 {
 		return nil, nil
@@ -227,6 +241,9 @@ func groupSettlements(reqs []billing.SettleRequest) ([][]int, error) {
 		h := req.Hold
 		if err := validRequestID(h.RequestID); err != nil {
 			return nil, err
+		}
+		if h.Lease != "" || billing.IsLease(h.RequestID) {
+			return nil, fmt.Errorf("settling %s in a batch: %w", h.RequestID, billing.ErrCarvedLease)
 		}
 		if h.Plan.IsZero() || len(h.Taken) != len(h.Plan.Fields()) || req.Cost < 0 || req.Cost > h.Amount() {
 			return nil, errors.New("settling a hold without its credit plan, or with a cost above the hold, in a batch")

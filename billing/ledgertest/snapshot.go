@@ -162,6 +162,10 @@ func (snap Snapshot) Recorded(id string) map[string]billing.Nano {
 // and receipts (the MongoDB store's counters can drift, and a receipt of a
 // user whose counters read zero is never swept); no two log rows have the
 // same request id (a request logged, so billed, twice).
+//
+// A credit lease is a hold like any other, whose Held shrinks as the holds
+// served from it are charged: their settlements are charges and receipts
+// like those of held requests.
 func (snap Snapshot) Check() error {
 	var errs []error
 	for _, u := range snap.Users {

@@ -1,8 +1,8 @@
 // Package ledgertest is an in-memory billing ledger for tests and
 // simulations: a Store with the semantics of the MongoDB store (package
-// mongostore) for billing.Ledger, billing.Sweeper and the request log, that
-// fails on purpose when asked to (see Fault) and shows its whole state for
-// invariant checks (see Snapshot).
+// mongostore) for billing.LeaseLedger, billing.Sweeper and the request
+// log, that fails on purpose when asked to (see Fault) and shows its whole
+// state for invariant checks (see Snapshot).
 //
 // It is deterministic: it starts no goroutine, reads no wall clock unless
 // given one (SetClock), and returns everything it lists in a fixed order.
