@@ -116,7 +116,7 @@ func (st *Settler) receipt(ctx context.Context, s *Settlement, merged map[*Settl
 	opCtx, cancel := context.WithTimeout(ctx, st.opTimeout)
 	defer cancel()
 	t0 := time.Now()
-	rc, applied, err := st.store.Settle(opCtx, s.request())
+	rc, applied, err := st.ledger.Settle(opCtx, s.request())
 	st.obs.DBWait(OpSettle, time.Since(t0))
 	return rc, applied, err
 }
@@ -248,7 +248,7 @@ func (st *Settler) settleMerged(ctx context.Context, batch []*Settlement) map[*S
 	}
 	opCtx, cancel := context.WithTimeout(ctx, st.opTimeout)
 	t0 := time.Now()
-	rcs, err := st.store.SettleMany(opCtx, reqs)
+	rcs, err := st.ledger.SettleMany(opCtx, reqs)
 	st.obs.DBWait(OpSettle, time.Since(t0))
 	cancel()
 	if err != nil {

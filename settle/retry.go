@@ -67,7 +67,7 @@ func (st *Settler) RetryOnce(timeout time.Duration) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	for len(batch) > 0 {
-		n := min(len(batch), batchSize)
+		n := min(len(batch), int(st.size.Load()))
 		st.settleBatch(ctx, batch[:n])
 		batch = batch[n:]
 	}

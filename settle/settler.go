@@ -23,7 +23,7 @@ import (
 
 // Store is what settling needs from the database.
 type Store interface {
-	billing.Ledger
+	billing.LeaseLedger
 	billing.Sweeper
 	billing.Recorder
 }
@@ -73,6 +73,15 @@ type Config struct {
 	// OpTimeout bounds one database operation; 0: 5 s. A batch gets three
 	// times as long.
 	OpTimeout time.Duration
+	// Ledger settles the holds: Store, or a cache of credit leases in
+	// front of it (package lease). Nil: Store.
+	Ledger billing.Ledger
+	// BatchLinger is how long a batch waits for more settlements after its
+	// first, and BatchSize its largest size; 0: 50 ms and 256. A batch
+	// costs one write per user (per lease with leases) and one insert of
+	// log rows, whatever its size.
+	BatchLinger time.Duration
+	BatchSize   int
 }
 
 // Timings of the pipeline.
@@ -94,6 +103,9 @@ const (
 // concurrent use; one Settler serves every site on one database.
 type Settler struct {
 	store   Store
+	ledger  billing.Ledger
+	linger  atomic.Int64 // time.Duration
+	size    atomic.Int64
 	friends billing.FriendLedger
 	owner   string
 	now     func() time.Time
@@ -134,6 +146,11 @@ func New(cfg Config) *Settler {
 	if st.now == nil {
 		st.now = time.Now
 	}
+	st.ledger = cfg.Ledger
+	if st.ledger == nil {
+		st.ledger = cfg.Store
+	}
+	st.SetBatching(cfg.BatchLinger, cfg.BatchSize)
 	if st.opTimeout <= 0 {
 		st.opTimeout = defaultTimeout
 	}
@@ -143,6 +160,23 @@ func New(cfg Config) *Settler {
 	st.SetLogger(nil)
 	st.SetOrphanPolicy(billing.OrphanChargeInput)
 	return st
+}
+
+// SetBatching replaces Config.BatchLinger and Config.BatchSize (0: the
+// defaults) for the batches made from now on.
+func (st *Settler) SetBatching(linger time.Duration, size int) {
+	if linger <= 0 {
+		linger = batchLinger
+	}
+	if size <= 0 {
+		size = batchSize
+	}
+	st.linger.Store(int64(linger))
+	st.size.Store(int64(size))
+}
+
+func (st *Settler) batching() (time.Duration, int) {
+	return time.Duration(st.linger.Load()), int(st.size.Load())
 }
 
 // SetLogger replaces the logger (nil: none).
@@ -274,11 +308,12 @@ func (st *Settler) collectLoop() {
 	defer st.loops.Done()
 	defer close(st.batches)
 	for s := range st.jobs {
-		batch := make([]*Settlement, 1, batchSize)
+		linger, size := st.batching()
+		batch := make([]*Settlement, 1, size)
 		batch[0] = s
-		t := time.NewTimer(batchLinger)
+		t := time.NewTimer(linger)
 	fill:
-		for len(batch) < batchSize {
+		for len(batch) < size {
 			select {
 			case s, ok := <-st.jobs:
 				if !ok {
@@ -308,11 +343,12 @@ func (st *Settler) settleLoop() {
 // not yet taken by a worker: a simulation's step (no workers run).
 func (st *Settler) SettleQueued() {
 	var batch []*Settlement
+	_, size := st.batching()
 	for {
 		select {
 		case s, ok := <-st.jobs:
 			if ok {
-				if batch = append(batch, s); len(batch) < batchSize {
+				if batch = append(batch, s); len(batch) < size {
 					continue
 				}
 			}

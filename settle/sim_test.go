@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"math/rand"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"testing"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/trollllm/caddy-llm-billing/billing"
 	"github.com/trollllm/caddy-llm-billing/billing/ledgertest"
+	"github.com/trollllm/caddy-llm-billing/lease"
 	"github.com/trollllm/caddy-llm-billing/settle"
 	"github.com/trollllm/caddy-llm-billing/spool"
 )
@@ -30,7 +32,10 @@ var (
 // sweeps, heartbeats, clock jumps past the lease and the owner timeout,
 // instances killed (in-flight work lost, the journal kept) and restarted,
 // and storms of database faults (a write refused, a write applied whose
-// answer is lost, a stall until the deadline). After every step it checks
+// answer is lost, a stall until the deadline). Half the seeds run the
+// instances with credit leases (package lease): slices of the users' pools
+// taken, carved, charged in batches, shrunk, returned, lost with a killed
+// instance and closed by a sweeper. After every step it checks
 // the money invariant of every user (balance + holds + charged = what the
 // user was given, no field below zero, no request logged twice); at the
 // end, with the database healthy again and every instance drained, it
@@ -77,6 +82,7 @@ type world struct {
 	users     []string
 	plans     []billing.CreditPlan
 	faultRate float64
+	leases    bool // instances serve holds from credit leases
 	next      int
 	billed    map[string]billing.Nano // request id → cost of its billed settlement
 	released  map[string]bool         // request ids given back unbilled
@@ -89,6 +95,8 @@ type instance struct {
 	name     string
 	run      int
 	st       *settle.Settler
+	ledger   billing.Ledger // where holds are taken: the store, or a lease cache
+	leases   *lease.Ledger  // nil without leases
 	journal  *memJournal
 	inflight []billing.Hold // holds taken, answers not finished
 }
@@ -100,6 +108,9 @@ func (in *instance) alive() bool { return in.st != nil }
 func simulate(seed int64, steps int) (err error) {
 	w := newWorld(seed)
 	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("panic: %v\n%s", r, debug.Stack())
+		}
 		if err != nil {
 			err = fmt.Errorf("%w\nlast steps:\n  %s", err, strings.Join(w.trace, "\n  "))
 		}
@@ -127,11 +138,18 @@ func newWorld(seed int64) *world {
 	}
 	w.store.SetClock(func() time.Time { return w.now })
 	w.store.SetFaults(w.fault)
+	// Half the seeds run with credit leases; a lease is at most a quarter
+	// of a pool and at least 8 holds, so their pools are larger.
+	w.leases = w.rng.Intn(2) == 0
+	scale := int64(1)
+	if w.leases {
+		scale = 1 + w.rng.Int63n(40)
+	}
 	for i := 0; i < 2+w.rng.Intn(4); i++ {
 		u := fmt.Sprintf("u%d", i)
 		w.users = append(w.users, u)
 		w.store.AddUser(u, billing.Balances{
-			CreditsNew: billing.Nano(w.rng.Int63n(50_000)), Credits: billing.Nano(w.rng.Int63n(30_000)), RefCredits: billing.Nano(w.rng.Int63n(20_000)),
+			CreditsNew: billing.Nano(w.rng.Int63n(50_000 * scale)), Credits: billing.Nano(w.rng.Int63n(30_000 * scale)), RefCredits: billing.Nano(w.rng.Int63n(20_000 * scale)),
 		})
 	}
 	for i := 0; i < 1+w.rng.Intn(3); i++ {
@@ -191,6 +209,9 @@ func (w *world) step() {
 	case r < 86:
 		w.note("%s sweeps", in.owner())
 		in.st.Sweep(w.now)
+	case r < 88 && in.leases != nil:
+		w.note("%s ticks its leases", in.owner())
+		in.leases.Tick(context.Background())
 	case r < 95:
 		w.now = w.now.Add(time.Duration(1+w.rng.Intn(3)) * time.Second)
 	case r < 96:
@@ -219,14 +240,14 @@ func (w *world) admit(in *instance) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), simOpLimit)
 	defer cancel()
-	h, err := w.store.Reserve(ctx, req)
+	h, err := in.ledger.Reserve(ctx, req)
 	if err != nil {
 		in.st.ReturnReceipts(user, req.Clear, err)
 	}
 	var ie *billing.InsufficientError
 	switch {
 	case err == nil:
-		w.note("%s holds %s for %s of %s", in.owner(), h.Amount(), req.RequestID, user)
+		w.note("%s holds %s for %s of %s%s", in.owner(), h.Amount(), req.RequestID, user, leaseNote(h))
 		in.inflight = append(in.inflight, h)
 	case errors.As(err, &ie):
 		w.note("%s refuses %s: %v", in.owner(), req.RequestID, err)
@@ -269,14 +290,29 @@ func (w *world) finish(in *instance) {
 // requests are gone; its journal stays on disk.
 func (w *world) crash(in *instance) {
 	w.note("%s is killed with %d requests in flight, %d settlements pending", in.owner(), len(in.inflight), in.st.Pending())
-	in.st, in.inflight = nil, nil
+	in.st, in.inflight, in.ledger, in.leases = nil, nil, nil, nil
+}
+
+func leaseNote(h billing.Hold) string {
+	if h.Lease == "" {
+		return ""
+	}
+	return " from " + h.Lease
 }
 
 // restart starts a new run of the instance, as Caddy's first sweep does:
 // the journal is replayed, then the earlier runs' holds are swept.
 func (w *world) restart(in *instance) {
 	in.run++
-	in.st = settle.New(settle.Config{Store: w.store, Owner: in.owner(), Now: func() time.Time { return w.now }, OpTimeout: simOpLimit})
+	now := func() time.Time { return w.now }
+	in.ledger, in.leases = w.store, nil
+	if w.leases {
+		in.leases = lease.New(lease.Config{Store: w.store, Owner: in.owner(), Now: now, ReturnReceipts: func(user string, ids []string, err error) {
+			in.st.ReturnReceipts(user, ids, err)
+		}})
+		in.ledger = in.leases
+	}
+	in.st = settle.New(settle.Config{Store: w.store, Ledger: in.ledger, Owner: in.owner(), Now: now, OpTimeout: simOpLimit})
 	in.st.Recover(in.journal, in.journal.records())
 	w.note("%s starts with %d journaled settlements", in.owner(), len(in.journal.records()))
 	in.st.Heartbeat(w.now)
@@ -302,6 +338,9 @@ func (w *world) heal() error {
 		in.st.SettleQueued()
 		if !in.st.RetryOnce(time.Second) {
 			return fmt.Errorf("%s: %d settlements still pending with the database healthy", in.owner(), in.st.Pending())
+		}
+		if in.leases != nil {
+			in.leases.Close(context.Background())
 		}
 	}
 	w.now = w.now.Add(simLease + time.Hour)

@@ -109,6 +109,10 @@ func (st *Settler) resolve(ctx context.Context, q billing.OrphanQuery) {
 // its lease.
 func (st *Settler) resolveOne(o billing.Orphan, policy billing.OrphanPolicy) {
 	h, rc := o.Hold, o.Receipt
+	if billing.IsLease(h.RequestID) {
+		st.closeLease(h)
+		return
+	}
 	if rc != nil && rc.By == billing.SettledByRelease {
 		// A hold its request gave back unbilled (the request failed): it
 		// has no log row to write. Every other receipt has one, even at
@@ -159,4 +163,23 @@ func (st *Settler) chargeOrphan(ctx context.Context, h billing.Hold, policy bill
 			zap.String("hold", h.Amount().String()), zap.String("charged", r.Charged.String()))
 	}
 	return r, true
+}
+
+// closeLease gives back what the credit lease of a dead (or stalled past
+// the lease's expiry) instance holds. The requests it served were charged
+// by its flushes; those it settled but did not flush are in its journal,
+// and its next run charges them from the pool, each once. A lease that
+// changed since it was read is left to the next sweep.
+func (st *Settler) closeLease(h billing.Hold) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*st.opTimeout)
+	defer cancel()
+	_, _, err := st.store.FlushLease(ctx, billing.LeaseFlush{Lease: h, Close: true})
+	if err != nil {
+		if !errors.Is(err, billing.ErrLeaseMoved) {
+			st.log().Warn("closing an orphaned credit lease failed", zap.String("lease", h.RequestID), zap.Error(err))
+		}
+		return
+	}
+	st.log().Warn("closed the credit lease of a dead instance", zap.String("lease", h.RequestID), zap.String("user", h.User),
+		zap.String("owner", h.Owner), zap.String("returned", h.Amount().String()))
 }
