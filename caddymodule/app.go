@@ -107,6 +107,13 @@ type App struct {
 	// ErrorLogs is "on" (the default) to write the requests the gateway
 	// refuses to error_logs, in the legacy shape, or "off".
 	ErrorLogs string `json:"error_logs,omitempty"`
+
+	// CreditLease is "on" to serve the holds of busy users from credit
+	// leases (package lease): this instance takes a slice of such a user's
+	// pool in one write and charges their requests in one write per batch,
+	// instead of a write per request. "off" (the default) takes a hold per
+	// request. See the README's "Credit leases".
+	CreditLease string `json:"credit_lease,omitempty"`
 	// BodyMemory bounds, in bytes, the memory held by request bodies in
 	// flight, across all sites: a body is counted before it is read and
 	// until its request ends, and one that does not fit gets a 503
@@ -204,6 +211,7 @@ func (a *App) store(e *engine, static []billing.UpstreamKey, dir string) {
 		s.isolation = a.Isolation
 	}
 	s.errorLogs = a.ErrorLogs != "off"
+	s.leases = a.CreditLease == "on"
 	s.spoolDir = dir
 	s.logger = a.logger
 	if len(static) > 0 {

@@ -38,6 +38,7 @@ func init() {
 //		spool_dir            <dir>        # settlement journal; default in Caddy's data dir
 //		isolation            auto | process | shared   # default auto
 //		error_logs           on | off     # refusals to error_logs; default on
+//		credit_lease         on | off     # serve busy users from credit leases; default off
 //		rate_limit {                      # requests per window; 0 turns a limit off
 //			user   <events> [<window>]    # sk-troll* keys; default 2000 1m
 //			friend <events> [<window>]    # sk-trollllm-friend-* keys; default 60 1m
@@ -110,6 +111,8 @@ func (a *App) unmarshalOption(d *caddyfile.Dispenser, name string) error {
 		err = stringArg(d, &a.Isolation)
 	case "error_logs":
 		err = stringArg(d, &a.ErrorLogs)
+	case "credit_lease":
+		err = stringArg(d, &a.CreditLease)
 	case "rate_limit":
 		a.RateLimit, err = parseRateLimits(d)
 	case "body_memory":

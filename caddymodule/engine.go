@@ -17,6 +17,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
+	"github.com/trollllm/caddy-llm-billing/lease"
 	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/settle"
 	"github.com/trollllm/caddy-llm-billing/spool"
@@ -45,6 +46,9 @@ type engine struct {
 	keys             billing.KeyPool
 	// settler settles the holds of finished requests.
 	settler *settle.Settler
+	// leases serves the holds of busy users from credit leases when
+	// settings.leases is on; the settler settles through it.
+	leases *lease.Ledger
 
 	// boot identifies this process's holds: Caddy's instance id and a
 	// random suffix, so that a restarted process is a new owner.
@@ -92,6 +96,7 @@ type settings struct {
 	holdLease  time.Duration // a hold's lease (billing.HoldRequest.Expires)
 	isolation  string        // "auto", "process" or "shared"
 	errorLogs  bool          // refusals are written to error_logs
+	leases     bool          // holds of busy users are served from credit leases
 	spoolDir   string        // the settlement journal's directory; "": none
 	logger     *zap.Logger
 }
@@ -115,6 +120,27 @@ func (e *engine) configure(s settings) {
 	}
 	e.cfg.Store(&s)
 	e.settler.SetLogger(s.logger)
+	if s.leases {
+		// One write per lease per batch: longer batches, fewer writes.
+		e.settler.SetBatching(leaseBatchLinger, leaseBatchSize)
+	} else {
+		e.settler.SetBatching(0, 0)
+	}
+}
+
+// Batches of the settlement with credit leases on.
+const (
+	leaseBatchLinger = time.Second
+	leaseBatchSize   = 4096
+)
+
+// ledger is where holds are taken: the lease cache when credit leases are
+// on, the store otherwise.
+func (e *engine) ledger() billing.Ledger {
+	if e.settings().leases {
+		return e.leases
+	}
+	return e.store
 }
 
 // retryPolicy returns the current attempt limit, time budget and cooldowns.
@@ -159,7 +185,12 @@ func newEngineWithStore(store billing.Store) *engine {
 		errorLogs: make(chan billing.ErrorLog, errorLogQueue),
 	}
 	e.friends, _ = store.(billing.FriendLedger)
-	e.settler = settle.New(settle.Config{Store: store, Friends: e.friends, Owner: e.boot, Observer: settleMetrics{}})
+	e.leases = lease.New(lease.Config{Store: store, Owner: e.boot, Observer: leaseMetrics{}, ReturnReceipts: func(user string, ids []string, err error) {
+		e.settler.ReturnReceipts(user, ids, err)
+	}})
+	// The settlement goes through the lease cache whether leases are on or
+	// not: it settles the holds it did not carve in the store.
+	e.settler = settle.New(settle.Config{Store: store, Ledger: e.leases, Friends: e.friends, Owner: e.boot, Observer: settleMetrics{}})
 	e.configure(defaultSettings())
 	e.bodies.limit.Store(DefaultBodyMemory)
 	return e
@@ -186,7 +217,8 @@ func (e *engine) start() {
 	e.startOnce.Do(func() {
 		e.applyIsolation()
 		e.settler.Start(e.openSpool())
-		e.workers.Add(3)
+		e.workers.Add(4)
+		go e.leaseLoop()
 		go e.errorLogLoop()
 		go e.refreshLoop()
 		go e.markLoop()
@@ -350,11 +382,12 @@ func (e *engine) Destruct() error {
 	waitTimeout(&e.background, dbTimeout)
 	e.workers.Wait()
 	e.settler.Close(dbTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+	defer cancel()
+	e.leases.Close(ctx) // after the settlement drained: what the leases hold goes back
 	if e.client == nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
-	defer cancel()
 	return e.client.Disconnect(ctx)
 }
 
@@ -444,4 +477,24 @@ func (e *engine) applyIsolation() {
 			}
 		}
 	}()
+}
+
+// leaseTick is how often leases that went idle or old are given back.
+const leaseTick = time.Second
+
+// leaseLoop gives back idle and old credit leases (lease.Ledger.Tick).
+func (e *engine) leaseLoop() {
+	defer e.workers.Done()
+	t := time.NewTicker(leaseTick)
+	defer t.Stop()
+	for {
+		select {
+		case <-e.stop:
+			return
+		case <-t.C:
+			ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+			e.leases.Tick(ctx)
+			cancel()
+		}
+	}
 }

@@ -359,15 +359,15 @@ func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p bil
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
 	t0 := time.Now()
-	hold, err := eng.store.Reserve(ctx, req)
-	observeDB(waitHold, t0)
+	hold, err := eng.ledger().Reserve(ctx, req)
+	observeHold(hold, err, t0)
 	var ie *billing.InsufficientError
 	if errors.As(err, &ie) && eng.settler.AwaitUser(ctx, p.User, refusedWait) {
 		// The user's own earlier requests still hold credit their
 		// settlements will give back: once they are settled, ask again.
 		t0 = time.Now()
-		hold, err = eng.store.Reserve(ctx, req)
-		observeDB(waitHold, t0)
+		hold, err = eng.ledger().Reserve(ctx, req)
+		observeHold(hold, err, t0)
 	}
 	if err != nil {
 		eng.settler.ReturnReceipts(p.User, req.Clear, err)

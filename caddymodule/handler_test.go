@@ -135,6 +135,11 @@ func (f *fakeStore) SettleMany(ctx context.Context, reqs []billing.SettleRequest
 
 func (f *fakeStore) ClearReceipts(context.Context, string, []string) error { return nil }
 
+// FlushLease refuses: the fake takes no leases (credit_lease stays off).
+func (f *fakeStore) FlushLease(context.Context, billing.LeaseFlush) (billing.Hold, []billing.Receipt, error) {
+	return billing.Hold{}, nil, billing.ErrLeaseMoved
+}
+
 func (f *fakeStore) Heartbeat(context.Context, string, time.Time) error { return nil }
 
 func (f *fakeStore) Orphans(context.Context, billing.OrphanQuery) ([]billing.Orphan, error) {

@@ -140,7 +140,7 @@ var upstreamFailovers = prometheus.NewCounterVec(prometheus.CounterOpts{
 func collectors() []prometheus.Collector {
 	return []prometheus.Collector{
 		dbDuration, rateLimited, usageProblems, requestsTotal, tokensTotal, chargedUSD, usageEstimated,
-		holdsOutstanding, settlementLag, upstreamFailovers, keyStates,
+		holdsOutstanding, settlementLag, upstreamFailovers, keyStates, holdsTaken, leaseEvents,
 	}
 }
 
@@ -305,3 +305,50 @@ func countKeyStates(pools func(func(*billing.KeyPool)), now time.Time) []float64
 	})
 	return counts
 }
+
+// holdsTaken counts the holds taken, by where they came from: "store" (a
+// write of their own) or "lease" (carved from a credit lease in memory).
+var holdsTaken = prometheus.NewCounterVec(prometheus.CounterOpts{
+	Namespace: "caddy",
+	Subsystem: "llm_billing",
+	Name:      "holds_total",
+	Help:      "Holds taken before forwarding, by source (store: a database write; lease: carved from a credit lease).",
+}, []string{"source"})
+
+// leaseEvents counts the credit leases this instance took and closed.
+var leaseEvents = prometheus.NewCounterVec(prometheus.CounterOpts{
+	Namespace: "caddy",
+	Subsystem: "llm_billing",
+	Name:      "credit_leases_total",
+	Help:      "Credit leases this instance took and closed, by event (taken, closed).",
+}, []string{"event"})
+
+// The series of holdsTaken and leaseEvents.
+var (
+	holdsFromStore = holdsTaken.WithLabelValues("store")
+	holdsFromLease = holdsTaken.WithLabelValues("lease")
+	leasesTaken    = leaseEvents.WithLabelValues("taken")
+	leasesClosed   = leaseEvents.WithLabelValues("closed")
+)
+
+// observeHold counts a hold by its source and, when it was a database
+// write, observes how long it took from start.
+func observeHold(h billing.Hold, err error, start time.Time) {
+	if h.Lease != "" {
+		holdsFromLease.Inc()
+		return
+	}
+	observeDB(waitHold, start)
+	if err == nil {
+		holdsFromStore.Inc()
+	}
+}
+
+// leaseMetrics counts what the credit leases do.
+type leaseMetrics struct{}
+
+// Taken counts a lease taken.
+func (leaseMetrics) Taken(billing.Hold) { leasesTaken.Inc() }
+
+// Closed counts a lease closed.
+func (leaseMetrics) Closed(billing.Hold) { leasesClosed.Inc() }

@@ -69,6 +69,11 @@ func (a *App) Validate() error {
 	default:
 		return fmt.Errorf("error_logs: want on or off, got %q", a.ErrorLogs)
 	}
+	switch a.CreditLease {
+	case "", "on", "off":
+	default:
+		return fmt.Errorf("credit_lease: want on or off, got %q", a.CreditLease)
+	}
 	if a.RateLimit != nil {
 		return a.RateLimit.Validate()
 	}

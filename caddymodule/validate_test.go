@@ -187,6 +187,7 @@ func TestAppValidate(t *testing.T) {
 		{with(func(a *App) { a.OrphanPolicy = "keep" }), `orphan_policy: unknown orphan policy "keep"`},
 		{with(func(a *App) { a.Isolation = "none" }), `isolation: unknown mode "none"`},
 		{with(func(a *App) { a.ErrorLogs = "yes" }), `error_logs: want on or off, got "yes"`},
+		{with(func(a *App) { a.CreditLease = "yes" }), `credit_lease: want on or off, got "yes"`},
 		{with(func(a *App) { a.RateLimit = &RateLimits{Friend: &RateLimit{Events: -1}} }), "rate_limit friend: events must not be negative, got -1"},
 		{with(func(a *App) { a.RateLimit = &RateLimits{IP: &RateLimit{Events: 5}} }), "rate_limit ip: the window must be positive"},
 	}
@@ -274,6 +275,7 @@ var badSettings = []struct {
 	{"orphan_policy", true, "orphan_policy keep", `{"orphan_policy": "keep"}`, `orphan_policy: unknown orphan policy "keep"`},
 	{"isolation", true, "isolation none", `{"isolation": "none"}`, `isolation: unknown mode "none"`},
 	{"error_logs", true, "error_logs maybe", `{"error_logs": "maybe"}`, `error_logs: want on or off, got "maybe"`},
+	{"credit_lease", true, "credit_lease always", `{"credit_lease": "always"}`, `credit_lease: want on or off, got "always"`},
 	{"rate_limit", true, "rate_limit {\n\t\t\tuser -1\n\t\t}", `{"rate_limit": {"user": {"events": -1, "window": "1m"}}}`, "rate_limit user: events must not be negative, got -1"},
 	{"credit_field", false, "credit_field creditz", `{"credit_field": ["creditz"]}`, `credit_field: unknown credit field "creditz"`},
 	{"max_body_size", false, "max_body_size 2TiB", `{"max_body_size": 2199023255552}`, "max_body_size must be from 1 byte to 1TiB, got 2199023255552 bytes"},
