@@ -31,6 +31,9 @@ go test -count=1 -run '^TestSimulation$' ./settle -sim.seeds=300
 
 step "end-to-end tests (tests module)"
 (cd tests && go test -race -count=1 -p 1 -timeout 20m ./...)
+step "the integrity tests again with credit leases on"
+(cd tests && LLM_BILLING_TEST_CREDIT_LEASE=on go test -race -count=1 -p 1 -timeout 10m \
+	-run 'TestConcurrentStreamsNeverOverspend|TestSequentialRequestsUseWhatTheLastGaveBack|TestDatabaseOutageDuringTraffic' ./e2e/)
 
 if [ "${SKIP_XCADDY:-0}" != 1 ]; then
 	step "xcaddy build"

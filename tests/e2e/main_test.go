@@ -113,6 +113,11 @@ func caddyfile(o configOpts) string {
 		database = o.database
 	}
 	keys := o.appExtra
+	if os.Getenv("LLM_BILLING_TEST_CREDIT_LEASE") == "on" && !strings.Contains(keys, "credit_lease") {
+		// The suite again with credit leases (scripts/test.sh runs the
+		// integrity tests this way too).
+		keys += "\n\t\tcredit_lease on"
+	}
 	if o.staticKeys {
 		keys += "\n\t\tupstream_keys " + env.UpstreamKey
 	}
