@@ -307,7 +307,7 @@ http://:%d {
 	llm_billing {
 		credit_field creditsNew
 		models %s
-		forward_headers X-Test-Id X-Standin-*
+		forward_headers X-Test-Id X-Standin-* X-Bench-*
 	}
 	import upstream
 }
