@@ -374,6 +374,7 @@ func (h *Handler) take(ctx context.Context, api billing.API, reqID string, p bil
 	}
 	switch {
 	case err == nil:
+		eng.settler.JournalHold(hold)
 		return hold, nil
 	case errors.As(err, &ie):
 		if ie.Balance > 0 && ie.Need > 0 {

@@ -168,9 +168,7 @@ func (st *Settler) markDone(done []*Settlement) {
 	if j := st.journalOf(); j != nil {
 		ids := make([]string, 0, len(done))
 		for _, s := range done {
-			if s.journaled {
-				ids = append(ids, s.Hold.RequestID)
-			}
+			ids = append(ids, journalIDs(s)...)
 		}
 		if err := j.DoneAll(ids); err != nil {
 			// Replayed at the next start, and recognised as settled.

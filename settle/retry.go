@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/trollllm/caddy-llm-billing/billing"
 	"github.com/trollllm/caddy-llm-billing/spool"
 )
 
@@ -83,17 +84,25 @@ func (st *Settler) replay(recs []spool.Record) {
 		return
 	}
 	n := 0
+	settled := map[string]bool{}
+	var open []billing.Hold
 	for _, r := range recs {
 		s := new(Settlement)
 		if err := json.Unmarshal(r.Data, s); err != nil || s.Hold.RequestID == "" {
 			st.log().Error("unreadable settlement in the spool; left in place", zap.String("id", r.ID), zap.Error(err))
 			continue
 		}
+		if isOpen(r.ID) {
+			open = append(open, s.Hold)
+			continue
+		}
 		s.Logger, s.journaled = st.log(), true
+		settled[s.Hold.RequestID] = true
 		st.retryMu.Lock()
 		st.retry = append(st.retry, s)
 		st.retryMu.Unlock()
 		n++
 	}
-	st.log().Info("replaying settlements journaled by a previous run", zap.Int("count", n))
+	st.recoverOpen(open, settled)
+	st.log().Info("replaying settlements journaled by a previous run", zap.Int("count", n), zap.Int("open_holds", len(open)))
 }

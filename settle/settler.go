@@ -128,6 +128,7 @@ type Settler struct {
 	waiting waitingSettlements
 	retryMu sync.Mutex
 	retry   []*Settlement
+	open    []billing.Hold // open holds of a previous run, to charge (open.go)
 	clears  receiptClears
 	usage   usageQueue
 }

@@ -86,6 +86,7 @@ type world struct {
 	next      int
 	billed    map[string]billing.Nano // request id → cost of its billed settlement
 	released  map[string]bool         // request ids given back unbilled
+	crashed   map[string]bool         // request ids in flight when their instance was killed
 	trace     []string                // the last steps, for a failure report
 }
 
@@ -127,7 +128,7 @@ func simulate(seed int64, steps int) (err error) {
 func newWorld(seed int64) *world {
 	w := &world{
 		rng: rand.New(rand.NewSource(seed)), now: time.Date(2026, 12, 5, 12, 0, 0, 0, time.UTC),
-		store: ledgertest.New(), billed: map[string]billing.Nano{}, released: map[string]bool{},
+		store: ledgertest.New(), billed: map[string]billing.Nano{}, released: map[string]bool{}, crashed: map[string]bool{},
 	}
 	for _, fields := range [][]string{{billing.FieldCreditsNew}, {billing.FieldCredits, billing.FieldRefCredits}} {
 		p, err := billing.ParseCreditPlan(fields)
@@ -248,6 +249,7 @@ func (w *world) admit(in *instance) {
 	switch {
 	case err == nil:
 		w.note("%s holds %s for %s of %s%s", in.owner(), h.Amount(), req.RequestID, user, leaseNote(h))
+		in.st.JournalHold(h)
 		in.inflight = append(in.inflight, h)
 	case errors.As(err, &ie):
 		w.note("%s refuses %s: %v", in.owner(), req.RequestID, err)
@@ -290,6 +292,9 @@ func (w *world) finish(in *instance) {
 // requests are gone; its journal stays on disk.
 func (w *world) crash(in *instance) {
 	w.note("%s is killed with %d requests in flight, %d settlements pending", in.owner(), len(in.inflight), in.st.Pending())
+	for _, h := range in.inflight {
+		w.crashed[h.RequestID] = true
+	}
 	in.st, in.inflight, in.ledger, in.leases = nil, nil, nil, nil
 }
 
@@ -368,7 +373,15 @@ func (w *world) checkEnd(snap ledgertest.Snapshot) error {
 	}
 	rows := map[string]billing.RequestLog{}
 	for _, row := range snap.Logs {
+		if _, dup := rows[row.RequestID]; dup {
+			return fmt.Errorf("request %s has two log rows", row.RequestID)
+		}
 		rows[row.RequestID] = row
+	}
+	for id := range w.crashed {
+		if row, ok := rows[id]; !ok || row.UsageSource != billing.SourceHoldFallback {
+			return fmt.Errorf("request %s was in flight when its instance was killed and was not charged under the orphan policy (row %+v)", id, row)
+		}
 	}
 	for id, cost := range w.billed {
 		row, ok := rows[id]
