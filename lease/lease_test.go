@@ -275,3 +275,59 @@ func TestLeaseClosedUnderItsOwner(t *testing.T) {
 	u := f.check()
 	assert.Equal(t, usd(0.007), u.Charged[billing.FieldCreditsNew], "charged once")
 }
+
+// A user busy for two minutes at 30 requests a second, each answered in
+// 200 ms, their settlements written in batches each second: the store sees
+// one write per lease per batch, and a new lease now and then, far below a
+// write per request.
+func TestSteadyUserCostsAboutOneWritePerBatch(t *testing.T) {
+	f := newFixture(t, usd(1000))
+	l := f.ledger("i1/a", f.store)
+	ctx := context.Background()
+	const perSecond, seconds = 30, 120
+	type running struct {
+		h    billing.Hold
+		done time.Time
+	}
+	var inFlight []running
+	var queued []billing.SettleRequest
+	var charged billing.Nano
+	for tick := 0; tick < seconds*perSecond; tick++ {
+		f.advance(time.Second / perSecond)
+		now := f.clock()
+		h, err := f.hold(l, usd(0.015))
+		require.NoError(t, err)
+		inFlight = append(inFlight, running{h, now.Add(200 * time.Millisecond)})
+		for len(inFlight) > 0 && !inFlight[0].done.After(now) {
+			queued = append(queued, settleReq(inFlight[0].h, usd(0.0005)))
+			charged += usd(0.0005)
+			inFlight = inFlight[1:]
+		}
+		if tick%perSecond == perSecond-1 {
+			_, err := l.SettleMany(ctx, queued)
+			require.NoError(t, err)
+			queued = nil
+			l.Tick(ctx)
+		}
+	}
+	ops := f.count(ledgertest.OpReserve) + f.count(ledgertest.OpSettle) + f.count(ledgertest.OpSettleMany) +
+		f.count(ledgertest.OpFlushLease) + f.count(ledgertest.OpBalances)
+	perRequest := float64(ops) / (seconds * perSecond)
+	t.Logf("%d store operations for %d requests (%.3f per request): reserve %d, flush %d, balances %d, settle %d+%d",
+		ops, seconds*perSecond, perRequest, f.count(ledgertest.OpReserve), f.count(ledgertest.OpFlushLease),
+		f.count(ledgertest.OpBalances), f.count(ledgertest.OpSettle), f.count(ledgertest.OpSettleMany))
+	assert.Less(t, perRequest, 0.05, "about one write per batch for a user at 30 requests a second")
+	assert.GreaterOrEqual(t, f.count(ledgertest.OpFlushLease), int64(seconds), "each batch charges the lease")
+
+	for _, r := range inFlight {
+		queued = append(queued, settleReq(r.h, usd(0.0005)))
+		charged += usd(0.0005)
+	}
+	_, err := l.SettleMany(ctx, queued)
+	require.NoError(t, err)
+	l.Close(ctx)
+	u := f.check()
+	assert.Empty(t, u.Holds)
+	assert.Equal(t, charged, u.Charged[billing.FieldCreditsNew])
+	assert.Equal(t, usd(1000)-charged, u.Balance.CreditsNew)
+}
