@@ -117,13 +117,16 @@ type Settler struct {
 	policy  atomic.Pointer[billing.OrphanPolicy]
 	journal atomic.Pointer[journalRef]
 
-	jobs    chan *Settlement
-	batches chan []*Settlement
-	hurry   chan struct{} // ends the collector's linger
-	stop    chan struct{}
-	mu      sync.RWMutex // guards closed against sends on jobs
-	closed  bool
-	loops   sync.WaitGroup
+	jobs     chan *Settlement
+	batches  chan []*Settlement
+	hurry    chan struct{} // ends the collector's linger
+	stop     chan struct{}
+	quit     chan struct{} // closed when Close starts
+	quitOnce sync.Once
+	started  atomic.Bool  // the collector runs
+	mu       sync.RWMutex // guards closed against sends on jobs
+	closed   bool
+	loops    sync.WaitGroup
 
 	waiting waitingSettlements
 	retryMu sync.Mutex
@@ -143,6 +146,7 @@ func New(cfg Config) *Settler {
 		batches: make(chan []*Settlement, workers),
 		hurry:   make(chan struct{}, 1),
 		stop:    make(chan struct{}),
+		quit:    make(chan struct{}),
 	}
 	if st.now == nil {
 		st.now = time.Now
@@ -200,6 +204,7 @@ func (st *Settler) batchTimeout() time.Duration { return 3 * st.opTimeout }
 // workers, the retry loop, the sweeper and the receipt flusher.
 func (st *Settler) Start(j Journal, recs []spool.Record) {
 	st.Recover(j, recs)
+	st.started.Store(true)
 	st.loops.Add(workers + 4)
 	go st.collectLoop()
 	for i := 0; i < workers; i++ {
@@ -227,26 +232,50 @@ func (st *Settler) journalOf() Journal {
 	return nil
 }
 
-// Submit journals a settlement and queues it. When the queue is full, or
-// the Settler is closed, the caller settles it itself: back-pressure
-// instead of a dropped charge.
+// Submit journals a settlement and queues it. When the queue stays full
+// for batchTimeout (the database is not keeping up), or the Settler is
+// closed, the caller settles it itself: back-pressure instead of a
+// dropped charge.
 func (st *Settler) Submit(s *Settlement) {
 	if s.Logger == nil {
 		s.Logger = st.log()
 	}
 	st.append(s)
 	st.waiting.add(s)
-	st.mu.RLock()
-	if !st.closed {
-		select {
-		case st.jobs <- s:
-			st.mu.RUnlock()
-			return
-		default:
-		}
+	if !st.enqueue(s) {
+		st.SettleBatch([]*Settlement{s})
 	}
-	st.mu.RUnlock()
-	st.SettleBatch([]*Settlement{s})
+}
+
+// enqueue hands s to the collector. When the queue is full, the batches
+// are waiting for the database: it waits for room, up to batchTimeout,
+// since a batch settles s with thousands of others, where settling it
+// here would cost a write of its own just when writes are scarcest. The
+// wait holds up only this response's handler, which has answered.
+func (st *Settler) enqueue(s *Settlement) bool {
+	st.mu.RLock()
+	defer st.mu.RUnlock()
+	if st.closed {
+		return false
+	}
+	select {
+	case st.jobs <- s:
+		return true
+	default:
+	}
+	if !st.started.Load() {
+		return false // nothing empties the queue (a simulation's step)
+	}
+	t := time.NewTimer(st.batchTimeout())
+	defer t.Stop()
+	select {
+	case st.jobs <- s:
+		return true
+	case <-st.quit:
+		return false
+	case <-t.C:
+		return false
+	}
 }
 
 // append journals s. A settlement that cannot be journaled is still
@@ -271,6 +300,7 @@ func (st *Settler) append(s *Settlement) {
 // database still refuses after one last try stays in the journal for the
 // next start. It then closes the journal.
 func (st *Settler) Close(timeout time.Duration) {
+	st.quitOnce.Do(func() { close(st.quit) }) // a Submit waiting for room lets go
 	st.mu.Lock()
 	if !st.closed {
 		st.closed = true
