@@ -41,14 +41,17 @@ type Config struct {
 	Span time.Duration
 	// Idle is how long a lease stays unused before it goes back. Default 5s.
 	Idle time.Duration
-	// MaxAge is how long a lease serves before a new one replaces it.
-	// Default 30s.
+	// MaxAge is how long a lease serves before a fresh one, sized to the
+	// user's rate then, replaces it. Default 30s.
 	MaxAge time.Duration
 	// HotRate is the rate of requests per second from which a user gets a
 	// lease; slower users get a hold per request. Default 2.
 	HotRate float64
 	// Observer is told what the leases do; nil: nothing is.
 	Observer Observer
+	// Go runs a lease's taking off the request path; nil: a goroutine.
+	// A simulation runs it in place, so that a seed replays exactly.
+	Go func(func())
 	// ReturnReceipts takes back the receipts a carved hold's request
 	// named for dropping (billing.HoldRequest.Clear) when the write that
 	// was to drop them failed with err (settle.Settler.ReturnReceipts).
@@ -87,6 +90,9 @@ const minHolds = 8
 // gets holds per request before a lease is tried again.
 const retryLeaseAfter = 10 * time.Second
 
+// takeTimeout bounds the taking of one lease.
+const takeTimeout = 5 * time.Second
+
 // Ledger serves holds from leases; see the package comment. It is safe for
 // concurrent use.
 type Ledger struct {
@@ -95,8 +101,10 @@ type Ledger struct {
 	now                 func() time.Time
 	seq                 atomic.Uint64
 
-	mu    sync.Mutex
-	users map[string]*user
+	mu     sync.Mutex
+	users  map[string]*user
+	closed bool           // Close began: no lease is taken any more
+	takes  sync.WaitGroup // leases being taken
 }
 
 // New returns a Ledger over cfg.Store.
@@ -122,6 +130,9 @@ func New(cfg Config) *Ledger {
 	if cfg.ReturnReceipts == nil {
 		cfg.ReturnReceipts = func(string, []string, error) {}
 	}
+	if cfg.Go == nil {
+		cfg.Go = func(f func()) { go f() }
+	}
 	return &Ledger{LeaseLedger: cfg.Store, cfg: cfg, now: cfg.Now, users: map[string]*user{}}
 }
 
@@ -129,17 +140,19 @@ func New(cfg Config) *Ledger {
 // leases.
 type user struct {
 	id      string
+	plan    billing.CreditPlan
 	rate    rate
+	want    billing.Nano  // what the user's last hold asked for
+	span    time.Duration // how long the user's last hold was to live
 	current *lease        // the lease holds are carved from; nil: none
 	retired []*lease      // leases no longer carved from, closed once their holds are settled
 	taking  bool          // a lease is being taken
-	ready   chan struct{} // closed when that take ends
 	noLease time.Time
 }
 
 // Reserve carves the hold from the user's lease when it has room for
-// req.Want; otherwise it takes a lease first if the user is busy, or a
-// hold of its own from the store.
+// req.Want; otherwise the hold is the store's, and a busy user gets a
+// lease taken off the request path for the holds that follow.
 func (l *Ledger) Reserve(ctx context.Context, req billing.HoldRequest) (billing.Hold, error) {
 	if billing.IsLease(req.RequestID) {
 		return billing.Hold{}, errors.New("a request id cannot name a credit lease")
@@ -148,29 +161,14 @@ func (l *Ledger) Reserve(ctx context.Context, req billing.HoldRequest) (billing.
 	l.mu.Lock()
 	u := l.userOf(req.User, req.Plan)
 	u.rate.add(now, req.Want)
+	u.want, u.span = req.Want, req.Expires.Sub(req.At)
 	if h, ok := l.carve(u, req, now); ok {
 		l.mu.Unlock()
 		return h, nil
 	}
-	// The current lease cannot serve this hold (no room, or too old): it
-	// is retired, its free part goes back now, and a new one may follow,
-	// at least twice what the old one had out.
-	size := max(l.size(u, req, now), 2*outstanding(u.current))
-	stale := l.retireCurrent(u)
-	take := !u.taking && now.After(u.noLease) && u.rate.perSecond(now) >= l.cfg.HotRate && req.Want > 0
-	wait := u.ready
-	if take {
-		u.taking, u.ready = true, make(chan struct{})
-	}
+	take := l.renew(u, now)
 	l.mu.Unlock()
-	l.shrink(ctx, stale)
-	if take {
-		if h, ok := l.takeAndCarve(ctx, req, size); ok {
-			return h, nil
-		}
-	} else if h, ok := l.carveAfter(ctx, wait, req); ok {
-		return h, nil
-	}
+	take()
 	return l.LeaseLedger.Reserve(ctx, req)
 }
 
@@ -180,7 +178,7 @@ func (l *Ledger) userOf(id string, plan billing.CreditPlan) *user {
 	k := key(id, plan)
 	u := l.users[k]
 	if u == nil {
-		u = &user{id: id}
+		u = &user{id: id, plan: plan}
 		l.users[k] = u
 	}
 	return u
@@ -190,7 +188,7 @@ func (l *Ledger) userOf(id string, plan billing.CreditPlan) *user {
 // The caller holds l.mu.
 func (l *Ledger) carve(u *user, req billing.HoldRequest, now time.Time) (billing.Hold, bool) {
 	ls := u.current
-	if ls == nil || ls.retired || now.Sub(ls.born) >= l.cfg.MaxAge || req.Want < req.Min {
+	if ls == nil || ls.retired || req.Want < req.Min {
 		return billing.Hold{}, false
 	}
 	if req.Want == 0 && sumOf(ls.free) <= 0 {
@@ -214,38 +212,53 @@ func (l *Ledger) carve(u *user, req billing.HoldRequest, now time.Time) (billing
 	return h, true
 }
 
-// takeAndCarve takes a lease of size for req's user, expiring when req's
-// hold would (past it the sweeper may close it), at most a quarter of
-// the pool (maxShare) so that the rest stays for the user's other
-// instances, and carves req's hold from it. ok is false when no lease
-// could be had: the caller takes a hold of its own.
-func (l *Ledger) takeAndCarve(ctx context.Context, req billing.HoldRequest, size billing.Nano) (billing.Hold, bool) {
+// renew starts taking a lease for u, the next one when u has one, if u is
+// busy and no lease is being taken; the returned func, called once the
+// caller let go of Ledger.mu, starts it (it is a no-op otherwise). The new
+// lease replaces the current one when it comes: holds never wait for it.
+// The caller holds Ledger.mu.
+func (l *Ledger) renew(u *user, now time.Time) func() {
+	if l.closed || u.taking || !now.After(u.noLease) || u.rate.perSecond(now) < l.cfg.HotRate || u.want <= 0 {
+		return func() {}
+	}
+	size := max(l.size(u, now), 2*outstanding(u.current))
+	u.taking = true
+	l.takes.Add(1)
+	return func() { l.cfg.Go(func() { l.take(u, size) }) }
+}
+
+// take takes a lease of size for u, at most a quarter of the pool
+// (maxShare) so that the rest stays for the user's other instances, and
+// makes it u's current lease; the one it replaces goes back, but for what
+// its outstanding holds took. A pool too small for a useful lease, or a
+// database away, leaves u on holds per request for a while.
+func (l *Ledger) take(u *user, size billing.Nano) {
+	defer l.takes.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), takeTimeout)
+	defer cancel()
 	now := l.now()
-	if b, err := l.LeaseLedger.Balances(ctx, req.User); err == nil {
-		size = min(size, b.Pool(req.Plan)/maxShare)
+	l.mu.Lock()
+	want, span := u.want, u.span
+	l.mu.Unlock()
+	if b, err := l.LeaseLedger.Balances(ctx, u.id); err == nil {
+		size = min(size, b.Pool(u.plan)/maxShare)
 	} else {
 		size = 0
 	}
-	if size < minHolds*req.Want {
+	if size < minHolds*want {
 		l.mu.Lock()
-		u := l.userOf(req.User, req.Plan)
-		u.noLease = now.Add(retryLeaseAfter)
-		u.took()
+		u.noLease, u.taking = now.Add(retryLeaseAfter), false
 		l.mu.Unlock()
-		return billing.Hold{}, false
+		return
 	}
 	lr := billing.HoldRequest{
-		RequestID: billing.LeaseID(l.cfg.Owner, l.seq.Add(1)), User: req.User, Plan: req.Plan, Want: size, Min: size,
-		Owner: l.cfg.Owner, At: now, Expires: req.Expires, LogID: billing.NewLogID(now),
+		RequestID: billing.LeaseID(l.cfg.Owner, l.seq.Add(1)), User: u.id, Plan: u.plan, Want: size, Min: size,
+		Owner: l.cfg.Owner, At: now, Expires: now.Add(span), LogID: billing.NewLogID(now),
 	}
 	h, err := l.LeaseLedger.Reserve(ctx, lr)
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	u := l.userOf(req.User, req.Plan)
-	u.took()
+	u.taking = false
 	if err != nil {
-		// Too little credit for a lease, or the database is away (which
-		// the request's own hold will say): holds per request for a while.
 		u.noLease = now.Add(retryLeaseAfter)
 		if !refused(err) {
 			// The lease may have been taken before the answer was lost:
@@ -254,46 +267,23 @@ func (l *Ledger) takeAndCarve(ctx context.Context, req billing.HoldRequest, size
 			lost.retired, lost.gone = true, true
 			u.retired = append(u.retired, lost)
 		}
-		return billing.Hold{}, false
+		l.mu.Unlock()
+		return
 	}
+	old := l.retireCurrent(u)
 	u.current = newLease(h, now)
 	l.cfg.Observer.Taken(h)
-	return l.carve(u, req, now)
+	l.mu.Unlock()
+	l.shrink(ctx, old)
 }
 
-// size is the lease to take for req: what the user's holds took over
-// Span at their recent rate, and at least minHolds holds like req's.
-// The caller holds l.mu.
-func (l *Ledger) size(u *user, req billing.HoldRequest, now time.Time) billing.Nano {
+// size is the lease to take for u: what the user's holds took over Span
+// at their recent rate, and at least minHolds holds like their last.
+// The caller holds Ledger.mu.
+func (l *Ledger) size(u *user, now time.Time) billing.Nano {
 	perSec := u.rate.nanoPerSecond(now)
 	s := billing.Nano(perSec * l.cfg.Span.Seconds())
-	return max(s, minHolds*req.Want)
-}
-
-// took ends a take: the holds waiting for it try the new lease. The
-// caller holds Ledger.mu.
-func (u *user) took() {
-	u.taking = false
-	if u.ready != nil {
-		close(u.ready)
-		u.ready = nil
-	}
-}
-
-// carveAfter waits for the lease another hold of the user is taking (one
-// round trip, as a hold of its own would cost) and carves req from it.
-func (l *Ledger) carveAfter(ctx context.Context, wait chan struct{}, req billing.HoldRequest) (billing.Hold, bool) {
-	if wait == nil {
-		return billing.Hold{}, false
-	}
-	select {
-	case <-wait:
-	case <-ctx.Done():
-		return billing.Hold{}, false
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.carve(l.userOf(req.User, req.Plan), req, l.now())
+	return max(s, minHolds*u.want)
 }
 
 // outstanding is what a lease's outstanding holds took. The caller holds

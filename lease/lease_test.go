@@ -71,7 +71,9 @@ func (f *fixture) setFault(hook func(ledgertest.Op) ledgertest.Fault) {
 }
 
 func (f *fixture) ledger(owner string, conn *ledgertest.Store) *lease.Ledger {
-	return lease.New(lease.Config{Store: conn, Owner: owner, Now: f.clock})
+	// Leases are taken in place: what a test sees does not depend on
+	// when a goroutine runs.
+	return lease.New(lease.Config{Store: conn, Owner: owner, Now: f.clock, Go: func(take func()) { take() }})
 }
 
 func (f *fixture) count(op ledgertest.Op) int64 { return f.ops[op].Load() }
@@ -330,4 +332,43 @@ func TestSteadyUserCostsAboutOneWritePerBatch(t *testing.T) {
 	assert.Empty(t, u.Holds)
 	assert.Equal(t, charged, u.Charged[billing.FieldCreditsNew])
 	assert.Equal(t, usd(1000)-charged, u.Balance.CreditsNew)
+}
+
+// A lease is taken off the request path: while the store is slow to give
+// it, the user's holds are its own and none waits for it; once it is
+// there, holds are carved from it.
+func TestHoldsNeverWaitForALease(t *testing.T) {
+	f := newFixture(t, usd(100))
+	slow := &slowLeases{LeaseLedger: f.store, gate: make(chan struct{})}
+	l := lease.New(lease.Config{Store: slow, Owner: "i1/a", Now: f.clock})
+	for i := 0; i < 20; i++ {
+		h, err := f.hold(l, usd(0.01))
+		require.NoError(t, err)
+		assert.Empty(t, h.Lease, "no lease yet")
+	}
+	require.Eventually(t, func() bool { return slow.waiting.Load() == 1 }, 5*time.Second, time.Millisecond,
+		"one lease is being taken, for all these holds")
+	close(slow.gate)
+	require.Eventually(t, func() bool {
+		h, err := f.hold(l, usd(0.01))
+		return err == nil && h.Lease != ""
+	}, 5*time.Second, time.Millisecond)
+	assert.Equal(t, int32(1), slow.waiting.Load())
+	l.Close(context.Background())
+	f.check()
+}
+
+// slowLeases holds every lease's Reserve until gate is closed.
+type slowLeases struct {
+	billing.LeaseLedger
+	gate    chan struct{}
+	waiting atomic.Int32
+}
+
+func (s *slowLeases) Reserve(ctx context.Context, req billing.HoldRequest) (billing.Hold, error) {
+	if billing.IsLease(req.RequestID) {
+		s.waiting.Add(1)
+		<-s.gate
+	}
+	return s.LeaseLedger.Reserve(ctx, req)
 }

@@ -54,19 +54,23 @@ func (l *Ledger) shrink(ctx context.Context, ls *lease) {
 	_, _ = l.flush(ctx, ls, nil, true)
 }
 
-// Tick retires the leases unused for Config.Idle or older than
-// Config.MaxAge, gives back what retired leases hold beyond their
-// outstanding holds, closes those with none, and closes, as the store
-// holds them, the leases the Ledger lost track of. The owner calls it
-// every second or so.
+// Tick retires the leases unused for Config.Idle, starts taking the next
+// lease of a busy user whose lease is older than Config.MaxAge or has
+// less than half of it free, gives back what retired leases hold beyond
+// their outstanding holds, closes those with none, and closes, as the
+// store holds them, the leases the Ledger lost track of. The owner calls
+// it every second or so.
 func (l *Ledger) Tick(ctx context.Context) {
 	now := l.now()
 	var work []*lease
+	var takes []func()
 	l.mu.Lock()
 	for _, k := range slices.Sorted(maps.Keys(l.users)) { // in order: a simulation replays a seed exactly
 		u := l.users[k]
-		if ls := u.current; ls != nil && (now.Sub(ls.used) >= l.cfg.Idle || now.Sub(ls.born) >= l.cfg.MaxAge) {
+		if ls := u.current; ls != nil && now.Sub(ls.used) >= l.cfg.Idle {
 			l.retireCurrent(u)
+		} else if ls != nil && (now.Sub(ls.born) >= l.cfg.MaxAge || 2*sumOf(ls.free) < ls.hold.Amount()) {
+			takes = append(takes, l.renew(u, now))
 		}
 		kept := u.retired[:0]
 		for _, ls := range u.retired {
@@ -84,6 +88,9 @@ func (l *Ledger) Tick(ctx context.Context) {
 		}
 	}
 	l.mu.Unlock()
+	for _, take := range takes {
+		take()
+	}
 	for _, ls := range work {
 		l.settleDown(ctx, ls)
 	}
@@ -131,6 +138,10 @@ func refused(err error) bool {
 // journal) stays for the sweeper of the next run. The owner calls it after
 // the settlement drained.
 func (l *Ledger) Close(ctx context.Context) {
+	l.mu.Lock()
+	l.closed = true
+	l.mu.Unlock()
+	l.takes.Wait()
 	l.mu.Lock()
 	var work []*lease
 	for _, k := range slices.Sorted(maps.Keys(l.users)) {

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+
 	"github.com/trollllm/caddy-llm-billing/billing"
 	"github.com/trollllm/caddy-llm-billing/billing/ledgertest"
 	"github.com/trollllm/caddy-llm-billing/lease"
@@ -54,10 +56,17 @@ func TestSimulation(t *testing.T) {
 	if testing.Short() && *simSeed == 0 {
 		seeds = seeds[:min(len(seeds), 20)]
 	}
+	var holds, carved int
 	for _, seed := range seeds {
-		if err := simulate(seed, *simSteps); err != nil {
+		h, c, err := simulate(seed, *simSteps)
+		if err != nil {
 			t.Fatalf("seed %d: %v\nreplay: go test ./settle -run 'TestSimulation$' -sim.seed=%d -sim.steps=%d -v", seed, err, seed, *simSteps)
 		}
+		holds, carved = holds+h, carved+c
+	}
+	t.Logf("%d seeds: %d holds, %d of them carved from credit leases", len(seeds), holds, carved)
+	if len(seeds) >= 20 {
+		assert.Greater(t, carved, holds/20, "the seeds with leases hardly used them")
 	}
 }
 
@@ -87,6 +96,8 @@ type world struct {
 	billed    map[string]billing.Nano // request id → cost of its billed settlement
 	released  map[string]bool         // request ids given back unbilled
 	crashed   map[string]bool         // request ids in flight when their instance was killed
+	holds     int                     // holds taken
+	carved    int                     // of them carved from a lease
 	trace     []string                // the last steps, for a failure report
 }
 
@@ -106,8 +117,11 @@ func (in *instance) owner() string { return fmt.Sprintf("%s/run%d", in.name, in.
 
 func (in *instance) alive() bool { return in.st != nil }
 
-func simulate(seed int64, steps int) (err error) {
+// simulate runs one seed; it returns how many holds were taken and how
+// many of them were carved from a lease.
+func simulate(seed int64, steps int) (holds, carved int, err error) {
 	w := newWorld(seed)
+	defer func() { holds, carved = w.holds, w.carved }()
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("panic: %v\n%s", r, debug.Stack())
@@ -119,10 +133,10 @@ func simulate(seed int64, steps int) (err error) {
 	for i := 0; i < steps; i++ {
 		w.step()
 		if err := w.store.Snapshot().Check(); err != nil {
-			return fmt.Errorf("after step %d: %w", i, err)
+			return 0, 0, fmt.Errorf("after step %d: %w", i, err)
 		}
 	}
-	return w.heal()
+	return 0, 0, w.heal()
 }
 
 func newWorld(seed int64) *world {
@@ -251,6 +265,10 @@ func (w *world) admit(in *instance) {
 		w.note("%s holds %s for %s of %s%s", in.owner(), h.Amount(), req.RequestID, user, leaseNote(h))
 		in.st.JournalHold(h)
 		in.inflight = append(in.inflight, h)
+		w.holds++
+		if h.Lease != "" {
+			w.carved++
+		}
 	case errors.As(err, &ie):
 		w.note("%s refuses %s: %v", in.owner(), req.RequestID, err)
 	default:
@@ -312,7 +330,7 @@ func (w *world) restart(in *instance) {
 	now := func() time.Time { return w.now }
 	in.ledger, in.leases = w.store, nil
 	if w.leases {
-		in.leases = lease.New(lease.Config{Store: w.store, Owner: in.owner(), Now: now, ReturnReceipts: func(user string, ids []string, err error) {
+		in.leases = lease.New(lease.Config{Store: w.store, Owner: in.owner(), Now: now, Go: func(take func()) { take() }, ReturnReceipts: func(user string, ids []string, err error) {
 			in.st.ReturnReceipts(user, ids, err)
 		}})
 		in.ledger = in.leases
