@@ -43,13 +43,47 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// gatewayOptions are what a gateway is started with besides its stack.
+// The zero value is the configuration the tests used before credit leases
+// (plus a response header, see startGateway).
+type gatewayOptions struct {
+	// Leases turns credit_lease on.
+	Leases bool
+	// KeyCacheTTL is key_cache_ttl; empty: 2s.
+	KeyCacheTTL string
+}
+
+// instance is one gateway process with the addresses it serves.
+type instance struct {
+	*caddyproc.Proc
+	// Base is the site's base URL; Admin the admin endpoint's, where
+	// /metrics is.
+	Base, Admin string
+}
+
 // gateway starts one Caddy process billing creditsNew through st's
 // database and upstream; it returns the process and the site's base URL.
 func gateway(t *testing.T, st *stack.Stack) (*caddyproc.Proc, string) {
 	t.Helper()
+	g := startGateway(t, st, gatewayOptions{})
+	return g.Proc, g.Base
+}
+
+// startGateway starts one Caddy process as gateway does, with opts. Every
+// answer of the site carries the request id its log row will have, in
+// X-Gateway-Request-Id.
+func startGateway(t *testing.T, st *stack.Stack, opts gatewayOptions) instance {
+	t.Helper()
 	models, err := filepath.Abs("../../examples/models-chat.json")
 	if err != nil {
 		t.Fatal(err)
+	}
+	ttl, app := opts.KeyCacheTTL, ""
+	if ttl == "" {
+		ttl = "2s"
+	}
+	if opts.Leases {
+		app = "\n\t\tcredit_lease on"
 	}
 	admin, site := freePort(t), freePort(t)
 	base := fmt.Sprintf("http://127.0.0.1:%d", site)
@@ -60,11 +94,12 @@ func gateway(t *testing.T, st *stack.Stack) (*caddyproc.Proc, string) {
 	llm_billing {
 		mongodb_uri {env.MONGODB_URI}
 		database %s
-		key_cache_ttl 2s
+		key_cache_ttl %s%s
 	}
 }
 
 %s {
+	header X-Gateway-Request-Id {http.request.uuid}
 	llm_billing {
 		credit_field creditsNew
 		models %s
@@ -72,12 +107,13 @@ func gateway(t *testing.T, st *stack.Stack) (*caddyproc.Proc, string) {
 	}
 	reverse_proxy %s
 }
-`, admin, st.Database, base, models, st.UpstreamURL)
+`, admin, st.Database, ttl, app, base, models, st.UpstreamURL)
+	adminAddr := fmt.Sprintf("127.0.0.1:%d", admin)
 	p := caddyproc.Start(t, caddyproc.Options{
 		Caddyfile: cf, Env: []string{"MONGODB_URI=" + st.MongoURI},
-		AdminAddr: fmt.Sprintf("127.0.0.1:%d", admin), ReadyURL: base + "/health",
+		AdminAddr: adminAddr, ReadyURL: base + "/health",
 	})
-	return p, base
+	return instance{Proc: p, Base: base, Admin: "http://" + adminAddr}
 }
 
 func newUser(t *testing.T, st *stack.Stack, usd float64) (seed.User, string) {
