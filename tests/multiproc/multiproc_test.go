@@ -228,7 +228,7 @@ func TestTwoInstancesShareOneBalance(t *testing.T) {
 	u, key := newUser(t, st, (5 * cost).USD())
 	start := billing.NanoFromUSD((5 * cost).USD())
 
-	var ok, refused, other atomic.Int64
+	var ok, refused, unavailable, other atomic.Int64
 	var wg sync.WaitGroup
 	for i := 0; i < 100; i++ {
 		base := baseA
@@ -243,13 +243,20 @@ func TestTwoInstancesShareOneBalance(t *testing.T) {
 				ok.Add(1)
 			case 402:
 				refused.Add(1)
+			case 503:
+				// Fail-closed: the user's lock queue across the two
+				// processes outgrew the hold's deadline (one user, 100
+				// streams at once, on a loaded machine). Not admitted,
+				// so not charged; checkMoney counts rows against ok.
+				unavailable.Add(1)
 			default:
 				other.Add(1)
 			}
 		}()
 	}
 	wg.Wait()
-	t.Logf("100 streams over two processes: %d admitted, %d refused (402), %d other", ok.Load(), refused.Load(), other.Load())
+	t.Logf("100 streams over two processes: %d admitted, %d refused (402), %d unavailable (503), %d other",
+		ok.Load(), refused.Load(), unavailable.Load(), other.Load())
 	if other.Load() != 0 || ok.Load() == 0 {
 		t.Fatalf("admitted %d, other %d", ok.Load(), other.Load())
 	}
@@ -312,7 +319,9 @@ func TestKill9MidStream(t *testing.T) {
 	inflight.Wait()
 	p.Restart(t)
 
-	st2 := waitSettled(t, st, u.ID, int(done.Load())+8)
+	// Receipts the killed process logged and had not dropped yet hold no
+	// money: a later hold of the user or a sweeper's pass drops them.
+	st2 := waitNoHold(t, st, u.ID, int(done.Load())+8)
 	checkMoney(t, st2, start, int(done.Load())+8)
 	var orphaned int
 	for _, r := range st2.Rows {
