@@ -264,6 +264,9 @@ func (h *harness) caddyfile(adminPort, plainPort, gwPort int) string {
 	if h.cfg.Isolation != "" {
 		static += "\t\tisolation " + h.cfg.Isolation + "\n"
 	}
+	if h.cfg.CreditLease {
+		static += "\t\tcredit_lease on\n"
+	}
 	return fmt.Sprintf(`# Written by the llm_billing benchmark (bench/).
 {
 	admin 127.0.0.1:%d

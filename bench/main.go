@@ -70,6 +70,7 @@ type config struct {
 	DrainTimeout time.Duration `json:"drain_timeout"`
 
 	Users        int    `json:"users"`
+	CreditLease  bool   `json:"credit_lease"`
 	UpstreamKeys int    `json:"upstream_keys"`
 	StaticKeys   bool   `json:"static_keys"`
 	Isolation    string `json:"isolation"`
@@ -114,6 +115,7 @@ func runMain(args []string) error {
 	fs.DurationVar(&c.ProbeQuiet, "probe-quiet", 1600*time.Millisecond, "database silence that ends a probe request's window (longer than the gateway's background writes: counters every 500 ms, receipts after 1-1.5 s)")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 90*time.Second, "longest wait for settlements after a gateway phase")
 	fs.IntVar(&c.Users, "users", 32, "seeded users (keys); requests go round-robin over them")
+	fs.Var((*onOff)(&c.CreditLease), "credit-lease", "credit_lease of the gateway: on (busy users' holds carved from credit leases) or off")
 	fs.IntVar(&c.UpstreamKeys, "upstream-keys", 4, "upstream keys in the pool")
 	fs.StringVar(&c.Isolation, "isolation", "process", "llm_billing isolation: process (one gateway instance, as here) or shared/auto (the lock documents several instances on FerretDB need)")
 	fs.BoolVar(&c.StaticKeys, "static-keys", false, "give the gateway upstream_keys in the Caddyfile instead of the openhands_keys pool")
@@ -143,6 +145,12 @@ func runMain(args []string) error {
 	})
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		// Parsing stops at the first argument that is not a flag: what
+		// follows would be dropped silently (-credit-lease on: write
+		// -credit-lease or -credit-lease=on).
+		return fmt.Errorf("unexpected argument %q (a boolean flag takes its value as -flag=value)", fs.Arg(0))
 	}
 	explicit := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { explicit[f.Name] = true })
@@ -189,3 +197,28 @@ func runMain(args []string) error {
 	fs.VisitAll(func(f *flag.Flag) { flags[f.Name] = f.Value.String() })
 	return run(c, flags)
 }
+
+// onOff is a boolean flag that also reads on and off (BENCH_CREDIT_LEASE=on),
+// as the Caddyfile spells it; -credit-lease alone means on.
+type onOff bool
+
+func (o *onOff) String() string {
+	if o != nil && *o {
+		return "on"
+	}
+	return "off"
+}
+
+func (o *onOff) Set(s string) error {
+	switch strings.ToLower(s) {
+	case "on", "true", "1", "yes":
+		*o = true
+	case "off", "false", "0", "no":
+		*o = false
+	default:
+		return fmt.Errorf("%q is not on or off", s)
+	}
+	return nil
+}
+
+func (o *onOff) IsBoolFlag() bool { return true }

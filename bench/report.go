@@ -293,8 +293,8 @@ func (r *results) markdown() string {
 	fmt.Fprintf(&b, "- machine: **%d cores** (nproc), %s, Linux %s\n", m.NumCPU, m.CPUModel, m.Kernel)
 	fmt.Fprintf(&b, "- Caddy %s; harness %s; FerretDB %s (%s backend%s); vegeta %s; mongo-driver %s\n",
 		m.Caddy, m.GoVersion, m.Modules["github.com/FerretDB/FerretDB"], m.DBBackend, pgNote(m), m.Modules["github.com/tsenart/vegeta/v12"], m.Modules["go.mongodb.org/mongo-driver/v2"])
-	fmt.Fprintf(&b, "- checkout %s, %s; %d round(s), medians; saturation %s at concurrency %d, fixed rates %v for %s, SSE %d events, %d users, %d upstream keys (%s)\n\n",
-		m.Commit, m.Date, c.Rounds, c.SatDuration, c.SatConcurrency, c.Rates, c.RateDuration, c.SSEEvents, c.Users, c.UpstreamKeys, keySource(c))
+	fmt.Fprintf(&b, "- checkout %s, %s; %d round(s), medians; saturation %s at concurrency %d, fixed rates %v for %s, SSE %d events, %d users, %d upstream keys (%s), credit_lease %s\n\n",
+		m.Commit, m.Date, c.Rounds, c.SatDuration, c.SatConcurrency, c.Rates, c.RateDuration, c.SSEEvents, c.Users, c.UpstreamKeys, keySource(c), onOffText(c.CreditLease))
 	fmt.Fprintf(&b, "| figure | unit | plain Caddy | gateway | gateway / plain | gateway − plain |\n|---|---|---:|---:|---:|---:|\n")
 	for _, rw := range r.Summary {
 		pl, gw := num(rw.Plain, rw.digits), num(rw.Gateway, rw.digits)
@@ -364,6 +364,13 @@ func pgNote(m *meta) string {
 		return ""
 	}
 	return ", " + m.PostgreSQL
+}
+
+func onOffText(on bool) string {
+	if on {
+		return "on"
+	}
+	return "off"
 }
 
 func keySource(c config) string {

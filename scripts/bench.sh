@@ -17,6 +17,8 @@
 #   CADDY_BIN=/path/to/caddy   use this Caddy (with llm_billing) instead of building one
 #   SKIP_CADDY_BUILD=1         reuse bench/.build/caddy from an earlier run
 #   BENCH_<FLAG>=value         any harness flag, e.g. BENCH_ROUNDS=5 BENCH_SAT_DURATION=10s
+#   BENCH_CREDIT_LEASE=on      the gateway with `credit_lease on` (the same as --credit-lease)
+#   BENCH_USERS=N              the gateway's requests spread over N seeded users (default 32)
 #   GO_BENCH_COUNT=6           -count of the Go micro-benchmarks
 #   GO_BENCH_TIME=1s           -benchtime of the Go micro-benchmarks
 set -euo pipefail
