@@ -20,6 +20,8 @@ import (
 	"go.mongodb.org/mongo-driver/v2/mongo"
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
+	"github.com/trollllm/caddy-llm-billing/billing"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/tests/seed"
 )
 
@@ -448,26 +450,80 @@ func (h *harness) snap() cpuSnap {
 	return s
 }
 
-// userDocs reads the creditsNew and creditsNewUsed of every bench user.
-func (h *harness) balances(ctx context.Context) (map[string][2]float64, error) {
-	ids := make([]string, len(h.users))
-	for i, u := range h.users {
-		ids[i] = u.ID
+// userBal is what the billing check reads of a bench user's document.
+type userBal struct {
+	credits, used float64 // creditsNew and creditsNewUsed, USD
+	// heldNano is the creditsNew in the user's open holds and credit leases
+	// (llmHolds): taken from the balance, not spent, so neither lost nor
+	// charged.
+	heldNano                int64
+	holds, leases, receipts int
+}
+
+// balances reads the balance, the open holds and leases, and the receipts
+// of every bench user (all of them, active or not).
+func (h *harness) balances(ctx context.Context) (map[string]userBal, error) {
+	ids := make(map[string]bool, len(h.users))
+	list := make([]string, 0, len(h.users))
+	for _, u := range h.users {
+		ids[u.ID] = true
+		list = append(list, u.ID)
 	}
-	cur, err := h.db.Collection(seed.UsersCollection).Find(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}},
-		options.Find().SetProjection(bson.D{{Key: "creditsNew", Value: 1}, {Key: "creditsNewUsed", Value: 1}}))
+	// A long $in costs the database more than reading the collection,
+	// which holds the bench users and the few demo users.
+	filter := bson.D{}
+	if len(list) <= 1000 {
+		filter = bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: list}}}}
+	}
+	cur, err := h.db.Collection(seed.UsersCollection).Find(ctx, filter, options.Find().SetProjection(bson.D{
+		{Key: "creditsNew", Value: 1}, {Key: "creditsNewUsed", Value: 1},
+		{Key: mongostore.FieldHolds, Value: 1}, {Key: mongostore.FieldDoneCount, Value: 1},
+	}))
 	if err != nil {
 		return nil, err
 	}
 	defer cur.Close(ctx)
-	out := map[string][2]float64{}
+	out := make(map[string]userBal, len(list))
 	for cur.Next(ctx) {
 		var id string
 		raw := cur.Current
 		_ = raw.Lookup("_id").Unmarshal(&id)
-		a, _ := seed.Float(raw.Lookup("creditsNew"))
-		b, _ := seed.Float(raw.Lookup("creditsNewUsed"))
-		out[id] = [2]float64{a, b}
+		if !ids[id] {
+			continue
+		}
+		var b userBal
+		b.credits, _ = seed.Float(raw.Lookup("creditsNew"))
+		b.used, _ = seed.Float(raw.Lookup("creditsNewUsed"))
+		if n, ok := seed.Float(raw.Lookup(mongostore.FieldDoneCount)); ok {
+			b.receipts = int(n)
+		}
+		if doc, ok := raw.Lookup(mongostore.FieldHolds).DocumentOK(); ok {
+			elems, err := doc.Elements()
+			if err != nil {
+				return nil, err
+			}
+			for _, e := range elems {
+				packed, ok := e.Value().StringValueOK()
+				if !ok {
+					return nil, fmt.Errorf("user %s: %s.%s is not a packed hold", id, mongostore.FieldHolds, e.Key())
+				}
+				hd, err := mongostore.DecodeHold(packed)
+				if err != nil {
+					return nil, fmt.Errorf("user %s: %s.%s: %w", id, mongostore.FieldHolds, e.Key(), err)
+				}
+				if billing.IsLease(e.Key()) {
+					b.leases++
+				} else {
+					b.holds++
+				}
+				for i, f := range hd.Plan.Fields() {
+					if f == "creditsNew" {
+						b.heldNano += int64(hd.Taken[i])
+					}
+				}
+			}
+		}
+		out[id] = b
 	}
 	return out, cur.Err()
 }
