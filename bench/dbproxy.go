@@ -42,10 +42,14 @@ func cmdClass(cmd string) string {
 }
 
 // background reports whether an operation is the gateway's periodic
-// work rather than a request's: heartbeats, handshakes, and the reads of
-// the upstream key pool refresh (openhands_keys, openhands_bindings, the
-// spare-key cleanup).
+// work rather than a request's: heartbeats, handshakes, the instance's
+// own heartbeat document and the sweeper's read of the live instances
+// (llm_billing_instances), and the reads of the upstream key pool refresh
+// (openhands_keys, openhands_bindings, the spare-key cleanup).
 func (o dbOp) background() bool {
+	if o.Coll == "llm_billing_instances" {
+		return true
+	}
 	switch o.class() {
 	case "other":
 		return true
