@@ -216,16 +216,31 @@ func (h *harness) seed(ctx context.Context) error {
 		ups = append(ups, k)
 		h.upstreamKeys = append(h.upstreamKeys, k.APIKey)
 	}
-	var users []seed.User
+	var users []bson.D
+	now := time.Now()
 	for i := 0; i < h.cfg.Users; i++ {
 		sum := sha256.Sum256(fmt.Appendf(nil, "bench-user-%d", i))
 		u := benchUser{ID: fmt.Sprintf("bench-%03d", i), Key: "sk-trollllm-" + hex.EncodeToString(sum[:])}
 		h.users = append(h.users, u)
 		users = append(users, seed.User{ID: u.ID, APIKey: u.Key, Role: "user", Active: true, Migration: true,
-			Credits: 1000, RefCredits: 1000, CreditsNew: 1000})
+			Credits: 1000, RefCredits: 1000, CreditsNew: 1000}.Doc(now))
 	}
-	friends := h.friends()
-	if err := seed.Insert(ctx, h.db, users, ups, friends); err != nil {
+	var friends []bson.D
+	for _, k := range h.friends() {
+		friends = append(friends, k.Doc(now))
+	}
+	if err := seed.Insert(ctx, h.db, ups); err != nil {
+		return err
+	}
+	// Thousands of users one insert each would take minutes on FerretDB.
+	start := time.Now()
+	for coll, docs := range map[string][]bson.D{seed.UsersCollection: users, seed.FriendKeysCollection: friends} {
+		if err := insertBatched(ctx, h.db.Collection(coll), docs); err != nil {
+			return fmt.Errorf("seeding %s: %w", coll, err)
+		}
+	}
+	logf("seeded %d users and their friend keys in %.1f s", len(users), time.Since(start).Seconds())
+	if err := h.indexUserKeys(ctx); err != nil {
 		return err
 	}
 	for _, k := range ups {
@@ -234,6 +249,72 @@ func (h *harness) seed(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// insertBatched inserts docs with one insertMany per thousand.
+func insertBatched(ctx context.Context, coll *mongo.Collection, docs []bson.D) error {
+	for len(docs) > 0 {
+		n := min(len(docs), 1000)
+		batch := make([]any, n)
+		for i := range batch {
+			batch[i] = docs[i]
+		}
+		if _, err := coll.InsertMany(ctx, batch); err != nil {
+			return err
+		}
+		docs = docs[n:]
+	}
+	return nil
+}
+
+// userKeyIndex is the index the harness gives usersNew.apiKey. The gateway
+// looks a personal key up by it (mongostore.Store.Authenticate) but does
+// not create an index for it: the backend that owns usersNew does. Without
+// one, FerretDB reads the whole collection for each lookup, which at
+// thousands of users costs more than everything else a request does.
+const userKeyIndex = "bench_apiKey"
+
+// indexUserKeys creates the usersNew.apiKey index unless the collection
+// already has an index on apiKey, and logs what a lookup by key costs
+// before and after.
+func (h *harness) indexUserKeys(ctx context.Context) error {
+	users := h.db.Collection(seed.UsersCollection)
+	specs, err := users.Indexes().ListSpecifications(ctx)
+	if err != nil {
+		return fmt.Errorf("listing usersNew indexes: %w", err)
+	}
+	for _, sp := range specs {
+		var keys bson.D
+		if bson.Unmarshal(sp.KeysDocument, &keys) == nil && len(keys) > 0 && keys[0].Key == "apiKey" {
+			logf("usersNew already has an index on apiKey (%s)", sp.Name)
+			return nil
+		}
+	}
+	before := h.keyLookupTime(ctx)
+	if _, err := users.Indexes().CreateOne(ctx, mongo.IndexModel{
+		Keys: bson.D{{Key: "apiKey", Value: 1}}, Options: options.Index().SetName(userKeyIndex),
+	}); err != nil {
+		return fmt.Errorf("indexing usersNew.apiKey: %w", err)
+	}
+	logf("usersNew.apiKey indexed: a lookup by key took %.2f ms before, %.2f ms after (%d users)",
+		ms(before), ms(h.keyLookupTime(ctx)), len(h.users))
+	return nil
+}
+
+// keyLookupTime is the median time of a few lookups of a user by apiKey,
+// as the gateway makes them, straight to FerretDB.
+func (h *harness) keyLookupTime(ctx context.Context) time.Duration {
+	users := h.db.Collection(seed.UsersCollection)
+	var ds []time.Duration
+	for i := 0; i < 9; i++ {
+		u := h.users[(i*7919)%len(h.users)]
+		t0 := time.Now()
+		if err := users.FindOne(ctx, bson.D{{Key: "apiKey", Value: u.Key}}, options.FindOne().SetProjection(bson.D{{Key: "_id", Value: 1}})).Err(); err != nil {
+			return -1
+		}
+		ds = append(ds, time.Since(t0))
+	}
+	return pct(ds, 50)
 }
 
 // friendModel is the canonical id of the model the bench requests
