@@ -89,6 +89,14 @@ func startDBProxy(target string) (*dbProxy, error) {
 
 func (p *dbProxy) addr() string { return p.ln.Addr().String() }
 
+// setTarget sends the connections made from now on to target (a new
+// FerretDB process).
+func (p *dbProxy) setTarget(target string) {
+	p.mu.Lock()
+	p.target = target
+	p.mu.Unlock()
+}
+
 // take returns the operations recorded since the last take and forgets
 // them.
 func (p *dbProxy) take() []dbOp {
@@ -156,7 +164,10 @@ type pending struct {
 
 func (p *dbProxy) serve(client net.Conn) {
 	defer p.wg.Done()
-	server, err := net.Dial("tcp", p.target)
+	p.mu.Lock()
+	target := p.target
+	p.mu.Unlock()
+	server, err := net.Dial("tcp", target)
 	if err != nil {
 		_ = client.Close()
 		return

@@ -36,12 +36,14 @@ type harness struct {
 	cfg  config
 	work string
 
-	pg        *postgres
-	ferret    *child
-	ferretURI string
-	proxy     *dbProxy
-	up        *child
-	upURL     string
+	pg         *postgres
+	ferret     *child
+	ferretArgs []string
+	ferretN    int
+	ferretURI  string
+	proxy      *dbProxy
+	up         *child
+	upURL      string
 
 	caddy    *child
 	caddyN   int
@@ -52,10 +54,16 @@ type harness struct {
 
 	client *mongo.Client
 	db     *mongo.Database
+	dbName string // the gateway's database (dbName; the sweep gives each cell its own)
+	// caddyHome is Caddy's HOME and XDG folders: its instance id and the
+	// settlement journal (the sweep gives each cell its own).
+	caddyHome string
 
 	users        []benchUser
 	friendKeys   []string // one per user, owned by it (friend phase)
 	upstreamKeys []string
+
+	cells []sweepCell // the sweep's cells, as they ran
 
 	load   *loadClient
 	res    *results
@@ -125,6 +133,12 @@ func run(cfg config, flags map[string]string) (err error) {
 		return err
 	}
 	h.res.Meta = h.meta()
+	if cfg.Sweep {
+		if err := h.runSweep(); err != nil {
+			return err
+		}
+		return h.reportSweep()
+	}
 	if err := h.runAll(); err != nil {
 		return err
 	}
@@ -163,11 +177,8 @@ func (h *harness) setup() error {
 		ferretArgs = append(ferretArgs, "-handler", "sqlite", "-sqlite-url", "file:"+dir+"/")
 	}
 	logf("starting FerretDB (%s backend)", h.cfg.DB)
-	pr, pw := io.Pipe()
-	if h.ferret, err = startChild("ferretdb", filepath.Join(h.work, "ferretdb.log"), pw, nil, self, ferretArgs...); err != nil {
-		return err
-	}
-	if h.ferretURI, err = readyLine(pr, h.ferret, 60*time.Second); err != nil {
+	h.ferretArgs = ferretArgs
+	if err := h.startFerret(); err != nil {
 		return err
 	}
 	h.proxy, err = startDBProxy(strings.TrimSuffix(strings.TrimPrefix(h.ferretURI, "mongodb://"), "/"))
@@ -184,7 +195,8 @@ func (h *harness) setup() error {
 	if err != nil {
 		return err
 	}
-	h.db = h.client.Database(dbName)
+	h.dbName, h.caddyHome = dbName, h.work
+	h.db = h.client.Database(h.dbName)
 	if err := h.seed(ctx); err != nil {
 		return fmt.Errorf("seed: %w", err)
 	}
@@ -203,9 +215,47 @@ func (h *harness) setup() error {
 	return h.startCaddy()
 }
 
+// startFerret starts FerretDB in its own process (ferretdb-N.log).
+func (h *harness) startFerret() error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	h.ferretN++
+	pr, pw := io.Pipe()
+	if h.ferret, err = startChild("ferretdb", filepath.Join(h.work, fmt.Sprintf("ferretdb-%d.log", h.ferretN)), pw, nil, self, h.ferretArgs...); err != nil {
+		return err
+	}
+	h.ferretURI, err = readyLine(pr, h.ferret, 60*time.Second)
+	return err
+}
+
+// restartFerret stops FerretDB and starts a new process on the same
+// backend, which the counting proxy and the harness's client then use:
+// work FerretDB had queued (it goes on with a command whose client gave
+// up) ends with it. Caddy must be stopped first.
+func (h *harness) restartFerret() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	_ = h.client.Disconnect(ctx)
+	cancel()
+	h.ferret.stop(20 * time.Second)
+	if err := h.startFerret(); err != nil {
+		return err
+	}
+	h.proxy.setTarget(strings.TrimSuffix(strings.TrimPrefix(h.ferretURI, "mongodb://"), "/"))
+	var err error
+	h.client, err = mongo.Connect(options.Client().ApplyURI(h.ferretURI).SetTimeout(60 * time.Second))
+	if err != nil {
+		return err
+	}
+	h.db = h.client.Database(h.dbName)
+	return nil
+}
+
 // seed inserts the demo data (tests/seed) plus cfg.Users users with large
 // creditsNew balances and cfg.UpstreamKeys bound upstream keys.
 func (h *harness) seed(ctx context.Context) error {
+	h.users, h.friendKeys = nil, nil
 	if err := seed.SeedDemo(ctx, h.db); err != nil {
 		return err
 	}
@@ -226,8 +276,10 @@ func (h *harness) seed(ctx context.Context) error {
 			Credits: 1000, RefCredits: 1000, CreditsNew: 1000}.Doc(now))
 	}
 	var friends []bson.D
-	for _, k := range h.friends() {
-		friends = append(friends, k.Doc(now))
+	if !h.cfg.Sweep { // the sweep has no friend phase
+		for _, k := range h.friends() {
+			friends = append(friends, k.Doc(now))
+		}
 	}
 	if err := seed.Insert(ctx, h.db, ups); err != nil {
 		return err
@@ -239,7 +291,7 @@ func (h *harness) seed(ctx context.Context) error {
 			return fmt.Errorf("seeding %s: %w", coll, err)
 		}
 	}
-	logf("seeded %d users and their friend keys in %.1f s", len(users), time.Since(start).Seconds())
+	logf("seeded %d users and %d friend keys in %.1f s", len(users), len(friends), time.Since(start).Seconds())
 	if err := h.indexUserKeys(ctx); err != nil {
 		return err
 	}
@@ -315,6 +367,16 @@ func (h *harness) keyLookupTime(ctx context.Context) time.Duration {
 		ds = append(ds, time.Since(t0))
 	}
 	return pct(ds, 50)
+}
+
+// usersFilter selects the users of ids, or every user when ids is long:
+// then a long $in costs the database more than reading the collection
+// (which holds the bench users and a few demo users).
+func usersFilter(ids []string) bson.D {
+	if len(ids) <= 1000 {
+		return bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}}
+	}
+	return bson.D{}
 }
 
 // friendModel is the canonical id of the model the bench requests
@@ -397,7 +459,7 @@ http://:%d {
 	}
 	import upstream
 }
-`, adminPort, dbName, static, h.upURL, plainPort, gwPort, h.models)
+`, adminPort, h.dbName, static, h.upURL, plainPort, gwPort, h.models)
 }
 
 // startCaddy starts a fresh Caddy process with the bench Caddyfile (new
@@ -420,7 +482,7 @@ func (h *harness) startCaddy() error {
 	}
 	h.caddyN++
 	logPath := filepath.Join(h.work, fmt.Sprintf("caddy-%d.log", h.caddyN))
-	env := []string{"BENCH_MONGODB_URI=mongodb://" + h.proxy.addr() + "/", "HOME=" + h.work, "XDG_DATA_HOME=" + h.work, "XDG_CONFIG_HOME=" + h.work}
+	env := []string{"BENCH_MONGODB_URI=mongodb://" + h.proxy.addr() + "/", "HOME=" + h.caddyHome, "XDG_DATA_HOME=" + h.caddyHome, "XDG_CONFIG_HOME=" + h.caddyHome}
 	var err error
 	h.caddy, err = startChild("caddy", logPath, nil, env, h.cfg.Caddy, "run", "--config", h.cfgPath, "--adapter", "caddyfile")
 	if err != nil {
@@ -542,7 +604,7 @@ type userBal struct {
 }
 
 // balances reads the balance, the open holds and leases, and the receipts
-// of every bench user (all of them, active or not).
+// of every bench user.
 func (h *harness) balances(ctx context.Context) (map[string]userBal, error) {
 	ids := make(map[string]bool, len(h.users))
 	list := make([]string, 0, len(h.users))
@@ -550,12 +612,7 @@ func (h *harness) balances(ctx context.Context) (map[string]userBal, error) {
 		ids[u.ID] = true
 		list = append(list, u.ID)
 	}
-	// A long $in costs the database more than reading the collection,
-	// which holds the bench users and the few demo users.
-	filter := bson.D{}
-	if len(list) <= 1000 {
-		filter = bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: list}}}}
-	}
+	filter := usersFilter(list)
 	cur, err := h.db.Collection(seed.UsersCollection).Find(ctx, filter, options.Find().SetProjection(bson.D{
 		{Key: "creditsNew", Value: 1}, {Key: "creditsNewUsed", Value: 1},
 		{Key: mongostore.FieldHolds, Value: 1}, {Key: mongostore.FieldDoneCount, Value: 1},

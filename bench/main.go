@@ -49,6 +49,12 @@ type config struct {
 	Quick  bool `json:"quick"`
 	Rounds int  `json:"rounds"`
 
+	// Sweep replaces the rounds with the non-stream saturation of both
+	// sites for each number of users × credit_lease setting.
+	Sweep       bool   `json:"sweep"`
+	SweepUsers  []int  `json:"sweep_users,omitempty"`
+	SweepLeases []bool `json:"sweep_leases,omitempty"`
+
 	Warmup         time.Duration `json:"warmup"`
 	SatDuration    time.Duration `json:"sat_duration"`
 	SatConcurrency int           `json:"sat_concurrency"`
@@ -93,7 +99,7 @@ type config struct {
 
 func runMain(args []string) error {
 	var c config
-	var rates string
+	var rates, sweepUsers, sweepLeases string
 	fs := flag.NewFlagSet("run", flag.ExitOnError)
 	fs.BoolVar(&c.Quick, "quick", false, "smoke run of about a minute: 1 round, short phases, fewer streams (explicit flags still win)")
 	fs.IntVar(&c.Rounds, "rounds", 3, "rounds; every figure is the median over rounds")
@@ -123,6 +129,9 @@ func runMain(args []string) error {
 	fs.StringVar(&c.DB, "db", "postgresql", "FerretDB backend: postgresql or sqlite")
 	fs.StringVar(&c.PGBin, "pg-bin", "", "folder of the PostgreSQL server binaries (default: found under /usr/lib/postgresql)")
 	fs.StringVar(&c.PGConf, "pg-conf", "", "extra PostgreSQL settings, name=value, comma-separated (default: the stock settings)")
+	fs.BoolVar(&c.Sweep, "sweep", false, "instead of the rounds, the non-stream saturation of both sites for each of -sweep-users × -sweep-leases, one table")
+	fs.StringVar(&sweepUsers, "sweep-users", "1,32,1000,10000", "numbers of users the sweep spreads the gateway's requests over, comma-separated")
+	fs.StringVar(&sweepLeases, "sweep-leases", "off,on", "credit_lease settings of the sweep, comma-separated")
 	fs.StringVar(&c.Profile, "profile", "", "instead of the rounds, write Caddy CPU profiles (pprof) of each site at -profile-rate into this folder")
 	fs.IntVar(&c.ProfileRate, "profile-rate", 300, "rate (req/s, non-stream) of the -profile phases")
 	fs.IntVar(&c.ProfileSeconds, "profile-seconds", 15, "length of each -profile phase, seconds")
@@ -180,6 +189,25 @@ func runMain(args []string) error {
 			return fmt.Errorf("bad -rates %q", rates)
 		}
 		c.Rates = append(c.Rates, n)
+	}
+	if c.Sweep {
+		for _, v := range strings.Split(sweepUsers, ",") {
+			var n int
+			if _, err := fmt.Sscan(strings.TrimSpace(v), &n); err != nil || n <= 0 {
+				return fmt.Errorf("bad -sweep-users %q", sweepUsers)
+			}
+			c.SweepUsers = append(c.SweepUsers, n)
+		}
+		for _, v := range strings.Split(sweepLeases, ",") {
+			var o onOff
+			if err := o.Set(strings.TrimSpace(v)); err != nil {
+				return fmt.Errorf("bad -sweep-leases %q: %w", sweepLeases, err)
+			}
+			c.SweepLeases = append(c.SweepLeases, bool(o))
+		}
+		// Each cell seeds a database of its own (see runSweep); the one
+		// seeded at the start only serves the upstream keys.
+		c.Users = 1
 	}
 	if c.Caddy == "" {
 		return fmt.Errorf("-caddy is required: a Caddy binary built with the llm_billing module (./xcaddy.sh)")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math"
@@ -41,6 +42,10 @@ type phase struct {
 	Round int    `json:"round"`
 	Name  string `json:"name"`
 	Site  string `json:"site"`
+	// Users is how many users the gateway's requests were spread over,
+	// CreditLease its credit_lease (the sweep changes both).
+	Users       int    `json:"users"`
+	CreditLease string `json:"credit_lease"`
 	loadStats
 
 	// DrainS is the time from the end of the load until the gateway's
@@ -84,9 +89,10 @@ type dbStats struct {
 	// The holds as the gateway timed them (its /metrics histogram): from
 	// before the driver sends the command until it has the reply, so the
 	// driver's own time and the counting proxy's hop are in.
-	Holds      uint64  `json:"holds"`
-	HoldP50Ms  float64 `json:"hold_p50_ms"`
-	HoldMeanMs float64 `json:"hold_mean_ms"`
+	Holds      uint64 `json:"holds"`
+	HoldP50Ms  jfloat `json:"hold_p50_ms"`  // null when no hold was a database write
+	HoldMeanMs jfloat `json:"hold_mean_ms"` // (all carved from leases)
+
 }
 
 // holdStats is how the gateway's holds were served in a phase: taken by a
@@ -104,6 +110,18 @@ type holdStats struct {
 	// when that did not happen within the drain timeout.
 	LeaseDrainS float64 `json:"lease_drain_s"`
 	Drained     bool    `json:"drained"`
+}
+
+// jfloat is a float64 that is null in JSON when it is not a number
+// (encoding/json refuses NaN and ±Inf): a figure with nothing to measure,
+// like the hold wait of a phase whose holds all came from leases.
+type jfloat float64
+
+func (f jfloat) MarshalJSON() ([]byte, error) {
+	if math.IsNaN(float64(f)) || math.IsInf(float64(f), 0) {
+		return []byte("null"), nil
+	}
+	return json.Marshal(float64(f))
 }
 
 type memStats struct {
@@ -216,7 +234,8 @@ func (h *harness) measured(round int, name, site string, load func() ([]outcome,
 	}
 	ops := h.proxy.take()
 
-	p := &phase{Round: round, Name: name, Site: site, loadStats: stats(outs, wall), LoadAvg: loadAvg(), Holds: hs}
+	p := &phase{Round: round, Name: name, Site: site, Users: len(h.users), CreditLease: onOffText(h.cfg.CreditLease),
+		loadStats: stats(outs, wall), LoadAvg: loadAvg(), Holds: hs}
 	drain := s1.at.Sub(loadEnd)
 	if site == siteGW {
 		p.DrainS = drain.Seconds()
@@ -242,7 +261,7 @@ func (h *harness) measured(round int, name, site string, load func() ([]outcome,
 	p.DB = dbSummary(ops, p.OK)
 	if site == siteGW {
 		d := m1.hold.since(m0.hold)
-		p.DB.Holds, p.DB.HoldP50Ms, p.DB.HoldMeanMs = d.count, d.quantileMs(0.5), d.meanMs()
+		p.DB.Holds, p.DB.HoldP50Ms, p.DB.HoldMeanMs = d.count, jfloat(d.quantileMs(0.5)), jfloat(d.meanMs())
 		hs.Store = int(m1.holds["store"] - m0.holds["store"])
 		hs.Lease = int(m1.holds["lease"] - m0.holds["lease"])
 		hs.LeasesTaken = int(m1.leases["taken"] - m0.leases["taken"])
@@ -266,35 +285,47 @@ func (h *harness) waitDrained() (*holdStats, gwMetrics, error) {
 	deadline := start.Add(h.cfg.DrainTimeout)
 	hs := &holdStats{}
 	users := h.db.Collection(seed.UsersCollection)
-	open := bson.D{{Key: "$or", Value: bson.A{
+	var ids []string
+	for _, u := range h.users {
+		ids = append(ids, u.ID)
+	}
+	open := append(usersFilter(ids), bson.E{Key: "$or", Value: bson.A{
 		bson.D{{Key: mongostore.FieldHeld, Value: bson.D{{Key: "$gt", Value: 0}}}},
 		bson.D{{Key: mongostore.FieldDoneCount, Value: bson.D{{Key: "$gt", Value: 0}}}},
-	}}}
+	}})
+	var m gwMetrics
+	var lastErr error
+	left := int64(-1)
 	for {
-		m, err := h.scrape()
-		if err != nil {
-			return nil, m, err
+		// A database too busy to answer is not drained yet: retried until
+		// the deadline.
+		mm, err := h.scrape()
+		if err == nil {
+			m = mm
+		} else {
+			lastErr = err
 		}
-		if m.outstanding <= 0 && m.leasesOpen() <= 0 {
+		if err == nil && m.outstanding <= 0 && m.leasesOpen() <= 0 {
 			// The gateway thinks it is done: ask the database.
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			n, err := users.CountDocuments(ctx, open)
 			cancel()
 			if err != nil {
-				return nil, m, err
-			}
-			if n == 0 {
-				hs.Drained = true
+				lastErr = err
+			} else {
+				left = n
+				hs.Drained = n == 0
 			}
 		}
 		if hs.Drained || time.Now().After(deadline) {
 			hs.LeaseDrainS = time.Since(start).Seconds()
 			if !hs.Drained {
-				logf("  still held after %s: %.0f holds outstanding, %.0f leases open, or holds/receipts in user documents", h.cfg.DrainTimeout, m.outstanding, m.leasesOpen())
+				logf("  still held after %s: %.0f holds outstanding, %.0f leases open (gateway metrics); %d users with a hold, lease or receipt (-1: not read); last error: %v",
+					h.cfg.DrainTimeout, m.outstanding, m.leasesOpen(), left, lastErr)
 			}
 			return hs, m, nil
 		}
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(250 * time.Millisecond)
 	}
 }
 

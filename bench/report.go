@@ -215,8 +215,8 @@ func (r *results) summarize() {
 	// The hold as the gateway waited for it (driver and proxy hop in), and
 	// what the added latency is beyond it: the targets' "+ 0.5 ms".
 	holdRows := func(label, ph string, added func(*phase) float64) {
-		p50 := r.pick(ph, siteGW, func(p *phase) float64 { return p.DB.HoldP50Ms })
-		mean := r.pick(ph, siteGW, func(p *phase) float64 { return p.DB.HoldMeanMs })
+		p50 := r.pick(ph, siteGW, func(p *phase) float64 { return float64(p.DB.HoldP50Ms) })
+		mean := r.pick(ph, siteGW, func(p *phase) float64 { return float64(p.DB.HoldMeanMs) })
 		if math.IsNaN(p50) {
 			return
 		}

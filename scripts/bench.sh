@@ -4,6 +4,10 @@
 #   ./scripts/bench.sh                     end to end, gateway vs plain Caddy: about 10 minutes on 2 cores
 #   ./scripts/bench.sh --quick             the same as a smoke run (about a minute and a half)
 #   ./scripts/bench.sh --rounds 5 ...      any flag of the harness (./bench/.build/bench run -h lists them)
+#   ./scripts/bench.sh --credit-lease ...  the same with `credit_lease on` in the gateway's Caddyfile
+#   ./scripts/bench.sh sweep [flags]       non-stream saturation for users 1, 32, 1000, 10000 × credit_lease
+#                                          off/on, gateway and plain Caddy side by side, one table
+#                                          (about 10 minutes; --sweep-users, --sweep-leases, --sat-duration)
 #   ./scripts/bench.sh go [BASELINE.txt]   the Go micro-benchmarks of billing/ and caddymodule/,
 #                                          compared with BASELINE.txt by benchstat when given
 #
@@ -58,6 +62,12 @@ if [ "${1:-}" = go ]; then
 	exit 0
 fi
 
+mode=run
+if [ "${1:-}" = sweep ]; then
+	shift
+	mode=sweep
+fi
+
 # PostgreSQL for FerretDB's PostgreSQL backend, unless SQLite was asked for.
 want_pg=1
 case " ${BENCH_DB:-} $* " in
@@ -81,4 +91,7 @@ if [ -z "$caddy" ]; then
 	fi
 fi
 
+if [ "$mode" = sweep ]; then
+	exec "$root/bench/.build/bench" run -sweep -caddy "$caddy" -repo "$root" -out "$results/sweep-$stamp.json" "$@"
+fi
 exec "$root/bench/.build/bench" run -caddy "$caddy" -repo "$root" -out "$results/bench-$stamp.json" "$@"
