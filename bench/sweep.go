@@ -51,8 +51,13 @@ func (h *harness) runSweep() error {
 			c.Error = err.Error()
 			logf("  cell failed: %v", err)
 		}
+		// The table so far, so that a sweep stopped part way still has
+		// the cells it ran.
+		h.cells = cells[:i+1]
+		if _, err := h.writeSweep(); err != nil {
+			return err
+		}
 	}
-	h.cells = cells
 	return nil
 }
 
@@ -233,25 +238,34 @@ func (r *results) sweepMarkdown(rows []sweepRow) string {
 
 // reportSweep prints the sweep's table and writes it with every phase.
 func (h *harness) reportSweep() error {
+	md, err := h.writeSweep()
+	if err != nil {
+		return err
+	}
+	fmt.Println()
+	fmt.Print(md)
+	logf("results: %s and %s", h.cfg.Out, strings.TrimSuffix(h.cfg.Out, ".json")+".md")
+	return nil
+}
+
+// writeSweep writes the table of the cells run so far (.md) and every
+// phase (.json), and returns the table.
+func (h *harness) writeSweep() (string, error) {
 	r := h.res
 	rows := r.sweepRows(h.cells)
 	md := r.sweepMarkdown(rows)
-	fmt.Println()
-	fmt.Print(md)
 	out, err := json.MarshalIndent(struct {
 		*results
 		Sweep []sweepRow `json:"sweep"`
 	}{r, rows}, "", "  ")
 	if err != nil {
-		return err
+		return "", err
 	}
 	if err := os.WriteFile(h.cfg.Out, out, 0o644); err != nil {
-		return err
+		return "", err
 	}
-	mdPath := strings.TrimSuffix(h.cfg.Out, ".json") + ".md"
-	if err := os.WriteFile(mdPath, []byte(md), 0o644); err != nil {
-		return err
+	if err := os.WriteFile(strings.TrimSuffix(h.cfg.Out, ".json")+".md", []byte(md), 0o644); err != nil {
+		return "", err
 	}
-	logf("results: %s and %s", h.cfg.Out, mdPath)
-	return nil
+	return md, nil
 }

@@ -7,7 +7,8 @@
 #   ./scripts/bench.sh --credit-lease ...  the same with `credit_lease on` in the gateway's Caddyfile
 #   ./scripts/bench.sh sweep [flags]       non-stream saturation for users 1, 32, 1000, 10000 × credit_lease
 #                                          off/on, gateway and plain Caddy side by side, one table
-#                                          (about 10 minutes; --sweep-users, --sweep-leases, --sat-duration)
+#                                          (half an hour or more on 2 cores: the 10000-user cells settle
+#                                          10000 warm-up holds each; --sweep-users, --sweep-leases, --sat-duration)
 #   ./scripts/bench.sh go [BASELINE.txt]   the Go micro-benchmarks of billing/ and caddymodule/,
 #                                          compared with BASELINE.txt by benchstat when given
 #
