@@ -42,10 +42,14 @@ func cmdClass(cmd string) string {
 }
 
 // background reports whether an operation is the gateway's periodic
-// work rather than a request's: heartbeats, handshakes, and the reads of
-// the upstream key pool refresh (openhands_keys, openhands_bindings, the
-// spare-key cleanup).
+// work rather than a request's: heartbeats, handshakes, the instance's
+// own heartbeat document and the sweeper's read of the live instances
+// (llm_billing_instances), and the reads of the upstream key pool refresh
+// (openhands_keys, openhands_bindings, the spare-key cleanup).
 func (o dbOp) background() bool {
+	if o.Coll == "llm_billing_instances" {
+		return true
+	}
 	switch o.class() {
 	case "other":
 		return true
@@ -84,6 +88,14 @@ func startDBProxy(target string) (*dbProxy, error) {
 }
 
 func (p *dbProxy) addr() string { return p.ln.Addr().String() }
+
+// setTarget sends the connections made from now on to target (a new
+// FerretDB process).
+func (p *dbProxy) setTarget(target string) {
+	p.mu.Lock()
+	p.target = target
+	p.mu.Unlock()
+}
 
 // take returns the operations recorded since the last take and forgets
 // them.
@@ -152,7 +164,10 @@ type pending struct {
 
 func (p *dbProxy) serve(client net.Conn) {
 	defer p.wg.Done()
-	server, err := net.Dial("tcp", p.target)
+	p.mu.Lock()
+	target := p.target
+	p.mu.Unlock()
+	server, err := net.Dial("tcp", target)
 	if err != nil {
 		_ = client.Close()
 		return

@@ -20,6 +20,8 @@ import (
 	"go.mongodb.org/mongo-driver/v2/mongo"
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
+	"github.com/trollllm/caddy-llm-billing/billing"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/tests/seed"
 )
 
@@ -34,12 +36,14 @@ type harness struct {
 	cfg  config
 	work string
 
-	pg        *postgres
-	ferret    *child
-	ferretURI string
-	proxy     *dbProxy
-	up        *child
-	upURL     string
+	pg         *postgres
+	ferret     *child
+	ferretArgs []string
+	ferretN    int
+	ferretURI  string
+	proxy      *dbProxy
+	up         *child
+	upURL      string
 
 	caddy    *child
 	caddyN   int
@@ -50,10 +54,16 @@ type harness struct {
 
 	client *mongo.Client
 	db     *mongo.Database
+	dbName string // the gateway's database (dbName; the sweep gives each cell its own)
+	// caddyHome is Caddy's HOME and XDG folders: its instance id and the
+	// settlement journal (the sweep gives each cell its own).
+	caddyHome string
 
 	users        []benchUser
 	friendKeys   []string // one per user, owned by it (friend phase)
 	upstreamKeys []string
+
+	cells []sweepCell // the sweep's cells, as they ran
 
 	load   *loadClient
 	res    *results
@@ -123,6 +133,12 @@ func run(cfg config, flags map[string]string) (err error) {
 		return err
 	}
 	h.res.Meta = h.meta()
+	if cfg.Sweep {
+		if err := h.runSweep(); err != nil {
+			return err
+		}
+		return h.reportSweep()
+	}
 	if err := h.runAll(); err != nil {
 		return err
 	}
@@ -161,11 +177,8 @@ func (h *harness) setup() error {
 		ferretArgs = append(ferretArgs, "-handler", "sqlite", "-sqlite-url", "file:"+dir+"/")
 	}
 	logf("starting FerretDB (%s backend)", h.cfg.DB)
-	pr, pw := io.Pipe()
-	if h.ferret, err = startChild("ferretdb", filepath.Join(h.work, "ferretdb.log"), pw, nil, self, ferretArgs...); err != nil {
-		return err
-	}
-	if h.ferretURI, err = readyLine(pr, h.ferret, 60*time.Second); err != nil {
+	h.ferretArgs = ferretArgs
+	if err := h.startFerret(); err != nil {
 		return err
 	}
 	h.proxy, err = startDBProxy(strings.TrimSuffix(strings.TrimPrefix(h.ferretURI, "mongodb://"), "/"))
@@ -182,7 +195,8 @@ func (h *harness) setup() error {
 	if err != nil {
 		return err
 	}
-	h.db = h.client.Database(dbName)
+	h.dbName, h.caddyHome = dbName, h.work
+	h.db = h.client.Database(h.dbName)
 	if err := h.seed(ctx); err != nil {
 		return fmt.Errorf("seed: %w", err)
 	}
@@ -201,9 +215,47 @@ func (h *harness) setup() error {
 	return h.startCaddy()
 }
 
+// startFerret starts FerretDB in its own process (ferretdb-N.log).
+func (h *harness) startFerret() error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	h.ferretN++
+	pr, pw := io.Pipe()
+	if h.ferret, err = startChild("ferretdb", filepath.Join(h.work, fmt.Sprintf("ferretdb-%d.log", h.ferretN)), pw, nil, self, h.ferretArgs...); err != nil {
+		return err
+	}
+	h.ferretURI, err = readyLine(pr, h.ferret, 60*time.Second)
+	return err
+}
+
+// restartFerret stops FerretDB and starts a new process on the same
+// backend, which the counting proxy and the harness's client then use:
+// work FerretDB had queued (it goes on with a command whose client gave
+// up) ends with it. Caddy must be stopped first.
+func (h *harness) restartFerret() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	_ = h.client.Disconnect(ctx)
+	cancel()
+	h.ferret.stop(20 * time.Second)
+	if err := h.startFerret(); err != nil {
+		return err
+	}
+	h.proxy.setTarget(strings.TrimSuffix(strings.TrimPrefix(h.ferretURI, "mongodb://"), "/"))
+	var err error
+	h.client, err = mongo.Connect(options.Client().ApplyURI(h.ferretURI).SetTimeout(60 * time.Second))
+	if err != nil {
+		return err
+	}
+	h.db = h.client.Database(h.dbName)
+	return nil
+}
+
 // seed inserts the demo data (tests/seed) plus cfg.Users users with large
 // creditsNew balances and cfg.UpstreamKeys bound upstream keys.
 func (h *harness) seed(ctx context.Context) error {
+	h.users, h.friendKeys = nil, nil
 	if err := seed.SeedDemo(ctx, h.db); err != nil {
 		return err
 	}
@@ -214,16 +266,33 @@ func (h *harness) seed(ctx context.Context) error {
 		ups = append(ups, k)
 		h.upstreamKeys = append(h.upstreamKeys, k.APIKey)
 	}
-	var users []seed.User
+	var users []bson.D
+	now := time.Now()
 	for i := 0; i < h.cfg.Users; i++ {
 		sum := sha256.Sum256(fmt.Appendf(nil, "bench-user-%d", i))
 		u := benchUser{ID: fmt.Sprintf("bench-%03d", i), Key: "sk-trollllm-" + hex.EncodeToString(sum[:])}
 		h.users = append(h.users, u)
 		users = append(users, seed.User{ID: u.ID, APIKey: u.Key, Role: "user", Active: true, Migration: true,
-			Credits: 1000, RefCredits: 1000, CreditsNew: 1000})
+			Credits: 1000, RefCredits: 1000, CreditsNew: 1000}.Doc(now))
 	}
-	friends := h.friends()
-	if err := seed.Insert(ctx, h.db, users, ups, friends); err != nil {
+	var friends []bson.D
+	if !h.cfg.Sweep { // the sweep has no friend phase
+		for _, k := range h.friends() {
+			friends = append(friends, k.Doc(now))
+		}
+	}
+	if err := seed.Insert(ctx, h.db, ups); err != nil {
+		return err
+	}
+	// Thousands of users one insert each would take minutes on FerretDB.
+	start := time.Now()
+	for coll, docs := range map[string][]bson.D{seed.UsersCollection: users, seed.FriendKeysCollection: friends} {
+		if err := insertBatched(ctx, h.db.Collection(coll), docs); err != nil {
+			return fmt.Errorf("seeding %s: %w", coll, err)
+		}
+	}
+	logf("seeded %d users and %d friend keys in %.1f s", len(users), len(friends), time.Since(start).Seconds())
+	if err := h.indexUserKeys(ctx); err != nil {
 		return err
 	}
 	for _, k := range ups {
@@ -232,6 +301,82 @@ func (h *harness) seed(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// insertBatched inserts docs with one insertMany per thousand.
+func insertBatched(ctx context.Context, coll *mongo.Collection, docs []bson.D) error {
+	for len(docs) > 0 {
+		n := min(len(docs), 1000)
+		batch := make([]any, n)
+		for i := range batch {
+			batch[i] = docs[i]
+		}
+		if _, err := coll.InsertMany(ctx, batch); err != nil {
+			return err
+		}
+		docs = docs[n:]
+	}
+	return nil
+}
+
+// userKeyIndex is the index the harness gives usersNew.apiKey. The gateway
+// looks a personal key up by it (mongostore.Store.Authenticate) but does
+// not create an index for it: the backend that owns usersNew does. Without
+// one, FerretDB reads the whole collection for each lookup, which at
+// thousands of users costs more than everything else a request does.
+const userKeyIndex = "bench_apiKey"
+
+// indexUserKeys creates the usersNew.apiKey index unless the collection
+// already has an index on apiKey, and logs what a lookup by key costs
+// before and after.
+func (h *harness) indexUserKeys(ctx context.Context) error {
+	users := h.db.Collection(seed.UsersCollection)
+	specs, err := users.Indexes().ListSpecifications(ctx)
+	if err != nil {
+		return fmt.Errorf("listing usersNew indexes: %w", err)
+	}
+	for _, sp := range specs {
+		var keys bson.D
+		if bson.Unmarshal(sp.KeysDocument, &keys) == nil && len(keys) > 0 && keys[0].Key == "apiKey" {
+			logf("usersNew already has an index on apiKey (%s)", sp.Name)
+			return nil
+		}
+	}
+	before := h.keyLookupTime(ctx)
+	if _, err := users.Indexes().CreateOne(ctx, mongo.IndexModel{
+		Keys: bson.D{{Key: "apiKey", Value: 1}}, Options: options.Index().SetName(userKeyIndex),
+	}); err != nil {
+		return fmt.Errorf("indexing usersNew.apiKey: %w", err)
+	}
+	logf("usersNew.apiKey indexed: a lookup by key took %.2f ms before, %.2f ms after (%d users)",
+		ms(before), ms(h.keyLookupTime(ctx)), len(h.users))
+	return nil
+}
+
+// keyLookupTime is the median time of a few lookups of a user by apiKey,
+// as the gateway makes them, straight to FerretDB.
+func (h *harness) keyLookupTime(ctx context.Context) time.Duration {
+	users := h.db.Collection(seed.UsersCollection)
+	var ds []time.Duration
+	for i := 0; i < 9; i++ {
+		u := h.users[(i*7919)%len(h.users)]
+		t0 := time.Now()
+		if err := users.FindOne(ctx, bson.D{{Key: "apiKey", Value: u.Key}}, options.FindOne().SetProjection(bson.D{{Key: "_id", Value: 1}})).Err(); err != nil {
+			return -1
+		}
+		ds = append(ds, time.Since(t0))
+	}
+	return pct(ds, 50)
+}
+
+// usersFilter selects the users of ids, or every user when ids is long:
+// then a long $in costs the database more than reading the collection
+// (which holds the bench users and a few demo users).
+func usersFilter(ids []string) bson.D {
+	if len(ids) <= 1000 {
+		return bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}}
+	}
+	return bson.D{}
 }
 
 // friendModel is the canonical id of the model the bench requests
@@ -263,6 +408,9 @@ func (h *harness) caddyfile(adminPort, plainPort, gwPort int) string {
 	}
 	if h.cfg.Isolation != "" {
 		static += "\t\tisolation " + h.cfg.Isolation + "\n"
+	}
+	if h.cfg.CreditLease {
+		static += "\t\tcredit_lease on\n"
 	}
 	return fmt.Sprintf(`# Written by the llm_billing benchmark (bench/).
 {
@@ -311,7 +459,7 @@ http://:%d {
 	}
 	import upstream
 }
-`, adminPort, dbName, static, h.upURL, plainPort, gwPort, h.models)
+`, adminPort, h.dbName, static, h.upURL, plainPort, gwPort, h.models)
 }
 
 // startCaddy starts a fresh Caddy process with the bench Caddyfile (new
@@ -334,7 +482,7 @@ func (h *harness) startCaddy() error {
 	}
 	h.caddyN++
 	logPath := filepath.Join(h.work, fmt.Sprintf("caddy-%d.log", h.caddyN))
-	env := []string{"BENCH_MONGODB_URI=mongodb://" + h.proxy.addr() + "/", "HOME=" + h.work, "XDG_DATA_HOME=" + h.work, "XDG_CONFIG_HOME=" + h.work}
+	env := []string{"BENCH_MONGODB_URI=mongodb://" + h.proxy.addr() + "/", "HOME=" + h.caddyHome, "XDG_DATA_HOME=" + h.caddyHome, "XDG_CONFIG_HOME=" + h.caddyHome}
 	var err error
 	h.caddy, err = startChild("caddy", logPath, nil, env, h.cfg.Caddy, "run", "--config", h.cfgPath, "--adapter", "caddyfile")
 	if err != nil {
@@ -445,26 +593,75 @@ func (h *harness) snap() cpuSnap {
 	return s
 }
 
-// userDocs reads the creditsNew and creditsNewUsed of every bench user.
-func (h *harness) balances(ctx context.Context) (map[string][2]float64, error) {
-	ids := make([]string, len(h.users))
-	for i, u := range h.users {
-		ids[i] = u.ID
+// userBal is what the billing check reads of a bench user's document.
+type userBal struct {
+	credits, used float64 // creditsNew and creditsNewUsed, USD
+	// heldNano is the creditsNew in the user's open holds and credit leases
+	// (llmHolds): taken from the balance, not spent, so neither lost nor
+	// charged.
+	heldNano                int64
+	holds, leases, receipts int
+}
+
+// balances reads the balance, the open holds and leases, and the receipts
+// of every bench user.
+func (h *harness) balances(ctx context.Context) (map[string]userBal, error) {
+	ids := make(map[string]bool, len(h.users))
+	list := make([]string, 0, len(h.users))
+	for _, u := range h.users {
+		ids[u.ID] = true
+		list = append(list, u.ID)
 	}
-	cur, err := h.db.Collection(seed.UsersCollection).Find(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}},
-		options.Find().SetProjection(bson.D{{Key: "creditsNew", Value: 1}, {Key: "creditsNewUsed", Value: 1}}))
+	filter := usersFilter(list)
+	cur, err := h.db.Collection(seed.UsersCollection).Find(ctx, filter, options.Find().SetProjection(bson.D{
+		{Key: "creditsNew", Value: 1}, {Key: "creditsNewUsed", Value: 1},
+		{Key: mongostore.FieldHolds, Value: 1}, {Key: mongostore.FieldDoneCount, Value: 1},
+	}))
 	if err != nil {
 		return nil, err
 	}
 	defer cur.Close(ctx)
-	out := map[string][2]float64{}
+	out := make(map[string]userBal, len(list))
 	for cur.Next(ctx) {
 		var id string
 		raw := cur.Current
 		_ = raw.Lookup("_id").Unmarshal(&id)
-		a, _ := seed.Float(raw.Lookup("creditsNew"))
-		b, _ := seed.Float(raw.Lookup("creditsNewUsed"))
-		out[id] = [2]float64{a, b}
+		if !ids[id] {
+			continue
+		}
+		var b userBal
+		b.credits, _ = seed.Float(raw.Lookup("creditsNew"))
+		b.used, _ = seed.Float(raw.Lookup("creditsNewUsed"))
+		if n, ok := seed.Float(raw.Lookup(mongostore.FieldDoneCount)); ok {
+			b.receipts = int(n)
+		}
+		if doc, ok := raw.Lookup(mongostore.FieldHolds).DocumentOK(); ok {
+			elems, err := doc.Elements()
+			if err != nil {
+				return nil, err
+			}
+			for _, e := range elems {
+				packed, ok := e.Value().StringValueOK()
+				if !ok {
+					return nil, fmt.Errorf("user %s: %s.%s is not a packed hold", id, mongostore.FieldHolds, e.Key())
+				}
+				hd, err := mongostore.DecodeHold(packed)
+				if err != nil {
+					return nil, fmt.Errorf("user %s: %s.%s: %w", id, mongostore.FieldHolds, e.Key(), err)
+				}
+				if billing.IsLease(e.Key()) {
+					b.leases++
+				} else {
+					b.holds++
+				}
+				for i, f := range hd.Plan.Fields() {
+					if f == "creditsNew" {
+						b.heldNano += int64(hd.Taken[i])
+					}
+				}
+			}
+		}
+		out[id] = b
 	}
 	return out, cur.Err()
 }

@@ -49,6 +49,12 @@ type config struct {
 	Quick  bool `json:"quick"`
 	Rounds int  `json:"rounds"`
 
+	// Sweep replaces the rounds with the non-stream saturation of both
+	// sites for each number of users × credit_lease setting.
+	Sweep       bool   `json:"sweep"`
+	SweepUsers  []int  `json:"sweep_users,omitempty"`
+	SweepLeases []bool `json:"sweep_leases,omitempty"`
+
 	Warmup         time.Duration `json:"warmup"`
 	SatDuration    time.Duration `json:"sat_duration"`
 	SatConcurrency int           `json:"sat_concurrency"`
@@ -70,6 +76,7 @@ type config struct {
 	DrainTimeout time.Duration `json:"drain_timeout"`
 
 	Users        int    `json:"users"`
+	CreditLease  bool   `json:"credit_lease"`
 	UpstreamKeys int    `json:"upstream_keys"`
 	StaticKeys   bool   `json:"static_keys"`
 	Isolation    string `json:"isolation"`
@@ -92,7 +99,7 @@ type config struct {
 
 func runMain(args []string) error {
 	var c config
-	var rates string
+	var rates, sweepUsers, sweepLeases string
 	fs := flag.NewFlagSet("run", flag.ExitOnError)
 	fs.BoolVar(&c.Quick, "quick", false, "smoke run of about a minute: 1 round, short phases, fewer streams (explicit flags still win)")
 	fs.IntVar(&c.Rounds, "rounds", 3, "rounds; every figure is the median over rounds")
@@ -114,6 +121,7 @@ func runMain(args []string) error {
 	fs.DurationVar(&c.ProbeQuiet, "probe-quiet", 1600*time.Millisecond, "database silence that ends a probe request's window (longer than the gateway's background writes: counters every 500 ms, receipts after 1-1.5 s)")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 90*time.Second, "longest wait for settlements after a gateway phase")
 	fs.IntVar(&c.Users, "users", 32, "seeded users (keys); requests go round-robin over them")
+	fs.Var((*onOff)(&c.CreditLease), "credit-lease", "credit_lease of the gateway: on (busy users' holds carved from credit leases) or off")
 	fs.IntVar(&c.UpstreamKeys, "upstream-keys", 4, "upstream keys in the pool")
 	fs.StringVar(&c.Isolation, "isolation", "process", "llm_billing isolation: process (one gateway instance, as here) or shared/auto (the lock documents several instances on FerretDB need)")
 	fs.BoolVar(&c.StaticKeys, "static-keys", false, "give the gateway upstream_keys in the Caddyfile instead of the openhands_keys pool")
@@ -121,6 +129,9 @@ func runMain(args []string) error {
 	fs.StringVar(&c.DB, "db", "postgresql", "FerretDB backend: postgresql or sqlite")
 	fs.StringVar(&c.PGBin, "pg-bin", "", "folder of the PostgreSQL server binaries (default: found under /usr/lib/postgresql)")
 	fs.StringVar(&c.PGConf, "pg-conf", "", "extra PostgreSQL settings, name=value, comma-separated (default: the stock settings)")
+	fs.BoolVar(&c.Sweep, "sweep", false, "instead of the rounds, the non-stream saturation of both sites for each of -sweep-users × -sweep-leases, one table")
+	fs.StringVar(&sweepUsers, "sweep-users", "1,32,1000,10000", "numbers of users the sweep spreads the gateway's requests over, comma-separated")
+	fs.StringVar(&sweepLeases, "sweep-leases", "off,on", "credit_lease settings of the sweep, comma-separated")
 	fs.StringVar(&c.Profile, "profile", "", "instead of the rounds, write Caddy CPU profiles (pprof) of each site at -profile-rate into this folder")
 	fs.IntVar(&c.ProfileRate, "profile-rate", 300, "rate (req/s, non-stream) of the -profile phases")
 	fs.IntVar(&c.ProfileSeconds, "profile-seconds", 15, "length of each -profile phase, seconds")
@@ -143,6 +154,12 @@ func runMain(args []string) error {
 	})
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		// Parsing stops at the first argument that is not a flag: what
+		// follows would be dropped silently (-credit-lease on: write
+		// -credit-lease or -credit-lease=on).
+		return fmt.Errorf("unexpected argument %q (a boolean flag takes its value as -flag=value)", fs.Arg(0))
 	}
 	explicit := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { explicit[f.Name] = true })
@@ -173,6 +190,25 @@ func runMain(args []string) error {
 		}
 		c.Rates = append(c.Rates, n)
 	}
+	if c.Sweep {
+		for _, v := range strings.Split(sweepUsers, ",") {
+			var n int
+			if _, err := fmt.Sscan(strings.TrimSpace(v), &n); err != nil || n <= 0 {
+				return fmt.Errorf("bad -sweep-users %q", sweepUsers)
+			}
+			c.SweepUsers = append(c.SweepUsers, n)
+		}
+		for _, v := range strings.Split(sweepLeases, ",") {
+			var o onOff
+			if err := o.Set(strings.TrimSpace(v)); err != nil {
+				return fmt.Errorf("bad -sweep-leases %q: %w", sweepLeases, err)
+			}
+			c.SweepLeases = append(c.SweepLeases, bool(o))
+		}
+		// Each cell seeds a database of its own (see runSweep); the one
+		// seeded at the start only serves the upstream keys.
+		c.Users = 1
+	}
 	if c.Caddy == "" {
 		return fmt.Errorf("-caddy is required: a Caddy binary built with the llm_billing module (./xcaddy.sh)")
 	}
@@ -189,3 +225,28 @@ func runMain(args []string) error {
 	fs.VisitAll(func(f *flag.Flag) { flags[f.Name] = f.Value.String() })
 	return run(c, flags)
 }
+
+// onOff is a boolean flag that also reads on and off (BENCH_CREDIT_LEASE=on),
+// as the Caddyfile spells it; -credit-lease alone means on.
+type onOff bool
+
+func (o *onOff) String() string {
+	if o != nil && *o {
+		return "on"
+	}
+	return "off"
+}
+
+func (o *onOff) Set(s string) error {
+	switch strings.ToLower(s) {
+	case "on", "true", "1", "yes":
+		*o = true
+	case "off", "false", "0", "no":
+		*o = false
+	default:
+		return fmt.Errorf("%q is not on or off", s)
+	}
+	return nil
+}
+
+func (o *onOff) IsBoolFlag() bool { return true }

@@ -23,42 +23,86 @@ type histo struct {
 	cum    []uint64
 }
 
-// dbWait reads the gateway's database wait histogram of one operation from
-// Caddy's admin /metrics. A missing series is an empty histogram.
-func (h *harness) dbWait(op string) (histo, error) {
+// Counters and gauges of the gateway's /metrics about holds and credit
+// leases (caddymodule/metrics.go).
+const (
+	holdsMetric       = "caddy_llm_billing_holds_total"         // by source: store, lease
+	leasesMetric      = "caddy_llm_billing_credit_leases_total" // by event: taken, closed
+	outstandingMetric = "caddy_llm_billing_holds_outstanding"   // holds not yet settled or released
+)
+
+// gwMetrics is what the harness reads of the gateway's /metrics at one
+// moment: the hold's database wait histogram, the holds taken by source,
+// the credit leases by event, and the holds outstanding. Every one is
+// process-wide, so a phase's figure is the difference of two readings of
+// the same Caddy process.
+type gwMetrics struct {
+	hold        histo
+	holds       map[string]float64 // source -> holds taken
+	leases      map[string]float64 // event -> leases
+	outstanding float64
+}
+
+// scrape reads the gateway's metrics from Caddy's admin /metrics. A
+// missing series reads as zero.
+func (h *harness) scrape() (gwMetrics, error) {
+	g := gwMetrics{holds: map[string]float64{}, leases: map[string]float64{}}
 	resp, err := http.Get("http://" + h.admin + "/metrics")
 	if err != nil {
-		return histo{}, fmt.Errorf("reading /metrics: %w", err)
+		return g, fmt.Errorf("reading /metrics: %w", err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return histo{}, fmt.Errorf("reading /metrics: status %d", resp.StatusCode)
+		return g, fmt.Errorf("reading /metrics: status %d", resp.StatusCode)
 	}
 	p := expfmt.NewTextParser(model.UTF8Validation)
 	mfs, err := p.TextToMetricFamilies(resp.Body)
 	if err != nil {
-		return histo{}, fmt.Errorf("parsing /metrics: %w", err)
+		return g, fmt.Errorf("parsing /metrics: %w", err)
 	}
-	mf := mfs[dbWaitMetric]
-	if mf == nil || mf.GetType() != dto.MetricType_HISTOGRAM {
-		return histo{}, nil
-	}
-	for _, m := range mf.GetMetric() {
-		for _, l := range m.GetLabel() {
-			if l.GetName() != "operation" || l.GetValue() != op {
+	if mf := mfs[dbWaitMetric]; mf != nil && mf.GetType() == dto.MetricType_HISTOGRAM {
+		for _, m := range mf.GetMetric() {
+			if label(m, "operation") != "hold" {
 				continue
 			}
 			hg := m.GetHistogram()
-			out := histo{count: hg.GetSampleCount(), sum: hg.GetSampleSum()}
+			g.hold = histo{count: hg.GetSampleCount(), sum: hg.GetSampleSum()}
 			for _, b := range hg.GetBucket() {
-				out.bounds = append(out.bounds, b.GetUpperBound())
-				out.cum = append(out.cum, b.GetCumulativeCount())
+				g.hold.bounds = append(g.hold.bounds, b.GetUpperBound())
+				g.hold.cum = append(g.hold.cum, b.GetCumulativeCount())
 			}
-			return out, nil
 		}
 	}
-	return histo{}, nil
+	for name, into := range map[string]struct {
+		label string
+		m     map[string]float64
+	}{holdsMetric: {"source", g.holds}, leasesMetric: {"event", g.leases}} {
+		if mf := mfs[name]; mf != nil {
+			for _, m := range mf.GetMetric() {
+				into.m[label(m, into.label)] += m.GetCounter().GetValue()
+			}
+		}
+	}
+	if mf := mfs[outstandingMetric]; mf != nil {
+		for _, m := range mf.GetMetric() {
+			g.outstanding += m.GetGauge().GetValue()
+		}
+	}
+	return g, nil
 }
+
+// label is the value of a metric's label name ("" when it has none).
+func label(m *dto.Metric, name string) string {
+	for _, l := range m.GetLabel() {
+		if l.GetName() == name {
+			return l.GetValue()
+		}
+	}
+	return ""
+}
+
+// leasesOpen is how many leases the process took and has not closed.
+func (g gwMetrics) leasesOpen() float64 { return g.leases["taken"] - g.leases["closed"] }
 
 // since is what was observed between before and h.
 func (h histo) since(before histo) histo {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math"
@@ -9,11 +10,13 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/tests/seed"
 )
 
@@ -39,6 +42,10 @@ type phase struct {
 	Round int    `json:"round"`
 	Name  string `json:"name"`
 	Site  string `json:"site"`
+	// Users is how many users the gateway's requests were spread over,
+	// CreditLease its credit_lease (the sweep changes both).
+	Users       int    `json:"users"`
+	CreditLease string `json:"credit_lease"`
 	loadStats
 
 	// DrainS is the time from the end of the load until the gateway's
@@ -52,6 +59,13 @@ type phase struct {
 	CPUPerReq map[string]float64 `json:"cpu_us_per_request"`
 
 	DB *dbStats `json:"db,omitempty"`
+
+	// Holds is how the gateway served the phase's holds (its /metrics).
+	Holds *holdStats `json:"holds,omitempty"`
+
+	// LoadAvg is the machine's load average (1, 5, 15 min) when the phase
+	// ended: everything here shares the same cores with whatever else runs.
+	LoadAvg [3]float64 `json:"load_avg"`
 
 	Mem *memStats `json:"memory,omitempty"`
 
@@ -75,9 +89,39 @@ type dbStats struct {
 	// The holds as the gateway timed them (its /metrics histogram): from
 	// before the driver sends the command until it has the reply, so the
 	// driver's own time and the counting proxy's hop are in.
-	Holds      uint64  `json:"holds"`
-	HoldP50Ms  float64 `json:"hold_p50_ms"`
-	HoldMeanMs float64 `json:"hold_mean_ms"`
+	Holds      uint64 `json:"holds"`
+	HoldP50Ms  jfloat `json:"hold_p50_ms"`  // null when no hold was a database write
+	HoldMeanMs jfloat `json:"hold_mean_ms"` // (all carved from leases)
+
+}
+
+// holdStats is how the gateway's holds were served in a phase: taken by a
+// database write of their own (store) or carved from a credit lease in
+// memory (lease), and the leases taken and closed, from the differences
+// of the gateway's counters over the phase and its drain.
+type holdStats struct {
+	Store        int `json:"store"`
+	Lease        int `json:"lease"`
+	LeasesTaken  int `json:"leases_taken"`
+	LeasesClosed int `json:"leases_closed"`
+	// LeaseDrainS is the time from the end of the settlement drain until the
+	// gateway held nothing: no hold outstanding, every lease it took closed,
+	// no hold, lease or receipt left in a user document. Drained is false
+	// when that did not happen within the drain timeout.
+	LeaseDrainS float64 `json:"lease_drain_s"`
+	Drained     bool    `json:"drained"`
+}
+
+// jfloat is a float64 that is null in JSON when it is not a number
+// (encoding/json refuses NaN and ±Inf): a figure with nothing to measure,
+// like the hold wait of a phase whose holds all came from leases.
+type jfloat float64
+
+func (f jfloat) MarshalJSON() ([]byte, error) {
+	if math.IsNaN(float64(f)) || math.IsInf(float64(f), 0) {
+		return []byte("null"), nil
+	}
+	return json.Marshal(float64(f))
 }
 
 type memStats struct {
@@ -114,6 +158,15 @@ type billingCheck struct {
 	ChargeMismatchN int64 `json:"charge_mismatch_nano"`
 	Shortfalls      int   `json:"shortfalls"`
 	ChargeErrors    int   `json:"charge_errors"`
+	// Money in open holds and credit leases before and after the phase:
+	// taken from the balances but unspent, so the balances' drop is the
+	// charges plus what the holds gained. What is still open after the
+	// drain is counted here, never as lost.
+	HeldBeforeNano int64 `json:"held_before_nano"`
+	HeldAfterNano  int64 `json:"held_after_nano"`
+	HoldsLeft      int   `json:"holds_left"`
+	LeasesLeft     int   `json:"leases_left"`
+	ReceiptsLeft   int   `json:"receipts_left"`
 }
 
 // add sums o (when not nil) into b: the totals of the table.
@@ -128,6 +181,8 @@ func (b *billingCheck) add(o *billingCheck) {
 	b.Unexpected += o.Unexpected
 	b.ChargeErrors += o.ChargeErrors
 	b.ChargeMismatchN += o.ChargeMismatchN
+	b.HoldsLeft += o.HoldsLeft
+	b.LeasesLeft += o.LeasesLeft
 }
 
 func (b *billingCheck) ok() bool {
@@ -136,23 +191,26 @@ func (b *billingCheck) ok() bool {
 
 // measured runs load on site, drains the gateway's settlements, and
 // measures CPU, database operations and billing around it.
+//
+// CPU and the settled throughput stop at the end of the settlement drain
+// (every admitted request's log row written). The database operations,
+// the hold counters and the billing check go on until the gateway holds
+// nothing (waitDrained): with credit leases, the writes that close the
+// leases after they go idle are the phase's too.
 func (h *harness) measured(round int, name, site string, load func() ([]outcome, time.Duration)) (*phase, error) {
 	ctx := context.Background()
-	var before map[string][2]float64
+	var before map[string]userBal
+	var m0 gwMetrics
 	if site == siteGW {
 		var err error
 		if before, err = h.balances(ctx); err != nil {
 			return nil, err
 		}
-	}
-	h.proxy.take()
-	var hold0 histo
-	if site == siteGW {
-		var err error
-		if hold0, err = h.dbWait("hold"); err != nil {
+		if m0, err = h.scrape(); err != nil {
 			return nil, err
 		}
 	}
+	h.proxy.take()
 	s0 := h.snap()
 	outs, wall := load()
 	loadEnd := time.Now()
@@ -166,9 +224,18 @@ func (h *harness) measured(round int, name, site string, load func() ([]outcome,
 		h.waitSettled(admitted)
 	}
 	s1 := h.snap()
+	var hs *holdStats
+	var m1 gwMetrics
+	if site == siteGW {
+		var err error
+		if hs, m1, err = h.waitDrained(); err != nil {
+			return nil, err
+		}
+	}
 	ops := h.proxy.take()
 
-	p := &phase{Round: round, Name: name, Site: site, loadStats: stats(outs, wall)}
+	p := &phase{Round: round, Name: name, Site: site, Users: len(h.users), CreditLease: onOffText(h.cfg.CreditLease),
+		loadStats: stats(outs, wall), LoadAvg: loadAvg(), Holds: hs}
 	drain := s1.at.Sub(loadEnd)
 	if site == siteGW {
 		p.DrainS = drain.Seconds()
@@ -193,17 +260,73 @@ func (h *harness) measured(round int, name, site string, load func() ([]outcome,
 	}
 	p.DB = dbSummary(ops, p.OK)
 	if site == siteGW {
-		hold1, err := h.dbWait("hold")
-		if err != nil {
-			return nil, err
-		}
-		d := hold1.since(hold0)
-		p.DB.Holds, p.DB.HoldP50Ms, p.DB.HoldMeanMs = d.count, d.quantileMs(0.5), d.meanMs()
+		d := m1.hold.since(m0.hold)
+		p.DB.Holds, p.DB.HoldP50Ms, p.DB.HoldMeanMs = d.count, jfloat(d.quantileMs(0.5)), jfloat(d.meanMs())
+		hs.Store = int(m1.holds["store"] - m0.holds["store"])
+		hs.Lease = int(m1.holds["lease"] - m0.holds["lease"])
+		hs.LeasesTaken = int(m1.leases["taken"] - m0.leases["taken"])
+		hs.LeasesClosed = int(m1.leases["closed"] - m0.leases["closed"])
+		var err error
 		if p.Billing, err = h.checkBilling(ctx, outs, before); err != nil {
 			return nil, err
 		}
 	}
 	return p, nil
+}
+
+// waitDrained waits, once the settlements are written, until the gateway
+// holds nothing: its /metrics show no hold outstanding and every credit
+// lease it took closed (an idle lease goes back after 5 s), and no user
+// document has a hold, a lease or a receipt left. Money still held then
+// is not lost: the billing check counts it as held. It returns the
+// gateway's metrics at the end.
+func (h *harness) waitDrained() (*holdStats, gwMetrics, error) {
+	start := time.Now()
+	deadline := start.Add(h.cfg.DrainTimeout)
+	hs := &holdStats{}
+	users := h.db.Collection(seed.UsersCollection)
+	var ids []string
+	for _, u := range h.users {
+		ids = append(ids, u.ID)
+	}
+	open := append(usersFilter(ids), bson.E{Key: "$or", Value: bson.A{
+		bson.D{{Key: mongostore.FieldHeld, Value: bson.D{{Key: "$gt", Value: 0}}}},
+		bson.D{{Key: mongostore.FieldDoneCount, Value: bson.D{{Key: "$gt", Value: 0}}}},
+	}})
+	var m gwMetrics
+	var lastErr error
+	left := int64(-1)
+	for {
+		// A database too busy to answer is not drained yet: retried until
+		// the deadline.
+		mm, err := h.scrape()
+		if err == nil {
+			m = mm
+		} else {
+			lastErr = err
+		}
+		if err == nil && m.outstanding <= 0 && m.leasesOpen() <= 0 {
+			// The gateway thinks it is done: ask the database.
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			n, err := users.CountDocuments(ctx, open)
+			cancel()
+			if err != nil {
+				lastErr = err
+			} else {
+				left = n
+				hs.Drained = n == 0
+			}
+		}
+		if hs.Drained || time.Now().After(deadline) {
+			hs.LeaseDrainS = time.Since(start).Seconds()
+			if !hs.Drained {
+				logf("  still held after %s: %.0f holds outstanding, %.0f leases open (gateway metrics); %d users with a hold, lease or receipt (-1: not read); last error: %v",
+					h.cfg.DrainTimeout, m.outstanding, m.leasesOpen(), left, lastErr)
+			}
+			return hs, m, nil
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 }
 
 // waitSettled waits until the gateway has inserted a request log for
@@ -240,6 +363,30 @@ func (h *harness) waitSettled(admitted int) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	logf("  settlements still running after %s", h.cfg.DrainTimeout)
+}
+
+// perRequest is the phase's request-path database operations per
+// successful request, by command and collection, most frequent first:
+// "update usersNew 1.02, insert request_logs 0.05, ...".
+func (d *dbStats) perRequest(okReqs int) string {
+	if d == nil || len(d.ByCommand) == 0 {
+		return "none"
+	}
+	keys := make([]string, 0, len(d.ByCommand))
+	for k := range d.ByCommand {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		if d.ByCommand[keys[i]] != d.ByCommand[keys[j]] {
+			return d.ByCommand[keys[i]] > d.ByCommand[keys[j]]
+		}
+		return keys[i] < keys[j]
+	})
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s %.3f", k, float64(d.ByCommand[k])/float64(max(okReqs, 1)))
+	}
+	return strings.Join(parts, ", ")
 }
 
 func dbSummary(ops []dbOp, okReqs int) *dbStats {
@@ -283,7 +430,11 @@ func dbSummary(ops []dbOp, okReqs int) *dbStats {
 // matches them with the admitted requests by request id, compares the sum
 // charged with what the users' balances moved, and deletes the logs (so
 // each check reads only its own phase's).
-func (h *harness) checkBilling(ctx context.Context, outs []outcome, before map[string][2]float64) (*billingCheck, error) {
+//
+// Money in open holds and credit leases is unspent: the balances' drop
+// must equal the charges plus what the open holds gained over the phase,
+// and creditsNewUsed must rise by the charges alone.
+func (h *harness) checkBilling(ctx context.Context, outs []outcome, before map[string]userBal) (*billingCheck, error) {
 	b := &billingCheck{}
 	admitted := map[string]int{}
 	for _, o := range outs {
@@ -359,15 +510,22 @@ func (h *harness) checkBilling(ctx context.Context, outs []outcome, before map[s
 	var drop, rise float64
 	for id, a := range after {
 		bf := before[id]
-		drop += bf[0] - a[0]
-		rise += a[1] - bf[1]
+		drop += bf.credits - a.credits
+		rise += a.used - bf.used
+		b.HeldBeforeNano += bf.heldNano
+		b.HeldAfterNano += a.heldNano
+		b.HoldsLeft += a.holds
+		b.LeasesLeft += a.leases
+		b.ReceiptsLeft += a.receipts
 	}
 	b.BalanceNano = int64(math.Round(drop * 1e9))
 	b.UsedNano = int64(math.Round(rise * 1e9))
 	// Balances are USD doubles: allow the rounding of one double addition
-	// per request (well under a nano-USD each at these magnitudes).
+	// per request (well under a nano-USD each at these magnitudes), and of
+	// a few more per lease (taken, flushed, given back).
 	tol := int64(b.Logged)/100 + 1
-	mism := max(abs64(b.BalanceNano-b.ChargedNano), abs64(b.UsedNano-b.ChargedNano))
+	spent := b.BalanceNano - (b.HeldAfterNano - b.HeldBeforeNano)
+	mism := max(abs64(spent-b.ChargedNano), abs64(b.UsedNano-b.ChargedNano))
 	if mism > tol {
 		b.ChargeMismatchN = mism
 	}
@@ -534,6 +692,7 @@ func (h *harness) runAll() error {
 		if p.Failed > 0 {
 			logf("           first failure: %s", p.FirstError)
 		}
+		logPhaseDB(p)
 		return nil
 	}
 	warm := func(round int) error {
@@ -665,6 +824,19 @@ func (h *harness) measureRoundTrips() error {
 	return nil
 }
 
+// logPhaseDB logs a gateway phase's database round trips per request, by
+// command, and how its holds were served.
+func logPhaseDB(p *phase) {
+	if p.Site != siteGW || p.DB == nil || p.OK == 0 {
+		return
+	}
+	logf("           db %.2f rt/req (reads %.2f, writes %.2f): %s", p.DB.OpsPerReq, p.DB.ReadsPerReq, p.DB.WritesPerReq, p.DB.perRequest(p.OK))
+	if hs := p.Holds; hs != nil {
+		logf("           holds: store %d, lease %d; leases taken %d, closed %d; held nothing %.1f s after the settlements%s; load avg %.2f",
+			hs.Store, hs.Lease, hs.LeasesTaken, hs.LeasesClosed, hs.LeaseDrainS, map[bool]string{true: "", false: " (NOT DRAINED)"}[hs.Drained], p.LoadAvg[0])
+	}
+}
+
 func billingNote(p *phase) string {
 	if p.Billing == nil {
 		return ""
@@ -673,6 +845,9 @@ func billingNote(p *phase) string {
 	s := fmt.Sprintf("  billed %d/%d", b.Matched, b.Admitted)
 	if !b.ok() || b.Unexpected > 0 {
 		s += fmt.Sprintf(" LOST %d DUP %d unexpected %d mismatch %d nUSD charge-errors %d", b.Lost, b.Duplicates, b.Unexpected, b.ChargeMismatchN, b.ChargeErrors)
+	}
+	if b.HoldsLeft+b.LeasesLeft > 0 {
+		s += fmt.Sprintf(" (still held: %d holds, %d leases, %.6f USD)", b.HoldsLeft, b.LeasesLeft, float64(b.HeldAfterNano)/1e9)
 	}
 	return s
 }

@@ -263,3 +263,14 @@ func findExecutable(name string, globs ...string) string {
 	}
 	return ""
 }
+
+// loadAvg is the machine's load average over 1, 5 and 15 minutes
+// (/proc/loadavg); zeros when it cannot be read.
+func loadAvg() [3]float64 {
+	var l [3]float64
+	f := strings.Fields(readTrim("/proc/loadavg"))
+	for i := 0; i < 3 && i < len(f); i++ {
+		l[i], _ = strconv.ParseFloat(f[i], 64)
+	}
+	return l
+}

@@ -8,7 +8,6 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
-	"sort"
 	"strings"
 )
 
@@ -183,6 +182,22 @@ func (r *results) summarize() {
 	gwOnly("  of which reads / writes", "ops", 2, phSat, func(p *phase) float64 { return p.DB.ReadsPerReq })
 	rows[len(rows)-1].Text[1] = fmt.Sprintf("%.2f / %.2f", r.pick(phSat, siteGW, func(p *phase) float64 { return p.DB.ReadsPerReq }),
 		r.pick(phSat, siteGW, func(p *phase) float64 { return p.DB.WritesPerReq }))
+	holdText := func(name string) string {
+		st := r.pick(name, siteGW, func(p *phase) float64 { return holdsOf(p).store })
+		ls := r.pick(name, siteGW, func(p *phase) float64 { return holdsOf(p).lease })
+		return fmt.Sprintf("%.0f / %.0f", st, ls)
+	}
+	rows = append(rows,
+		row{Figure: "holds at non-stream saturation: a database write each (store) / carved from a credit lease (lease)", Unit: "holds",
+			Text: [2]string{"–", holdText(phSat)}},
+		row{Figure: "credit leases taken / closed during non-stream saturation and its drain", Unit: "leases",
+			Text: [2]string{"–", fmt.Sprintf("%.0f / %.0f", r.pick(phSat, siteGW, func(p *phase) float64 { return holdsOf(p).taken }),
+				r.pick(phSat, siteGW, func(p *phase) float64 { return holdsOf(p).closed }))}},
+		row{Figure: "after the settlement drain, time until the gateway held nothing (no hold, lease or receipt left)", Unit: "s",
+			Gateway: fp(r.pick(phSat, siteGW, func(p *phase) float64 { return holdsOf(p).drainS })), digits: 1},
+	)
+	both("machine load average (1 min) at the end of non-stream saturation", "", 2, phSat, func(p *phase) float64 { return p.LoadAvg[0] })
+	rows[len(rows)-1].Ratio, rows[len(rows)-1].Delta = nil, nil
 	gwOnly(fmt.Sprintf("database round trips per %d-event stream under load", c.SSEEvents), "ops", 2, phSSESat, func(p *phase) float64 { return p.DB.OpsPerReq })
 	gwOnly("database round trips per friend-key request under load (request path)", "ops", 2, phFriend, func(p *phase) float64 { return p.DB.OpsPerReq })
 	for _, pr := range r.Probes {
@@ -200,14 +215,22 @@ func (r *results) summarize() {
 	// The hold as the gateway waited for it (driver and proxy hop in), and
 	// what the added latency is beyond it: the targets' "+ 0.5 ms".
 	holdRows := func(label, ph string, added func(*phase) float64) {
-		p50 := r.pick(ph, siteGW, func(p *phase) float64 { return p.DB.HoldP50Ms })
-		mean := r.pick(ph, siteGW, func(p *phase) float64 { return p.DB.HoldMeanMs })
+		p50 := r.pick(ph, siteGW, func(p *phase) float64 { return float64(p.DB.HoldP50Ms) })
+		mean := r.pick(ph, siteGW, func(p *phase) float64 { return float64(p.DB.HoldMeanMs) })
 		if math.IsNaN(p50) {
+			return
+		}
+		pl, gw := r.pick(ph, sitePlain, added), r.pick(ph, siteGW, added)
+		if c.CreditLease {
+			// Most holds are carved from a lease: most requests wait for
+			// no round trip, and the histogram has only the others.
+			rows = append(rows, row{Figure: "the holds written to the database (not carved from a lease) as the gateway waited for them, p50 / mean, " + label, Unit: "ms",
+				Text: [2]string{"–", fmt.Sprintf("%.2f / %.2f", p50, mean)}})
+			rows = append(rows, row{Figure: "added p50, gateway − plain (credit leases: most requests wait for no hold), " + label, Unit: "ms", Gateway: fp(gw - pl), digits: 2})
 			return
 		}
 		rows = append(rows, row{Figure: "the hold as the gateway waited for it (its /metrics), p50 / mean, " + label, Unit: "ms",
 			Text: [2]string{"–", fmt.Sprintf("%.2f / %.2f", p50, mean)}})
-		pl, gw := r.pick(ph, sitePlain, added), r.pick(ph, siteGW, added)
 		rows = append(rows, row{Figure: "added p50 beyond that hold p50 (target ≤ 0.5), " + label, Unit: "ms", Gateway: fp(gw - pl - p50), digits: 2})
 	}
 	holdRows(fmt.Sprintf("SSE first byte at %d streams/s", c.SSERate), phSSETTFB, func(p *phase) float64 { return p.TTFBP50Ms })
@@ -273,9 +296,22 @@ func (r *results) summarize() {
 		row{Figure: "failed requests, all phases (non-2xx, transport error or cut answer)", Unit: "requests", Text: [2]string{fmt.Sprint(failed[sitePlain]), fmt.Sprint(failed[siteGW])}},
 		row{Figure: "billing: admitted 2xx / request logs written", Unit: "requests", Text: [2]string{"–", fmt.Sprintf("%d / %d", tot.Admitted, tot.Logged)}},
 		row{Figure: "billing: lost / duplicate / logged but not seen admitted", Unit: "requests", Text: [2]string{"–", fmt.Sprintf("%d / %d / %d", tot.Lost, tot.Duplicates, tot.Unexpected)}},
-		row{Figure: "billing: balance moved ≠ sum charged in logs; charge errors", Unit: "nano-USD; logs", Text: [2]string{"–", fmt.Sprintf("%d; %d", tot.ChargeMismatchN, tot.ChargeErrors)}},
+		row{Figure: "billing: balance moved ≠ sum charged in logs + money still in holds and leases; charge errors", Unit: "nano-USD; logs", Text: [2]string{"–", fmt.Sprintf("%d; %d", tot.ChargeMismatchN, tot.ChargeErrors)}},
+		row{Figure: "billing: holds / credit leases still open after the drains (their money counted as held, not lost)", Unit: "", Text: [2]string{"–", fmt.Sprintf("%d / %d", tot.HoldsLeft, tot.LeasesLeft)}},
 	)
 	r.Summary = rows
+}
+
+// holdFigures are a phase's holdStats as numbers (NaN without them).
+type holdFigures struct{ store, lease, taken, closed, drainS float64 }
+
+func holdsOf(p *phase) holdFigures {
+	if p.Holds == nil {
+		n := math.NaN()
+		return holdFigures{n, n, n, n, n}
+	}
+	hs := p.Holds
+	return holdFigures{float64(hs.Store), float64(hs.Lease), float64(hs.LeasesTaken), float64(hs.LeasesClosed), hs.LeaseDrainS}
 }
 
 func num(x *float64, digits int) string {
@@ -293,8 +329,8 @@ func (r *results) markdown() string {
 	fmt.Fprintf(&b, "- machine: **%d cores** (nproc), %s, Linux %s\n", m.NumCPU, m.CPUModel, m.Kernel)
 	fmt.Fprintf(&b, "- Caddy %s; harness %s; FerretDB %s (%s backend%s); vegeta %s; mongo-driver %s\n",
 		m.Caddy, m.GoVersion, m.Modules["github.com/FerretDB/FerretDB"], m.DBBackend, pgNote(m), m.Modules["github.com/tsenart/vegeta/v12"], m.Modules["go.mongodb.org/mongo-driver/v2"])
-	fmt.Fprintf(&b, "- checkout %s, %s; %d round(s), medians; saturation %s at concurrency %d, fixed rates %v for %s, SSE %d events, %d users, %d upstream keys (%s)\n\n",
-		m.Commit, m.Date, c.Rounds, c.SatDuration, c.SatConcurrency, c.Rates, c.RateDuration, c.SSEEvents, c.Users, c.UpstreamKeys, keySource(c))
+	fmt.Fprintf(&b, "- checkout %s, %s; %d round(s), medians; saturation %s at concurrency %d, fixed rates %v for %s, SSE %d events, %d users, %d upstream keys (%s), credit_lease %s\n\n",
+		m.Commit, m.Date, c.Rounds, c.SatDuration, c.SatConcurrency, c.Rates, c.RateDuration, c.SSEEvents, c.Users, c.UpstreamKeys, keySource(c), onOffText(c.CreditLease))
 	fmt.Fprintf(&b, "| figure | unit | plain Caddy | gateway | gateway / plain | gateway − plain |\n|---|---|---:|---:|---:|---:|\n")
 	for _, rw := range r.Summary {
 		pl, gw := num(rw.Plain, rw.digits), num(rw.Gateway, rw.digits)
@@ -326,16 +362,7 @@ func (r *results) markdown() string {
 	// The gateway's operations by command under load (first round).
 	for _, p := range r.Phases {
 		if p.Name == phSat && p.Site == siteGW && p.Round == 1 && p.DB != nil {
-			keys := make([]string, 0, len(p.DB.ByCommand))
-			for k := range p.DB.ByCommand {
-				keys = append(keys, k)
-			}
-			sort.Slice(keys, func(i, j int) bool { return p.DB.ByCommand[keys[i]] > p.DB.ByCommand[keys[j]] })
-			var parts []string
-			for _, k := range keys {
-				parts = append(parts, fmt.Sprintf("%s %.2f", k, float64(p.DB.ByCommand[k])/float64(max(p.OK, 1))))
-			}
-			fmt.Fprintf(&b, "\n- database operations per non-stream request at saturation (round 1): %s", strings.Join(parts, ", "))
+			fmt.Fprintf(&b, "\n- database operations per non-stream request at saturation and its drains (round 1): %s", p.DB.perRequest(p.OK))
 			t := p.WallS + p.DrainS
 			fmt.Fprintf(&b, "\n- during the non-stream saturation phase and its drain (round 1), the database processes used %.0f%% of one core (FerretDB %.0f%%%s), Caddy %.0f%%, the upstream %.0f%%, the harness %.0f%%",
 				100*p.CPU["database"]/t, 100*p.CPU["ferretdb"]/t, pgShare(m, p.CPU["postgres"]/t), 100*p.CPU["caddy"]/t, 100*p.CPU["upstream"]/t, 100*p.CPU["harness"]/t)
@@ -364,6 +391,13 @@ func pgNote(m *meta) string {
 		return ""
 	}
 	return ", " + m.PostgreSQL
+}
+
+func onOffText(on bool) string {
+	if on {
+		return "on"
+	}
+	return "off"
 }
 
 func keySource(c config) string {

@@ -4,6 +4,11 @@
 #   ./scripts/bench.sh                     end to end, gateway vs plain Caddy: about 10 minutes on 2 cores
 #   ./scripts/bench.sh --quick             the same as a smoke run (about a minute and a half)
 #   ./scripts/bench.sh --rounds 5 ...      any flag of the harness (./bench/.build/bench run -h lists them)
+#   ./scripts/bench.sh --credit-lease ...  the same with `credit_lease on` in the gateway's Caddyfile
+#   ./scripts/bench.sh sweep [flags]       non-stream saturation for users 1, 32, 1000, 10000 × credit_lease
+#                                          off/on, gateway and plain Caddy side by side, one table
+#                                          (half an hour or more on 2 cores: the 10000-user cells settle
+#                                          10000 warm-up holds each; --sweep-users, --sweep-leases, --sat-duration)
 #   ./scripts/bench.sh go [BASELINE.txt]   the Go micro-benchmarks of billing/ and caddymodule/,
 #                                          compared with BASELINE.txt by benchstat when given
 #
@@ -17,6 +22,8 @@
 #   CADDY_BIN=/path/to/caddy   use this Caddy (with llm_billing) instead of building one
 #   SKIP_CADDY_BUILD=1         reuse bench/.build/caddy from an earlier run
 #   BENCH_<FLAG>=value         any harness flag, e.g. BENCH_ROUNDS=5 BENCH_SAT_DURATION=10s
+#   BENCH_CREDIT_LEASE=on      the gateway with `credit_lease on` (the same as --credit-lease)
+#   BENCH_USERS=N              the gateway's requests spread over N seeded users (default 32)
 #   GO_BENCH_COUNT=6           -count of the Go micro-benchmarks
 #   GO_BENCH_TIME=1s           -benchtime of the Go micro-benchmarks
 set -euo pipefail
@@ -56,6 +63,12 @@ if [ "${1:-}" = go ]; then
 	exit 0
 fi
 
+mode=run
+if [ "${1:-}" = sweep ]; then
+	shift
+	mode=sweep
+fi
+
 # PostgreSQL for FerretDB's PostgreSQL backend, unless SQLite was asked for.
 want_pg=1
 case " ${BENCH_DB:-} $* " in
@@ -79,4 +92,7 @@ if [ -z "$caddy" ]; then
 	fi
 fi
 
+if [ "$mode" = sweep ]; then
+	exec "$root/bench/.build/bench" run -sweep -caddy "$caddy" -repo "$root" -out "$results/sweep-$stamp.json" "$@"
+fi
 exec "$root/bench/.build/bench" run -caddy "$caddy" -repo "$root" -out "$results/bench-$stamp.json" "$@"
