@@ -63,6 +63,17 @@ type LeaseFlush struct {
 	Clear []string
 }
 
+// RequestIDs lists every request id f names: the lease's, the receipts it
+// clears, and its settlements', for a store to check that each can key a
+// hold or a receipt.
+func (f LeaseFlush) RequestIDs() []string {
+	ids := append([]string{f.Lease.RequestID}, f.Clear...)
+	for _, st := range f.Settles {
+		ids = append(ids, st.Hold.RequestID)
+	}
+	return ids
+}
+
 // LeaseLedger is what credit leases need from a store beyond a Ledger.
 //
 // Its Ledger's Settle also settles a hold served from a lease (Hold.Lease

@@ -42,11 +42,7 @@ func (s *Store) FlushLease(ctx context.Context, f billing.LeaseFlush) (billing.H
 
 // flushIDs checks that every request id of f can key a hold or receipt.
 func flushIDs(f billing.LeaseFlush) error {
-	ids := append([]string{f.Lease.RequestID}, f.Clear...)
-	for _, st := range f.Settles {
-		ids = append(ids, st.Hold.RequestID)
-	}
-	for _, id := range ids {
+	for _, id := range f.RequestIDs() {
 		if err := validRequestID(id); err != nil {
 			return err
 		}
