@@ -59,7 +59,7 @@ type LeaseFlush struct {
 	// back to the pool.
 	Close bool
 	// Clear names receipts of the same user whose log rows are written,
-	// dropped by the same write (as HoldRequest.Clear).
+	// dropped by the same write (as HoldRequest.Clear). At most MaxClear.
 	Clear []string
 }
 

@@ -31,7 +31,7 @@ type FlushPlan struct {
 // not a flush of one lease: a settlement served from another lease or
 // plan, a cost outside its hold, a lease too small for what its
 // settlements keep, a Keep above what is left, or a request named twice
-// (in Settles and Clear together).
+// (in Settles and Clear together), or more than MaxClear receipts to drop.
 func PlanFlush(f LeaseFlush, now time.Time) (FlushPlan, error) {
 	l := f.Lease
 	fields := l.Plan.Fields()
@@ -40,6 +40,9 @@ func PlanFlush(f LeaseFlush, now time.Time) (FlushPlan, error) {
 	}
 	if err := flushNamesOnce(f); err != nil {
 		return FlushPlan{}, err
+	}
+	if err := CheckClear(f.Clear); err != nil {
+		return FlushPlan{}, fmt.Errorf("flushing %s: %w", l.RequestID, err)
 	}
 	left := slices.Clone(l.Taken)
 	p := FlushPlan{Receipts: make([]Receipt, len(f.Settles))}

@@ -59,8 +59,22 @@ type HoldRequest struct {
 	// Clear names receipts of the same user whose log rows are written:
 	// the hold's update drops them too, saving a write of its own. They
 	// must exist (see Ledger.ClearReceipts); when Reserve fails they are
-	// not dropped.
+	// not dropped. At most MaxClear.
 	Clear []string
+}
+
+// MaxClear is the most receipts one hold or lease flush drops with its
+// own write (HoldRequest.Clear, LeaseFlush.Clear): each one is a field of
+// the write's filter and update, and a write naming thousands is slow
+// enough to time out. Ledger.ClearReceipts takes any number.
+const MaxClear = 256
+
+// CheckClear refuses a Clear list longer than MaxClear.
+func CheckClear(ids []string) error {
+	if len(ids) > MaxClear {
+		return fmt.Errorf("a write may drop at most %d receipts, got %d", MaxClear, len(ids))
+	}
+	return nil
 }
 
 // Hold is credit reserved for one request.

@@ -70,6 +70,9 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 	if err := validRequestID(req.RequestID); err != nil {
 		return billing.Hold{}, err
 	}
+	if err := billing.CheckClear(req.Clear); err != nil {
+		return billing.Hold{}, fmt.Errorf("taking a hold: %w", err)
+	}
 	fields := req.Plan.Fields()
 	if len(fields) == 0 {
 		return billing.Hold{}, errors.New("hold without a credit plan")
@@ -523,12 +526,22 @@ func (s *Store) readReceipt(ctx context.Context, user, rid string) (billing.Rece
 }
 
 // ClearReceipts drops the receipts of requests whose log rows are written,
-// keeping the receipt count exact: one conditional update for one receipt,
-// a read of which still exist then one update for several.
+// keeping the receipt count exact, billing.MaxClear at a time: one
+// conditional update for one receipt, a read of which still exist then one
+// update for several.
 func (s *Store) ClearReceipts(ctx context.Context, user string, requestIDs []string) error {
-	if len(requestIDs) == 0 {
-		return nil
+	for len(requestIDs) > 0 {
+		n := min(len(requestIDs), billing.MaxClear)
+		if err := s.clearLocked(ctx, user, requestIDs[:n]); err != nil {
+			return err
+		}
+		requestIDs = requestIDs[n:]
 	}
+	return nil
+}
+
+// clearLocked is clearReceipts under the user's lock.
+func (s *Store) clearLocked(ctx context.Context, user string, requestIDs []string) error {
 	unlock, err := s.lockUser(ctx, user)
 	if err != nil {
 		return err
@@ -537,7 +550,8 @@ func (s *Store) ClearReceipts(ctx context.Context, user string, requestIDs []str
 	return s.clearReceipts(ctx, user, requestIDs)
 }
 
-// clearReceipts is ClearReceipts under the user's lock.
+// clearReceipts drops at most billing.MaxClear receipts under the user's
+// lock.
 func (s *Store) clearReceipts(ctx context.Context, user string, requestIDs []string) error {
 	users := s.db.Collection(CollUsers)
 	if len(requestIDs) == 1 {

@@ -1,6 +1,7 @@
 package ledgertest
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -287,6 +288,37 @@ var leaseCases = []confTest{
 		assert.ErrorIs(t, err, billing.ErrNoHold)
 		c.flush(billing.LeaseFlush{Lease: c.leaseNow(c.leaseReq(u, planNew, 1, 0)), Close: true})
 		assert.Equal(t, usd(0.9), c.balances(u).CreditsNew)
+		c.check()
+	}},
+	{"Lease/a write drops at most MaxClear receipts, ClearReceipts any number", func(t *testing.T, c *confCase) {
+		u := c.user("u", billing.Balances{CreditsNew: usd(2)})
+		lease := c.reserve(c.leaseReq(u, planNew, 1, usd(1)))
+		var settles []billing.SettleRequest
+		var ids []string
+		for i := range billing.MaxClear + 44 {
+			h := c.carve(fmt.Sprintf("r%d", i), lease, usd(0.001))
+			settles = append(settles, settleBy(h, usd(0.001)))
+			ids = append(ids, h.RequestID)
+		}
+		lease, rcs := c.flush(billing.LeaseFlush{Lease: lease, Settles: settles})
+		rows := make([]billing.RequestLog, len(rcs))
+		for i, rc := range rcs {
+			rows[i] = billing.RequestLog{ID: rc.LogID, UserID: u, RequestID: rc.RequestID, CreatedAt: c.now,
+				CostNano: int64(rc.Cost), ChargedNano: int64(rc.Charged), TakenNano: rc.TakenByField()}
+		}
+		require.NoError(t, c.s.InsertRequestLogs(c.ctx, rows))
+		_, _, err := c.s.FlushLease(c.ctx, billing.LeaseFlush{Lease: lease, Clear: ids[:billing.MaxClear+1]})
+		assert.Error(t, err, "a flush naming more than MaxClear receipts")
+		req := c.req("big", u, planNew, usd(0.1), 0)
+		req.Clear = ids[:billing.MaxClear+1]
+		_, err = c.s.Reserve(c.ctx, req)
+		assert.Error(t, err, "a hold naming more than MaxClear receipts")
+		lease, _ = c.flush(billing.LeaseFlush{Lease: lease, Clear: ids[:billing.MaxClear]})
+		require.NoError(t, c.s.ClearReceipts(c.ctx, u, append(ids, c.id("unknown"))))
+		got := c.orphans(billing.OrphanQuery{Now: c.now.Add(time.Hour), Skip: map[string]bool{lease.RequestID: true}})
+		assert.Empty(t, got, "every receipt dropped")
+		c.flush(billing.LeaseFlush{Lease: lease, Close: true})
+		assert.Equal(t, usd(2)-usd(0.001)*billing.Nano(len(ids)), c.balances(u).CreditsNew)
 		c.check()
 	}},
 	{"Lease/Settle and SettleMany refuse a lease, SettleMany a carved hold", func(t *testing.T, c *confCase) {

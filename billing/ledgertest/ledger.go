@@ -26,6 +26,9 @@ func (s *Store) Reserve(ctx context.Context, req billing.HoldRequest) (billing.H
 	if req.Plan.IsZero() {
 		return billing.Hold{}, errNoPlan
 	}
+	if err := billing.CheckClear(req.Clear); err != nil {
+		return billing.Hold{}, fmt.Errorf("taking a hold: %w", err)
+	}
 	f, err := s.enter(ctx, OpReserve)
 	if err != nil {
 		return billing.Hold{}, fmt.Errorf("taking a hold: %w", err)
