@@ -3,6 +3,7 @@ package lease
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -75,8 +76,8 @@ func (l *Ledger) write(ctx context.Context, ls *lease, settles []billing.SettleR
 		l.mu.Unlock()
 		return nil, billing.ErrLeaseMoved
 	}
-	f := billing.LeaseFlush{Lease: ls.hold, Settles: settles, Clear: ls.clears}
-	ls.clears = nil
+	f := billing.LeaseFlush{Lease: ls.hold, Settles: settles}
+	f.Clear, ls.clears = takeClears(ls.clears)
 	if close || ls.retired {
 		if len(ls.carved) == len(settles) {
 			f.Close = true
@@ -86,6 +87,15 @@ func (l *Ledger) write(ctx context.Context, ls *lease, settles []billing.SettleR
 	}
 	l.mu.Unlock()
 	return l.send(ctx, ls, &pendingOp{flush: &f})
+}
+
+// takeClears splits ids into the receipts one write drops (at most
+// billing.MaxClear) and those left for the next.
+func takeClears(ids []string) (now, rest []string) {
+	if len(ids) <= billing.MaxClear {
+		return ids, nil
+	}
+	return ids[:billing.MaxClear:billing.MaxClear], slices.Clone(ids[billing.MaxClear:])
 }
 
 // keepFor is what ls must keep after settles are charged: what its other

@@ -372,3 +372,38 @@ func (s *slowLeases) Reserve(ctx context.Context, req billing.HoldRequest) (bill
 	}
 	return s.LeaseLedger.Reserve(ctx, req)
 }
+
+// The receipts a lease's carved holds name for dropping go out with its
+// flushes at most billing.MaxClear at a time: more would be refused.
+func TestFlushDropsAtMostMaxClear(t *testing.T) {
+	f := newFixture(t, usd(100))
+	l := f.ledger("i1/a", f.store)
+	ctx := context.Background()
+	var holds []billing.Hold
+	for len(holds) < 3 {
+		now := f.clock()
+		req := billing.HoldRequest{
+			RequestID: fmt.Sprintf("req-%d", seq.Add(1)), User: "alice", Plan: plan, Want: usd(0.01), Min: usd(0.001),
+			Owner: "test", At: now, Expires: now.Add(15 * time.Minute), LogID: billing.NewLogID(now),
+		}
+		for i := range 100 {
+			req.Clear = append(req.Clear, fmt.Sprintf("%s-gone-%d", req.RequestID, i))
+		}
+		h, err := l.Reserve(ctx, req)
+		require.NoError(t, err)
+		if h.Lease != "" {
+			holds = append(holds, h)
+			continue
+		}
+		_, err = l.SettleMany(ctx, []billing.SettleRequest{settleReq(h, 0)})
+		require.NoError(t, err)
+	}
+	before := f.count(ledgertest.OpFlushLease)
+	for _, h := range holds {
+		_, err := l.SettleMany(ctx, []billing.SettleRequest{settleReq(h, usd(0.004))})
+		require.NoError(t, err, "a flush carries at most MaxClear receipts")
+	}
+	assert.Equal(t, int64(3), f.count(ledgertest.OpFlushLease)-before)
+	u := f.check()
+	assert.Equal(t, usd(0.004)*3, u.Charged[billing.FieldCreditsNew])
+}

@@ -62,13 +62,19 @@ func (c *receiptClears) put(user string, ids []string, now time.Time, exact bool
 	uc.exact = uc.exact || exact
 }
 
-// take removes and returns the user's receipts to drop.
+// take removes and returns up to billing.MaxClear of the user's receipts
+// to drop.
 func (c *receiptClears) take(user string) []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	uc := c.m[user]
 	if uc == nil || uc.exact {
 		return nil
+	}
+	if len(uc.ids) > billing.MaxClear {
+		ids := uc.ids[:billing.MaxClear:billing.MaxClear]
+		uc.ids = slices.Clone(uc.ids[billing.MaxClear:])
+		return ids
 	}
 	delete(c.m, user)
 	return uc.ids
@@ -88,8 +94,9 @@ func (c *receiptClears) due(now time.Time, all bool) map[string]*userClears {
 	return out
 }
 
-// TakeReceipts removes and returns the user's receipts whose log rows are
-// written, for the user's next hold to drop (billing.HoldRequest.Clear).
+// TakeReceipts removes and returns up to billing.MaxClear of the user's
+// receipts whose log rows are written, for the user's next hold to drop
+// (billing.HoldRequest.Clear).
 // When that hold fails, ReturnReceipts puts them back.
 func (st *Settler) TakeReceipts(user string) []string { return st.clears.take(user) }
 
