@@ -13,6 +13,12 @@ import (
 	"github.com/trollllm/caddy-llm-billing/billing"
 )
 
+// clearsPerHold is the most receipts one hold takes along: a hold is on
+// the request path, and its write grows with every receipt it names. A
+// lease's flush gathers those of the holds carved from it, up to
+// billing.MaxClear; what is left is dropped by FlushClears.
+const clearsPerHold = 16
+
 // clearDelay is how long a receipt whose log row is written waits for the
 // user's next hold to drop it before it is dropped on its own.
 const clearDelay = time.Second
@@ -62,8 +68,8 @@ func (c *receiptClears) put(user string, ids []string, now time.Time, exact bool
 	uc.exact = uc.exact || exact
 }
 
-// take removes and returns up to billing.MaxClear of the user's receipts
-// to drop.
+// take removes and returns up to clearsPerHold of the user's receipts to
+// drop.
 func (c *receiptClears) take(user string) []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -71,9 +77,9 @@ func (c *receiptClears) take(user string) []string {
 	if uc == nil || uc.exact {
 		return nil
 	}
-	if len(uc.ids) > billing.MaxClear {
-		ids := uc.ids[:billing.MaxClear:billing.MaxClear]
-		uc.ids = slices.Clone(uc.ids[billing.MaxClear:])
+	if len(uc.ids) > clearsPerHold {
+		ids := uc.ids[:clearsPerHold:clearsPerHold]
+		uc.ids = slices.Clone(uc.ids[clearsPerHold:])
 		return ids
 	}
 	delete(c.m, user)
@@ -94,7 +100,7 @@ func (c *receiptClears) due(now time.Time, all bool) map[string]*userClears {
 	return out
 }
 
-// TakeReceipts removes and returns up to billing.MaxClear of the user's
+// TakeReceipts removes and returns up to clearsPerHold of the user's
 // receipts whose log rows are written, for the user's next hold to drop
 // (billing.HoldRequest.Clear).
 // When that hold fails, ReturnReceipts puts them back.
