@@ -49,6 +49,13 @@ type Config struct {
 	HotRate float64
 	// Observer is told what the leases do; nil: nothing is.
 	Observer Observer
+	// TakeWait is how long a hold that finds no room waits for a lease
+	// being taken for its user before it takes a hold of its own. A lease
+	// comes in about the time a hold's write takes, so waiting costs the
+	// hold little and spares the database a write per request while it
+	// comes (at a cold start, every request of a busy user). Default
+	// 50ms; negative: never wait.
+	TakeWait time.Duration
 	// Go runs a lease's taking off the request path; nil: a goroutine.
 	// A simulation runs it in place, so that a seed replays exactly.
 	Go func(func())
@@ -74,10 +81,11 @@ func (nopObserver) Closed(billing.Hold) {}
 
 // Defaults of Config.
 const (
-	DefaultSpan    = 5 * time.Second
-	DefaultIdle    = 5 * time.Second
-	DefaultMaxAge  = 30 * time.Second
-	DefaultHotRate = 2.0
+	DefaultSpan     = 5 * time.Second
+	DefaultIdle     = 5 * time.Second
+	DefaultMaxAge   = 30 * time.Second
+	DefaultHotRate  = 2.0
+	DefaultTakeWait = 50 * time.Millisecond
 )
 
 // maxShare: a lease takes at most 1/maxShare of the pool.
@@ -124,6 +132,9 @@ func New(cfg Config) *Ledger {
 	if cfg.HotRate <= 0 {
 		cfg.HotRate = DefaultHotRate
 	}
+	if cfg.TakeWait == 0 {
+		cfg.TakeWait = DefaultTakeWait
+	}
 	if cfg.Observer == nil {
 		cfg.Observer = nopObserver{}
 	}
@@ -146,13 +157,16 @@ type user struct {
 	span    time.Duration // how long the user's last hold was to live
 	current *lease        // the lease holds are carved from; nil: none
 	retired []*lease      // leases no longer carved from, closed once their holds are settled
-	taking  bool          // a lease is being taken
+	// taking is non-nil while a lease is being taken for the user, and
+	// closed when it is there or is not to be.
+	taking  chan struct{}
 	noLease time.Time
 }
 
 // Reserve carves the hold from the user's lease when it has room for
 // req.Want; otherwise the hold is the store's, and a busy user gets a
-// lease taken off the request path for the holds that follow.
+// lease taken off the request path for the holds that follow. A hold that
+// finds a lease being taken waits for it up to Config.TakeWait.
 func (l *Ledger) Reserve(ctx context.Context, req billing.HoldRequest) (billing.Hold, error) {
 	if billing.IsLease(req.RequestID) {
 		return billing.Hold{}, errors.New("a request id cannot name a credit lease")
@@ -167,9 +181,42 @@ func (l *Ledger) Reserve(ctx context.Context, req billing.HoldRequest) (billing.
 		return h, nil
 	}
 	take := l.renew(u, now)
+	taking := u.taking
 	l.mu.Unlock()
 	take()
+	if h, ok := l.awaitLease(ctx, u, taking, req); ok {
+		return h, nil
+	}
 	return l.LeaseLedger.Reserve(ctx, req)
+}
+
+// awaitLease waits up to Config.TakeWait for the lease being taken for u
+// (taking closed), then carves req from it if it has room.
+func (l *Ledger) awaitLease(ctx context.Context, u *user, taking chan struct{}, req billing.HoldRequest) (billing.Hold, bool) {
+	if taking == nil || l.cfg.TakeWait < 0 {
+		return billing.Hold{}, false
+	}
+	t := time.NewTimer(l.cfg.TakeWait)
+	defer t.Stop()
+	select {
+	case <-taking:
+	case <-t.C:
+		return billing.Hold{}, false
+	case <-ctx.Done():
+		return billing.Hold{}, false
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.carve(u, req, l.now())
+}
+
+// tookLease ends the taking of a lease for u and wakes the holds waiting
+// for it. The caller holds l.mu.
+func tookLease(u *user) {
+	if u.taking != nil {
+		close(u.taking)
+		u.taking = nil
+	}
 }
 
 // userOf is the state of a user's holds on one credit plan: a user billed
@@ -215,14 +262,14 @@ func (l *Ledger) carve(u *user, req billing.HoldRequest, now time.Time) (billing
 // renew starts taking a lease for u, the next one when u has one, if u is
 // busy and no lease is being taken; the returned func, called once the
 // caller let go of Ledger.mu, starts it (it is a no-op otherwise). The new
-// lease replaces the current one when it comes: holds never wait for it.
-// The caller holds Ledger.mu.
+// lease replaces the current one when it comes; only a hold the current
+// one has no room for waits for it (Reserve). The caller holds Ledger.mu.
 func (l *Ledger) renew(u *user, now time.Time) func() {
-	if l.closed || u.taking || !now.After(u.noLease) || u.rate.perSecond(now) < l.cfg.HotRate || u.want <= 0 {
+	if l.closed || u.taking != nil || !now.After(u.noLease) || u.rate.perSecond(now) < l.cfg.HotRate || u.want <= 0 {
 		return func() {}
 	}
 	size := max(l.size(u, now), 2*outstanding(u.current))
-	u.taking = true
+	u.taking = make(chan struct{})
 	l.takes.Add(1)
 	return func() { l.cfg.Go(func() { l.take(u, size) }) }
 }
@@ -247,7 +294,8 @@ func (l *Ledger) take(u *user, size billing.Nano) {
 	}
 	if size < minHolds*want {
 		l.mu.Lock()
-		u.noLease, u.taking = now.Add(retryLeaseAfter), false
+		u.noLease = now.Add(retryLeaseAfter)
+		tookLease(u)
 		l.mu.Unlock()
 		return
 	}
@@ -257,8 +305,8 @@ func (l *Ledger) take(u *user, size billing.Nano) {
 	}
 	h, err := l.LeaseLedger.Reserve(ctx, lr)
 	l.mu.Lock()
-	u.taking = false
 	if err != nil {
+		tookLease(u)
 		u.noLease = now.Add(retryLeaseAfter)
 		if !refused(err) {
 			// The lease may have been taken before the answer was lost:
@@ -272,6 +320,7 @@ func (l *Ledger) take(u *user, size billing.Nano) {
 	}
 	old := l.retireCurrent(u)
 	u.current = newLease(h, now)
+	tookLease(u)
 	l.cfg.Observer.Taken(h)
 	l.mu.Unlock()
 	l.shrink(ctx, old)

@@ -335,12 +335,12 @@ func TestSteadyUserCostsAboutOneWritePerBatch(t *testing.T) {
 }
 
 // A lease is taken off the request path: while the store is slow to give
-// it, the user's holds are its own and none waits for it; once it is
-// there, holds are carved from it.
-func TestHoldsNeverWaitForALease(t *testing.T) {
+// it, a hold waits for it at most TakeWait and is then its own; once it
+// is there, holds are carved from it.
+func TestHoldsWaitAtMostTakeWait(t *testing.T) {
 	f := newFixture(t, usd(100))
 	slow := &slowLeases{LeaseLedger: f.store, gate: make(chan struct{})}
-	l := lease.New(lease.Config{Store: slow, Owner: "i1/a", Now: f.clock})
+	l := lease.New(lease.Config{Store: slow, Owner: "i1/a", Now: f.clock, TakeWait: 5 * time.Millisecond})
 	for i := 0; i < 20; i++ {
 		h, err := f.hold(l, usd(0.01))
 		require.NoError(t, err)
@@ -354,6 +354,46 @@ func TestHoldsNeverWaitForALease(t *testing.T) {
 		return err == nil && h.Lease != ""
 	}, 5*time.Second, time.Millisecond)
 	assert.Equal(t, int32(1), slow.waiting.Load())
+	l.Close(context.Background())
+	f.check()
+}
+
+// A hold that finds a lease being taken for its user waits for it and is
+// carved from it, instead of costing the store a write while the lease
+// comes.
+func TestHoldsWaitForALeaseBeingTaken(t *testing.T) {
+	f := newFixture(t, usd(100))
+	slow := &slowLeases{LeaseLedger: f.store, gate: make(chan struct{})}
+	l := lease.New(lease.Config{Store: slow, Owner: "i1/a", Now: f.clock, TakeWait: time.Minute})
+	got := make(chan billing.Hold, 100)
+	errs := make(chan error, 1)
+	go func() {
+		defer close(got)
+		for range 100 {
+			h, err := f.hold(l, usd(0.01))
+			if err != nil {
+				errs <- err
+				return
+			}
+			got <- h
+			if h.Lease != "" {
+				return
+			}
+		}
+	}()
+	require.Eventually(t, func() bool { return slow.waiting.Load() == 1 }, 5*time.Second, time.Millisecond)
+	before := len(got)
+	close(slow.gate)
+	var holds []billing.Hold
+	for h := range got {
+		holds = append(holds, h)
+	}
+	require.Empty(t, errs)
+	require.Len(t, holds, before+1, "one hold waited for the lease")
+	assert.NotEmpty(t, holds[before].Lease, "and was carved from it")
+	for _, h := range holds[:before] {
+		assert.Empty(t, h.Lease, "the holds before the lease was asked for")
+	}
 	l.Close(context.Background())
 	f.check()
 }

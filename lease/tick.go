@@ -83,7 +83,7 @@ func (l *Ledger) Tick(ctx context.Context) {
 			kept = append(kept, ls)
 		}
 		u.retired = kept
-		if u.current == nil && len(u.retired) == 0 && !u.taking && now.Sub(u.rate.last) >= forgetAfter {
+		if u.current == nil && len(u.retired) == 0 && u.taking == nil && now.Sub(u.rate.last) >= forgetAfter {
 			delete(l.users, k)
 		}
 	}
