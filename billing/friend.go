@@ -151,4 +151,8 @@ type FriendLedger interface {
 	// SettleFriend releases the hold and adds what was charged to the
 	// key's usage, once: a hold already settled (or expired) is a no-op.
 	SettleFriend(ctx context.Context, s FriendSettlement) error
+	// SettleFriends is SettleFriend for several holds, those of one key
+	// in one write where it can: what a batch of settlements costs the
+	// friend keys.
+	SettleFriends(ctx context.Context, s []FriendSettlement) error
 }

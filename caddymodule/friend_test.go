@@ -48,6 +48,13 @@ func (f *friendStore) SettleFriend(_ context.Context, s billing.FriendSettlement
 	return nil
 }
 
+func (f *friendStore) SettleFriends(_ context.Context, s []billing.FriendSettlement) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.settles = append(f.settles, s...)
+	return nil
+}
+
 // A cached friend key costs its limit hold and nothing else on the request
 // path: one key lookup for two requests, named by an alias, and each
 // request's hold is on the canonical model and settled with the charge.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
@@ -327,6 +328,118 @@ func (s *Store) SettleFriend(ctx context.Context, st billing.FriendSettlement) e
 		h.Slot = slotOf(d, h.Model) // the limits were edited meanwhile
 	}
 	return fmt.Errorf("settling a friend key hold: the key kept changing after %d attempts", casAttempts)
+}
+
+// SettleFriends settles several friend holds: those of one key in one
+// conditional update (while every one of them is there and their limit
+// entries have not moved), the rest, and a key whose update did not apply,
+// one by one with SettleFriend. Each hold counts once.
+func (s *Store) SettleFriends(ctx context.Context, sts []billing.FriendSettlement) error {
+	byKey := map[string][]billing.FriendSettlement{}
+	var keys []string
+	for _, st := range sts {
+		if st.Hold.Key == "" {
+			if err := s.SettleFriend(ctx, st); err != nil {
+				return err
+			}
+			continue
+		}
+		if byKey[st.Hold.Key] == nil {
+			keys = append(keys, st.Hold.Key)
+		}
+		byKey[st.Hold.Key] = append(byKey[st.Hold.Key], st)
+	}
+	for _, key := range keys {
+		group := byKey[key]
+		if len(group) > 1 {
+			done, err := s.applyFriends(ctx, key, group)
+			if err != nil || done {
+				return err
+			}
+		}
+		for _, st := range group {
+			if err := s.SettleFriend(ctx, st); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// applyFriends is applyFriend for several holds of one key in one update,
+// under the key's lock; done is false when it did not apply.
+func (s *Store) applyFriends(ctx context.Context, key string, group []billing.FriendSettlement) (done bool, err error) {
+	if err := validFriendHolds(group); err != nil {
+		return false, err
+	}
+	unlock, err := s.lockFriend(ctx, key)
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
+	filter := bson.D{{Key: "_id", Value: key}}
+	unset := bson.D{}
+	used := map[int]billing.Nano{}
+	var slots []int
+	var total billing.Nano
+	var billed int32
+	var last time.Time
+	for _, st := range group {
+		h := st.Hold
+		holdPath := fFriendHolds + "." + h.RequestID
+		filter = append(filter, bson.E{Key: holdPath, Value: bson.D{{Key: "$exists", Value: true}}})
+		unset = append(unset, bson.E{Key: holdPath, Value: ""})
+		if h.Slot >= 0 {
+			if _, ok := used[h.Slot]; !ok {
+				slots = append(slots, h.Slot)
+				filter = append(filter, bson.E{Key: slotPath(h.Slot, "modelId"), Value: h.Model})
+			}
+			used[h.Slot] += st.Charged - h.Amount
+		}
+		total += max(st.Charged, 0)
+		if st.Billed {
+			billed++
+			if st.At.After(last) {
+				last = st.At
+			}
+		}
+	}
+	inc := bson.D{}
+	for _, slot := range slots {
+		inc = append(inc, bson.E{Key: slotPath(slot, "usedUsd"), Value: used[slot].USD()})
+	}
+	if total > 0 {
+		inc = append(inc, bson.E{Key: "totalUsedUsd", Value: total.USD()})
+	}
+	upd := bson.D{{Key: "$unset", Value: unset}}
+	if billed > 0 {
+		inc = append(inc, bson.E{Key: "requestsCount", Value: billed})
+		upd = append(upd, bson.E{Key: "$set", Value: bson.D{{Key: "lastUsedAt", Value: last}}})
+	}
+	if len(inc) > 0 {
+		upd = append(upd, bson.E{Key: "$inc", Value: inc})
+	}
+	r, err := s.db.Collection(CollFriendKeys).UpdateOne(ctx, filter, upd)
+	if err != nil {
+		return false, fmt.Errorf("settling friend key holds: %w", hideKey(err, key))
+	}
+	return r.MatchedCount == 1, nil
+}
+
+// validFriendHolds checks that every hold's request id can key a hold
+// and that none is named twice (the update would unset one path twice).
+func validFriendHolds(group []billing.FriendSettlement) error {
+	seen := make(map[string]bool, len(group))
+	for _, st := range group {
+		if err := validRequestID(st.Hold.RequestID); err != nil {
+			return err
+		}
+		if seen[st.Hold.RequestID] {
+			return fmt.Errorf("settling friend key holds: request %q named twice", st.Hold.RequestID)
+		}
+		seen[st.Hold.RequestID] = true
+	}
+	return nil
 }
 
 // errHoldMoved: the hold is not where the update looked (settled already,

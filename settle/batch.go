@@ -21,6 +21,16 @@ type batchRun struct {
 	receipts map[string][]string // user → receipts whose log rows need no write
 	counters []billing.UsageCounters
 	done     []*Settlement
+	// friends are settled settlements whose friend holds settle together
+	// before their log rows are written.
+	friends []friendDue
+}
+
+// friendDue is a settlement whose hold is settled (rc) and whose friend
+// hold is not yet.
+type friendDue struct {
+	s  *Settlement
+	rc billing.Receipt
 }
 
 // SettleBatch settles the holds (one command for the batch, or one
@@ -44,6 +54,7 @@ func (st *Settler) settleBatch(ctx context.Context, batch []*Settlement) {
 	for _, s := range batch {
 		b.settle(ctx, s, merged)
 	}
+	b.settleFriends(ctx)
 	b.writeLogs(ctx)
 	b.finish()
 }
@@ -84,12 +95,43 @@ func (b *batchRun) settle(ctx context.Context, s *Settlement, merged map[*Settle
 	if applied && s.Bill {
 		b.counters = append(b.counters, s.Counters)
 	}
-	// Before the log row: a retry, which finds the receipt, settles it
-	// again (once), and only then writes the row and drops it.
-	if err := st.settleFriend(ctx, s, rc); err != nil {
-		b.fail(s, err)
+	if s.Hold.Friend != nil && st.friends != nil {
+		b.friends = append(b.friends, friendDue{s: s, rc: rc})
 		return
 	}
+	b.settled(s, rc)
+}
+
+// settleFriends settles the friend holds of the batch's settled
+// settlements in one call, before their log rows: a retry, which finds
+// the receipt, settles the friend hold again (once), and only then writes
+// the row and drops the receipt.
+func (b *batchRun) settleFriends(ctx context.Context) {
+	if len(b.friends) == 0 {
+		return
+	}
+	st := b.st
+	sts := make([]billing.FriendSettlement, len(b.friends))
+	for i, fd := range b.friends {
+		sts[i] = friendSettlement(fd.s, fd.rc, st.now())
+	}
+	opCtx, cancel := context.WithTimeout(ctx, st.opTimeout)
+	t0 := time.Now()
+	err := st.friends.SettleFriends(opCtx, sts)
+	st.obs.DBWait(OpSettle, time.Since(t0))
+	cancel()
+	for _, fd := range b.friends {
+		if err != nil {
+			b.fail(fd.s, err)
+		} else {
+			b.settled(fd.s, fd.rc)
+		}
+	}
+}
+
+// settled sorts a settlement whose holds are settled: a release is done,
+// a billed request waits for its log row.
+func (b *batchRun) settled(s *Settlement, rc billing.Receipt) {
 	if !s.Bill {
 		// A release: no log row, its receipt can go.
 		b.receipts[s.Hold.User] = append(b.receipts[s.Hold.User], s.Hold.RequestID)
@@ -270,9 +312,15 @@ func (st *Settler) settleFriend(ctx context.Context, s *Settlement, rc billing.R
 	opCtx, cancel := context.WithTimeout(ctx, st.opTimeout)
 	defer cancel()
 	t0 := time.Now()
-	err := st.friends.SettleFriend(opCtx, billing.FriendSettlement{Hold: *fh, Charged: rc.Charged, Billed: s.Bill || rc.Charged > 0, At: st.now()})
+	err := st.friends.SettleFriend(opCtx, friendSettlement(s, rc, st.now()))
 	st.obs.DBWait(OpSettle, time.Since(t0))
 	return err
+}
+
+// friendSettlement replaces s's friend hold by what the owner was charged
+// (rc.Charged: never more than the owner paid).
+func friendSettlement(s *Settlement, rc billing.Receipt, now time.Time) billing.FriendSettlement {
+	return billing.FriendSettlement{Hold: *s.Hold.Friend, Charged: rc.Charged, Billed: s.Bill || rc.Charged > 0, At: now}
 }
 
 // settleFriendOrWarn settles the friend hold of a settlement that is done

@@ -3,16 +3,21 @@ package mongostore
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/event"
 	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
 	"github.com/trollllm/caddy-llm-billing/billing"
+	"github.com/trollllm/caddy-llm-billing/mongostore"
 	"github.com/trollllm/caddy-llm-billing/tests/seed"
+	"github.com/trollllm/caddy-llm-billing/tests/testdb"
 )
 
 var friendKey = billing.FriendKeyPrefix + strings.Repeat("ab", 32)
@@ -144,4 +149,62 @@ func TestFriendExpiredHoldGivenBack(t *testing.T) {
 	assert.InDelta(t, 0.5, d.Limits[0].Used, 1e-12)
 	assert.Len(t, d.Holds, 1)
 	assert.Zero(t, d.TotalUsed, "an expired hold charges nothing")
+}
+
+// A batch's friend holds of one key settle in one update; a hold settled
+// before, or of another key, does not stop the rest; settling the batch
+// again changes nothing.
+func TestFriendHoldsSettleTogether(t *testing.T) {
+	d := testdb.StartForTest(t)
+	var updates atomic.Int64
+	mon := &event.CommandMonitor{Started: func(_ context.Context, e *event.CommandStartedEvent) {
+		if e.CommandName == "update" {
+			updates.Add(1)
+		}
+	}}
+	c, err := mongo.Connect(options.Client().ApplyURI(d.URI()).SetMonitor(mon))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Disconnect(context.Background()) })
+	db := c.Database("fproxy")
+	s := mongostore.New(db)
+	ctx := context.Background()
+	seedFriend(t, db, seed.FriendLimit{Model: "x", Limit: 5}, seed.FriendLimit{Model: "m", Limit: 1})
+	var sts []billing.FriendSettlement
+	for i, rid := range []string{"r1", "r2", "r3"} {
+		req := friendReq(rid, 1, usd(1), usd(0.2), usd(0.01))
+		if i == 2 {
+			req.Model, req.Slot, req.Limit = "x", 0, usd(5)
+		}
+		h, err := s.ReserveFriend(ctx, req)
+		require.NoError(t, err)
+		sts = append(sts, billing.FriendSettlement{Hold: h, Charged: usd(0.05 * float64(i+1)), Billed: i != 1, At: time.Now()})
+	}
+	updates.Store(0)
+	require.NoError(t, s.SettleFriends(ctx, sts))
+	assert.EqualValues(t, 1, updates.Load(), "one update for the key's three holds")
+	got := readFriend(t, db)
+	assert.InDelta(t, 0.15, got.Limits[0].Used, 1e-12, "x")
+	assert.InDelta(t, 0.15, got.Limits[1].Used, 1e-12, "m: 0.05 + 0.1")
+	assert.InDelta(t, 0.3, got.TotalUsed, 1e-12)
+	assert.EqualValues(t, 2, got.Requests, "the release is not a request")
+	assert.Empty(t, got.Holds)
+
+	require.NoError(t, s.SettleFriends(ctx, sts), "again")
+	again := readFriend(t, db)
+	assert.Equal(t, got.Limits, again.Limits, "counted once")
+	assert.Equal(t, got.TotalUsed, again.TotalUsed)
+	assert.Equal(t, got.Requests, again.Requests)
+
+	// One hold of the batch settled before: the others still settle, once.
+	h4, err := s.ReserveFriend(ctx, friendReq("r4", 1, usd(1), usd(0.2), usd(0.01)))
+	require.NoError(t, err)
+	h5, err := s.ReserveFriend(ctx, friendReq("r5", 1, usd(1), usd(0.2), usd(0.01)))
+	require.NoError(t, err)
+	st4 := billing.FriendSettlement{Hold: h4, Charged: usd(0.1), Billed: true, At: time.Now()}
+	require.NoError(t, s.SettleFriend(ctx, st4))
+	require.NoError(t, s.SettleFriends(ctx, []billing.FriendSettlement{st4, {Hold: h5, Charged: usd(0.1), Billed: true, At: time.Now()}}))
+	got = readFriend(t, db)
+	assert.InDelta(t, 0.35, got.Limits[1].Used, 1e-12)
+	assert.EqualValues(t, 4, got.Requests)
+	assert.Empty(t, got.Holds)
 }
