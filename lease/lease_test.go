@@ -447,3 +447,36 @@ func TestFlushDropsAtMostMaxClear(t *testing.T) {
 	u := f.check()
 	assert.Equal(t, usd(0.004)*3, u.Charged[billing.FieldCreditsNew])
 }
+
+// takenLeases records the leases a Ledger takes.
+type takenLeases struct {
+	mu     sync.Mutex
+	leases []billing.Hold
+}
+
+func (o *takenLeases) Taken(h billing.Hold) {
+	o.mu.Lock()
+	o.leases = append(o.leases, h)
+	o.mu.Unlock()
+}
+func (o *takenLeases) Closed(billing.Hold) {}
+
+// A user who starts busy gets a first lease sized for the pace of the
+// second that has begun, not for its first few holds: at 50 holds a second
+// a lease of 8 holds would be spent, and another taken, every 160 ms.
+func TestFirstLeaseSizedForThePaceOfTheSecond(t *testing.T) {
+	f := newFixture(t, usd(100))
+	obs := &takenLeases{}
+	l := lease.New(lease.Config{Store: f.store, Owner: "i1/a", Now: f.clock, Observer: obs, Go: func(take func()) { take() }})
+	for range 10 {
+		_, err := f.hold(l, usd(0.01))
+		require.NoError(t, err)
+		f.advance(20 * time.Millisecond)
+	}
+	require.NotEmpty(t, obs.leases)
+	// Span 5 s at 50 holds a second is 250 holds; the pace is counted
+	// over at least 250 ms, so the first lease covers at least 40.
+	assert.GreaterOrEqual(t, obs.leases[0].Amount(), 40*usd(0.01), "first lease")
+	l.Close(context.Background())
+	f.check()
+}

@@ -193,9 +193,16 @@ func (r *rate) perSecond(now time.Time) float64 {
 	return max(r.n, r.prevN)
 }
 
-// nanoPerSecond is what the user's holds asked for per second, counted
-// as perSecond counts.
+// nanoPerSecond is what the user's holds asked for per second: the
+// busier of the last second and the current one, the current one's pace
+// counted over at least minPace, so that a user who starts busy gets a
+// lease sized for the second that has begun, not for its first holds.
 func (r *rate) nanoPerSecond(now time.Time) float64 {
 	r.roll(now)
-	return float64(max(r.sum, r.prev))
+	el := max(now.Sub(r.start), minPace)
+	return max(float64(r.prev), float64(r.sum)*float64(time.Second)/float64(el))
 }
+
+// minPace is the least part of a second from which nanoPerSecond takes the
+// pace of the second that has begun.
+const minPace = 250 * time.Millisecond
