@@ -672,6 +672,22 @@ func median(v []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
+// addPhase records a measured phase and logs its line, its first failure
+// and its database round trips; it passes err on.
+func (h *harness) addPhase(p *phase, err error) error {
+	if err != nil {
+		return err
+	}
+	h.res.Phases = append(h.res.Phases, p)
+	logf("  %-8s %-24s ok %6d  failed %4d  %8.1f req/s  p50 %7.2f ms  p99 %7.2f ms  caddy %6.0f µs/req%s",
+		p.Site, p.Name, p.OK, p.Failed, p.RPS, p.P50Ms, p.P99Ms, p.CPUPerReq["caddy"], billingNote(p))
+	if p.Failed > 0 {
+		logf("           first failure: %s", p.FirstError)
+	}
+	logPhaseDB(p)
+	return nil
+}
+
 // runAll runs the rounds. Within a round every test runs on both sites
 // back to back; the site that goes first alternates from round to round.
 func (h *harness) runAll() error {
@@ -682,19 +698,7 @@ func (h *harness) runAll() error {
 		return []string{siteGW, sitePlain}
 	}
 	cfg := h.cfg
-	add := func(p *phase, err error) error {
-		if err != nil {
-			return err
-		}
-		h.res.Phases = append(h.res.Phases, p)
-		logf("  %-8s %-24s ok %6d  failed %4d  %8.1f req/s  p50 %7.2f ms  p99 %7.2f ms  caddy %6.0f µs/req%s",
-			p.Site, p.Name, p.OK, p.Failed, p.RPS, p.P50Ms, p.P99Ms, p.CPUPerReq["caddy"], billingNote(p))
-		if p.Failed > 0 {
-			logf("           first failure: %s", p.FirstError)
-		}
-		logPhaseDB(p)
-		return nil
-	}
+	add := h.addPhase
 	warm := func(round int) error {
 		for _, site := range []string{sitePlain, siteGW} {
 			s := reqSpec{site: site}

@@ -64,19 +64,7 @@ func (h *harness) runSweep() error {
 // sweepCell runs one cell (see runSweep); its phases are numbered cell.
 func (h *harness) sweepCell(cell int, c *sweepCell) error {
 	cfg := h.cfg
-	add := func(p *phase, err error) error {
-		if err != nil {
-			return err
-		}
-		h.res.Phases = append(h.res.Phases, p)
-		logf("  %-8s %-24s ok %6d  failed %4d  %8.1f req/s  p50 %7.2f ms  p99 %7.2f ms  caddy %6.0f µs/req%s",
-			p.Site, p.Name, p.OK, p.Failed, p.RPS, p.P50Ms, p.P99Ms, p.CPUPerReq["caddy"], billingNote(p))
-		if p.Failed > 0 {
-			logf("           first failure: %s", p.FirstError)
-		}
-		logPhaseDB(p)
-		return nil
-	}
+	add := h.addPhase
 	h.cfg.CreditLease, h.cfg.Users = c.CreditLease, c.Users
 	h.load.closeIdle()
 	h.caddy.stop(60 * time.Second)
