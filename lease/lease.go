@@ -53,8 +53,9 @@ type Config struct {
 	// being taken for its user before it takes a hold of its own. A lease
 	// comes in about the time a hold's write takes, so waiting costs the
 	// hold little and spares the database a write per request while it
-	// comes (at a cold start, every request of a busy user). Default
-	// 50ms; negative: never wait.
+	// comes (at a cold start, every request of a busy user). When the
+	// database is slow a hold of its own is no faster than the lease, and
+	// adds the load that keeps it slow. Default 1s; negative: never wait.
 	TakeWait time.Duration
 	// Go runs a lease's taking off the request path; nil: a goroutine.
 	// A simulation runs it in place, so that a seed replays exactly.
@@ -85,7 +86,7 @@ const (
 	DefaultIdle     = 5 * time.Second
 	DefaultMaxAge   = 30 * time.Second
 	DefaultHotRate  = 2.0
-	DefaultTakeWait = 50 * time.Millisecond
+	DefaultTakeWait = time.Second
 )
 
 // maxShare: a lease takes at most 1/maxShare of the pool.
