@@ -58,26 +58,63 @@ func (s *Store) InsertErrorLogs(ctx context.Context, logs []billing.ErrorLog) er
 	return nil
 }
 
-// EnsureErrorLogIndexes creates the legacy indexes: createdAt with source,
-// path and statusCode, and a 30-day expiry on createdAt. A database without
-// TTL indexes (FerretDB 1.24) gets the others and ErrNoExpiry: old rows
-// must then be deleted by hand.
+// EnsureErrorLogIndexes creates the legacy indexes that are missing:
+// createdAt with source, path and statusCode, and a 30-day expiry on
+// createdAt. It sends createIndexes only for missing ones, so a start or
+// reload against a database that has them writes nothing (FerretDB 1.24
+// can drop the connection on a createIndexes of existing indexes, and the
+// driver then fails every operation in flight). A database without TTL
+// indexes (FerretDB 1.24) gets the others and ErrNoExpiry: old rows must
+// then be deleted by hand.
 func (s *Store) EnsureErrorLogIndexes(ctx context.Context) error {
 	idx := s.db.Collection(CollErrorLogs).Indexes()
-	_, err := idx.CreateMany(ctx, []mongo.IndexModel{
-		{Keys: bson.D{{Key: "source", Value: 1}, {Key: "createdAt", Value: -1}}},
-		{Keys: bson.D{{Key: "path", Value: 1}, {Key: "createdAt", Value: -1}}},
-		{Keys: bson.D{{Key: "statusCode", Value: 1}, {Key: "createdAt", Value: -1}}},
-	})
+	have, err := indexNames(ctx, idx)
 	if err != nil {
-		return fmt.Errorf("creating error_logs indexes: %w", err)
+		return fmt.Errorf("listing error_logs indexes: %w", err)
+	}
+	var missing []mongo.IndexModel
+	for _, keys := range []string{"source", "path", "statusCode"} {
+		name := keys + "_1_createdAt_-1"
+		if !have[name] {
+			missing = append(missing, mongo.IndexModel{Keys: bson.D{{Key: keys, Value: 1}, {Key: "createdAt", Value: -1}},
+				Options: options.Index().SetName(name)})
+		}
+	}
+	if len(missing) > 0 {
+		if _, err := idx.CreateMany(ctx, missing); err != nil {
+			return fmt.Errorf("creating error_logs indexes: %w", err)
+		}
+	}
+	if have[errorLogTTLIndex] {
+		return nil
 	}
 	_, err = idx.CreateOne(ctx, mongo.IndexModel{Keys: bson.D{{Key: "createdAt", Value: 1}},
-		Options: options.Index().SetExpireAfterSeconds(int32(errorLogTTL.Seconds()))})
+		Options: options.Index().SetName(errorLogTTLIndex).SetExpireAfterSeconds(int32(errorLogTTL.Seconds()))})
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrNoExpiry, err)
 	}
 	return nil
+}
+
+// errorLogTTLIndex is the name of the expiry index on error_logs.
+const errorLogTTLIndex = "createdAt_1"
+
+// indexNames lists the names of a collection's indexes; none for a
+// collection that does not exist yet.
+func indexNames(ctx context.Context, idx mongo.IndexView) (map[string]bool, error) {
+	specs, err := idx.ListSpecifications(ctx)
+	var ce mongo.CommandError
+	if errors.As(err, &ce) && ce.Code == 26 { // NamespaceNotFound
+		return map[string]bool{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	have := make(map[string]bool, len(specs))
+	for _, sp := range specs {
+		have[sp.Name] = true
+	}
+	return have, nil
 }
 
 // ErrNoExpiry says that error_logs has its indexes but no expiry.
