@@ -367,19 +367,40 @@ func (s *Store) SettleFriends(ctx context.Context, sts []billing.FriendSettlemen
 }
 
 // applyFriends is applyFriend for several holds of one key in one update,
-// under the key's lock; done is false when it did not apply.
+// under the key's lock; done is false when it did not apply, or when two
+// holds name one limit entry for different models (the limits were edited
+// between them), which one update cannot check.
 func (s *Store) applyFriends(ctx context.Context, key string, group []billing.FriendSettlement) (done bool, err error) {
 	if err := validFriendHolds(group); err != nil {
 		return false, err
+	}
+	filter, upd, ok := friendUpdate(key, group)
+	if !ok {
+		return false, nil
 	}
 	unlock, err := s.lockFriend(ctx, key)
 	if err != nil {
 		return false, err
 	}
 	defer unlock()
-	filter := bson.D{{Key: "_id", Value: key}}
+	r, err := s.db.Collection(CollFriendKeys).UpdateOne(ctx, filter, upd)
+	if err != nil {
+		return false, fmt.Errorf("settling friend key holds: %w", hideKey(err, key))
+	}
+	return r.MatchedCount == 1, nil
+}
+
+// friendUpdate is the conditional update that replaces the holds of group
+// (all of key) by what their requests were charged: only while every hold
+// is there and each limit entry they name is still their model's. usedUsd
+// of each entry gets its holds' charges instead of the holds; totalUsedUsd
+// the charges; billed requests count in requestsCount and lastUsedAt. ok
+// is false when two holds name one entry for different models.
+func friendUpdate(key string, group []billing.FriendSettlement) (filter, upd bson.D, ok bool) {
+	filter = bson.D{{Key: "_id", Value: key}}
 	unset := bson.D{}
 	used := map[int]billing.Nano{}
+	models := map[int]string{}
 	var slots []int
 	var total billing.Nano
 	var billed int32
@@ -390,9 +411,12 @@ func (s *Store) applyFriends(ctx context.Context, key string, group []billing.Fr
 		filter = append(filter, bson.E{Key: holdPath, Value: bson.D{{Key: "$exists", Value: true}}})
 		unset = append(unset, bson.E{Key: holdPath, Value: ""})
 		if h.Slot >= 0 {
-			if _, ok := used[h.Slot]; !ok {
+			if m, seen := models[h.Slot]; !seen {
+				models[h.Slot] = h.Model
 				slots = append(slots, h.Slot)
 				filter = append(filter, bson.E{Key: slotPath(h.Slot, "modelId"), Value: h.Model})
+			} else if m != h.Model {
+				return nil, nil, false
 			}
 			used[h.Slot] += st.Charged - h.Amount
 		}
@@ -411,7 +435,7 @@ func (s *Store) applyFriends(ctx context.Context, key string, group []billing.Fr
 	if total > 0 {
 		inc = append(inc, bson.E{Key: "totalUsedUsd", Value: total.USD()})
 	}
-	upd := bson.D{{Key: "$unset", Value: unset}}
+	upd = bson.D{{Key: "$unset", Value: unset}}
 	if billed > 0 {
 		inc = append(inc, bson.E{Key: "requestsCount", Value: billed})
 		upd = append(upd, bson.E{Key: "$set", Value: bson.D{{Key: "lastUsedAt", Value: last}}})
@@ -419,11 +443,7 @@ func (s *Store) applyFriends(ctx context.Context, key string, group []billing.Fr
 	if len(inc) > 0 {
 		upd = append(upd, bson.E{Key: "$inc", Value: inc})
 	}
-	r, err := s.db.Collection(CollFriendKeys).UpdateOne(ctx, filter, upd)
-	if err != nil {
-		return false, fmt.Errorf("settling friend key holds: %w", hideKey(err, key))
-	}
-	return r.MatchedCount == 1, nil
+	return filter, upd, true
 }
 
 // validFriendHolds checks that every hold's request id can key a hold
@@ -446,34 +466,14 @@ func validFriendHolds(group []billing.FriendSettlement) error {
 // or its limit entry moved).
 var errHoldMoved = errors.New("friend hold not found where expected")
 
-// applyFriend is SettleFriend's update, with the lock held: usedUsd of the
-// hold's entry (when it still has one, at Slot) gets the charge instead of
-// the hold; totalUsedUsd the charge; a billed request counts in
-// requestsCount and lastUsedAt.
+// applyFriend is SettleFriend's update (friendUpdate of the one hold),
+// with the lock held.
 func (s *Store) applyFriend(ctx context.Context, st billing.FriendSettlement) error {
-	h := st.Hold
-	holdPath := fFriendHolds + "." + h.RequestID
-	filter := bson.D{{Key: "_id", Value: h.Key}, {Key: holdPath, Value: bson.D{{Key: "$exists", Value: true}}}}
-	inc := bson.D{}
-	if h.Slot >= 0 {
-		filter = append(filter, bson.E{Key: slotPath(h.Slot, "modelId"), Value: h.Model})
-		inc = append(inc, bson.E{Key: slotPath(h.Slot, "usedUsd"), Value: (st.Charged - h.Amount).USD()})
-	}
-	if st.Charged > 0 {
-		inc = append(inc, bson.E{Key: "totalUsedUsd", Value: st.Charged.USD()})
-	}
-	upd := bson.D{{Key: "$unset", Value: bson.D{{Key: holdPath, Value: ""}}}}
-	if st.Billed {
-		inc = append(inc, bson.E{Key: "requestsCount", Value: int32(1)})
-		upd = append(upd, bson.E{Key: "$set", Value: bson.D{{Key: "lastUsedAt", Value: st.At}}})
-	}
-	if len(inc) > 0 {
-		upd = append(upd, bson.E{Key: "$inc", Value: inc})
-	}
+	filter, upd, _ := friendUpdate(st.Hold.Key, []billing.FriendSettlement{st})
 	r, err := s.db.Collection(CollFriendKeys).UpdateOne(ctx, filter, upd)
 	switch {
 	case err != nil:
-		return fmt.Errorf("settling a friend key hold: %w", hideKey(err, h.Key))
+		return fmt.Errorf("settling a friend key hold: %w", hideKey(err, st.Hold.Key))
 	case r.MatchedCount == 0:
 		return errHoldMoved
 	}

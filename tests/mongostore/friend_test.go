@@ -207,4 +207,22 @@ func TestFriendHoldsSettleTogether(t *testing.T) {
 	assert.InDelta(t, 0.35, got.Limits[1].Used, 1e-12)
 	assert.EqualValues(t, 4, got.Requests)
 	assert.Empty(t, got.Holds)
+
+	// Two holds naming one entry for different models (the limits were
+	// edited between them): each charge still lands on its own model.
+	h6, err := s.ReserveFriend(ctx, friendReq("r6", 1, usd(1), usd(0.2), usd(0.01)))
+	require.NoError(t, err)
+	x := friendReq("r7", 0, usd(5), usd(0.2), usd(0.01))
+	x.Model = "x"
+	h7, err := s.ReserveFriend(ctx, x)
+	require.NoError(t, err)
+	h7.Slot = 1 // as cached before an edit moved "x"
+	require.NoError(t, s.SettleFriends(ctx, []billing.FriendSettlement{
+		{Hold: h6, Charged: usd(0.1), Billed: true, At: time.Now()},
+		{Hold: h7, Charged: usd(0.05), Billed: true, At: time.Now()},
+	}))
+	got = readFriend(t, db)
+	assert.InDelta(t, 0.2, got.Limits[0].Used, 1e-12, "x")
+	assert.InDelta(t, 0.45, got.Limits[1].Used, 1e-12, "m")
+	assert.Empty(t, got.Holds)
 }
