@@ -1,7 +1,6 @@
 package settle
 
 import (
-	"encoding/json"
 	"strings"
 
 	"go.uber.org/zap"
@@ -31,11 +30,7 @@ func (st *Settler) JournalHold(h billing.Hold) {
 	if j == nil || h.Lease == "" {
 		return
 	}
-	b, err := json.Marshal(&Settlement{Hold: h})
-	if err == nil {
-		err = j.Append(openID(h.RequestID), b)
-	}
-	if err != nil {
+	if err := journal(j, openID(h.RequestID), &Settlement{Hold: h}); err != nil {
 		st.log().Error("journaling a hold served from a credit lease failed", zap.String("request_id", h.RequestID), zap.Error(err))
 	}
 }

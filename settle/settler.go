@@ -10,7 +10,6 @@
 package settle
 
 import (
-	"encoding/json"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -285,11 +284,7 @@ func (st *Settler) append(s *Settlement) {
 	if j == nil {
 		return
 	}
-	b, err := json.Marshal(s)
-	if err == nil {
-		err = j.Append(s.Hold.RequestID, b)
-	}
-	if err != nil {
+	if err := journal(j, s.Hold.RequestID, s); err != nil {
 		st.log().Error("journaling a settlement failed", zap.String("request_id", s.Hold.RequestID), zap.Error(err))
 		return
 	}
