@@ -1,7 +1,10 @@
 package mongostore
 
 import (
+	"math"
+	"math/rand/v2"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -55,4 +58,80 @@ func TestLogDocFieldNames(t *testing.T) {
 		assert.NotContains(t, m, k)
 	}
 	assert.False(t, bson.ObjectID(billing.LogID{}) == m["_id"], "a row without an id gets one")
+}
+
+// reflectLogDoc is logDoc without its MarshalBSON: the driver encodes it
+// by reflection from the same bson tags.
+type reflectLogDoc logDoc
+
+// randomLogDoc fills every field of a row, optional ones sometimes empty.
+func randomLogDoc(r *rand.Rand, takenKeys int) *logDoc {
+	texts := []string{"", "u", "sk-tro...abcd", "ünï\u2028", "nul\x00in", "bad\xffutf8", "/v1/messages"}
+	txt := func() string { return texts[r.IntN(len(texts))] }
+	num := func() int64 { return r.Int64() - r.Int64() }
+	at := time.Unix(r.Int64N(4e9), r.Int64N(1e9)).In(time.FixedZone("z", 3600*(r.IntN(25)-12)))
+	d := &logDoc{
+		ID: bson.ObjectID(billing.NewLogID(at)), UserID: txt(), UserKeyID: txt(), TrollKeyID: txt(), Model: txt(),
+		InputTokens: num(), OutputTokens: num(), CacheWriteTokens: num(), CacheHitTokens: num(),
+		CreditsCost: r.NormFloat64() * 1e3, CreditType: txt(), TokensUsed: num(), LatencyMs: num(), IsSuccess: r.IntN(2) == 0,
+		CreatedAt: at, FriendKeyID: txt(), RequestID: txt(), CreditField: txt(), Endpoint: txt(), Stream: r.IntN(2) == 0,
+		UpstreamModel: txt(), UsageSource: txt(), EndReason: txt(), CostNano: num(), ChargedNano: num(),
+		Shortfall: r.NormFloat64(), ShortfallNano: num(), HoldNano: num(),
+	}
+	d.StatusCode = []int{0, 200, -1, math.MaxInt32 + 1, math.MinInt32 - 1}[r.IntN(5)]
+	if takenKeys >= 0 {
+		d.TakenNano = map[string]int64{}
+		for i := range takenKeys {
+			d.TakenNano[[]string{"creditsNew", "credits", "refCredits"}[i%3]+strings.Repeat("x", i/3)] = num()
+		}
+	}
+	for range r.IntN(13) {
+		d.Attempts = append(d.Attempts, attemptDoc{KeyID: txt(), Status: int(num() % (1 << 40)), Reason: txt(), LatencyMs: num()})
+	}
+	return d
+}
+
+// The row is written as the driver would write it from the bson tags.
+func TestLogDocBSONIsTheDriversEncoding(t *testing.T) {
+	r := rand.New(rand.NewPCG(11, 12))
+	for i := range 3000 {
+		d := randomLogDoc(r, r.IntN(6)-1) // -1: a nil map
+		got, err := d.MarshalBSON()
+		require.NoError(t, err)
+		want, err := bson.Marshal((*reflectLogDoc)(d))
+		require.NoError(t, err)
+		if len(d.TakenNano) <= 1 {
+			require.Equal(t, want, got, "case %d", i) // byte for byte
+			continue
+		}
+		// Several map keys: the driver's order is the map's, which is random.
+		var g, w reflectLogDoc
+		require.NoError(t, bson.Unmarshal(got, &g))
+		require.NoError(t, bson.Unmarshal(want, &w))
+		require.Equal(t, w, g, "case %d", i)
+		require.Equal(t, len(want), len(got), "case %d", i)
+	}
+	// What InsertMany sends is this encoding.
+	d := randomLogDoc(r, 1)
+	b, err := bson.Marshal(d)
+	require.NoError(t, err)
+	own, err := d.MarshalBSON()
+	require.NoError(t, err)
+	assert.Equal(t, own, b)
+}
+
+func BenchmarkLogDocEncode(b *testing.B) {
+	d := randomLogDoc(rand.New(rand.NewPCG(13, 14)), 1)
+	b.Run("MarshalBSON", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			_, _ = d.MarshalBSON()
+		}
+	})
+	b.Run("reflection", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			_, _ = bson.Marshal((*reflectLogDoc)(d))
+		}
+	})
 }
