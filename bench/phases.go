@@ -204,10 +204,10 @@ func (h *harness) measured(round int, name, site string, load func() ([]outcome,
 	if site == siteGW {
 		var err error
 		if before, err = h.balances(ctx); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%s: balances before: %w", name, err)
 		}
 		if m0, err = h.scrape(); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%s: metrics before: %w", name, err)
 		}
 	}
 	h.proxy.take()
@@ -229,7 +229,7 @@ func (h *harness) measured(round int, name, site string, load func() ([]outcome,
 	if site == siteGW {
 		var err error
 		if hs, m1, err = h.waitDrained(); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%s: waiting for the drain: %w", name, err)
 		}
 	}
 	ops := h.proxy.take()
@@ -268,7 +268,7 @@ func (h *harness) measured(round int, name, site string, load func() ([]outcome,
 		hs.LeasesClosed = int(m1.leases["closed"] - m0.leases["closed"])
 		var err error
 		if p.Billing, err = h.checkBilling(ctx, outs, before); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%s: billing check: %w", name, err)
 		}
 	}
 	return p, nil
