@@ -630,14 +630,12 @@ func (s *Store) Orphans(ctx context.Context, q billing.OrphanQuery) ([]billing.O
 // aliveOwners returns the instances that sent a heartbeat at or after
 // deadline.
 func (s *Store) aliveOwners(ctx context.Context, deadline time.Time) (map[string]bool, error) {
-	cur, err := s.db.Collection(CollInstances).Find(ctx, bson.D{{Key: "seen", Value: bson.D{{Key: "$gte", Value: deadline}}}})
-	if err != nil {
-		return nil, fmt.Errorf("reading instances: %w", err)
-	}
-	var inst []struct {
+	type instance struct {
 		ID string `bson:"_id"`
 	}
-	if err := cur.All(ctx, &inst); err != nil {
+	inst, err := findPages(ctx, s.db.Collection(CollInstances), bson.D{{Key: "seen", Value: bson.D{{Key: "$gte", Value: deadline}}}},
+		bson.D{{Key: "_id", Value: 1}}, func(i *instance) any { return i.ID })
+	if err != nil {
 		return nil, fmt.Errorf("reading instances: %w", err)
 	}
 	alive := make(map[string]bool, len(inst))
@@ -656,17 +654,14 @@ type holdingUser struct {
 
 // holdingUsers returns every user with an open hold or a receipt.
 func (s *Store) holdingUsers(ctx context.Context) ([]holdingUser, error) {
-	cur, err := s.db.Collection(CollUsers).Find(ctx,
+	docs, err := findPages(ctx, s.db.Collection(CollUsers),
 		bson.D{{Key: "$or", Value: bson.A{
 			bson.D{{Key: FieldHeld, Value: bson.D{{Key: "$gt", Value: 0}}}},
 			bson.D{{Key: FieldDoneCount, Value: bson.D{{Key: "$gt", Value: 0}}}},
 		}}},
-		options.Find().SetProjection(bson.D{{Key: FieldHolds, Value: 1}, {Key: FieldDone, Value: 1}}))
+		bson.D{{Key: FieldHolds, Value: 1}, {Key: FieldDone, Value: 1}},
+		func(d *holdingUser) any { return d.ID })
 	if err != nil {
-		return nil, fmt.Errorf("finding holds: %w", err)
-	}
-	var docs []holdingUser
-	if err := cur.All(ctx, &docs); err != nil {
 		return nil, fmt.Errorf("finding holds: %w", err)
 	}
 	return docs, nil

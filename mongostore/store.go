@@ -286,15 +286,13 @@ type keyDoc struct {
 // keys named by active openhands_bindings whose status is not need_refresh,
 // exhausted or error; every key when no binding is active.
 func (s *Store) LoadUpstreamKeys(ctx context.Context) ([]billing.UpstreamKey, error) {
-	cur, err := s.db.Collection(CollBindings).Find(ctx, bson.D{{Key: "isActive", Value: true}},
-		options.Find().SetProjection(bson.D{{Key: "openhandsKeyId", Value: 1}}))
-	if err != nil {
-		return nil, fmt.Errorf("reading bindings: %w", err)
-	}
-	var bindings []struct {
+	type binding struct {
+		ID    any    `bson:"_id"`
 		KeyID string `bson:"openhandsKeyId"`
 	}
-	if err := cur.All(ctx, &bindings); err != nil {
+	bindings, err := findPages(ctx, s.db.Collection(CollBindings), bson.D{{Key: "isActive", Value: true}},
+		bson.D{{Key: "openhandsKeyId", Value: 1}}, func(b *binding) any { return b.ID })
+	if err != nil {
 		return nil, fmt.Errorf("reading bindings: %w", err)
 	}
 	filter := bson.D{}
@@ -308,14 +306,10 @@ func (s *Store) LoadUpstreamKeys(ctx context.Context) ([]billing.UpstreamKey, er
 			{Key: "status", Value: bson.D{{Key: "$nin", Value: bson.A{"need_refresh", "exhausted", "error"}}}},
 		}
 	}
-	cur, err = s.db.Collection(CollKeys).Find(ctx, filter,
-		options.Find().SetSort(bson.D{{Key: "_id", Value: 1}}).
-			SetProjection(bson.D{{Key: "apiKey", Value: 1}, {Key: "status", Value: 1}, {Key: "cooldownUntil", Value: 1}}))
+	docs, err := findPages(ctx, s.db.Collection(CollKeys), filter,
+		bson.D{{Key: "apiKey", Value: 1}, {Key: "status", Value: 1}, {Key: "cooldownUntil", Value: 1}},
+		func(d *keyDoc) any { return d.ID })
 	if err != nil {
-		return nil, fmt.Errorf("reading upstream keys: %w", err)
-	}
-	var docs []keyDoc
-	if err := cur.All(ctx, &docs); err != nil {
 		return nil, fmt.Errorf("reading upstream keys: %w", err)
 	}
 	keys := make([]billing.UpstreamKey, 0, len(docs))
