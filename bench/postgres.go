@@ -159,7 +159,7 @@ func startPostgres(binDir, dir string, extra []string) (*postgres, error) {
 
 // url is the connection string FerretDB uses.
 func (pg *postgres) url() string {
-	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres", pg.port)
+	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?pool_min_conns=50&pool_max_conns=50", pg.port)
 }
 
 func (pg *postgres) pid() int { return pg.proc.pid() }
